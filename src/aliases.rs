@@ -1,0 +1,337 @@
+//! The alias table: alias -> instance (address, labels, weight, shared health state), and
+//! the `ArcSwap` holder that lets it be replaced atomically while requests are served.
+//!
+//! Building a table is where aliases and addresses are validated; a table that exists is
+//! valid. A request loads the current table once and keeps that `Arc` for its whole life,
+//! so it never sees a half-built table. No IO and no pingora here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+use crate::health::{InstanceState, StateRegistry};
+
+/// A validated alias: non-empty, at most 255 bytes, no whitespace or control characters,
+/// no `--`, and no leading or trailing `-` (any of which would break HAID decoding).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Alias(Box<str>);
+
+/// Why a string is not an alias.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AliasError {
+    /// Empty.
+    #[error("an alias must not be empty")]
+    Empty,
+    /// Longer than 255 bytes.
+    #[error("an alias must be at most 255 bytes")]
+    TooLong,
+    /// Contains whitespace or a control character.
+    #[error("alias {0:?} contains whitespace or a control character")]
+    BadChar(String),
+    /// Would not survive HAID encoding.
+    #[error("alias {0:?} contains `--` or starts or ends with `-`, so no HAID could carry it")]
+    Dashes(String),
+}
+
+impl TryFrom<String> for Alias {
+    type Error = AliasError;
+    fn try_from(s: String) -> Result<Self, AliasError> {
+        if s.is_empty() {
+            return Err(AliasError::Empty);
+        }
+        if s.len() > 255 {
+            return Err(AliasError::TooLong);
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(AliasError::BadChar(s));
+        }
+        if s.contains("--") || s.starts_with('-') || s.ends_with('-') {
+            return Err(AliasError::Dashes(s));
+        }
+        Ok(Alias(s.into_boxed_str()))
+    }
+}
+
+impl From<Alias> for String {
+    fn from(a: Alias) -> String {
+        a.0.into()
+    }
+}
+
+impl Alias {
+    /// The alias text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Alias {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Alias {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One instance as written in config or `PUT /v1/aliases`:
+/// `[instances.cs_1_dev] address = "10.0.0.5:9116", labels = { zone = "a" }, weight = 1`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    /// `address = "127.0.0.1:9116"`: an IP socket address.
+    pub address: String,
+    /// `labels = { zone = "a", tenant = "t1" }`: free-form, passed to placement.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `weight = 1`: relative capacity for placement; `0` never receives new contexts
+    /// (existing HAIDs still route to it).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One resolved instance.
+#[derive(Debug)]
+pub struct Instance {
+    /// Its alias.
+    pub alias: Alias,
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Labels for placement.
+    pub labels: BTreeMap<String, String>,
+    /// Placement weight.
+    pub weight: u32,
+    /// Health and load, shared with every table that has this address.
+    pub state: Arc<InstanceState>,
+}
+
+/// Why a table could not be built. `field()` gives the TOML path of the culprit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// A bad alias name.
+    #[error("{source}")]
+    Alias {
+        /// The alias as written.
+        alias: String,
+        /// Why.
+        #[source]
+        source: AliasError,
+    },
+    /// A bad address.
+    #[error("invalid socket address {address:?}")]
+    Address {
+        /// The alias whose address is bad.
+        alias: String,
+        /// The address as written.
+        address: String,
+    },
+    /// No instances at all.
+    #[error("at least one instance is required")]
+    Empty,
+}
+
+impl TableError {
+    /// The TOML path of the bad field, e.g. `instances.cs_1.address`.
+    pub fn field(&self) -> String {
+        match self {
+            TableError::Alias { alias, .. } => format!("instances.{alias}"),
+            TableError::Address { alias, .. } => format!("instances.{alias}.address"),
+            TableError::Empty => "instances".into(),
+        }
+    }
+}
+
+/// An immutable, validated alias table.
+#[derive(Debug)]
+pub struct AliasTable {
+    version: u64,
+    instances: Vec<Instance>,
+    index: HashMap<Alias, usize>,
+}
+
+impl AliasTable {
+    /// Validates `specs` and builds a table, taking each address's health from `states`.
+    pub fn build(
+        specs: &BTreeMap<String, InstanceSpec>,
+        version: u64,
+        states: &StateRegistry,
+    ) -> Result<Self, TableError> {
+        if specs.is_empty() {
+            return Err(TableError::Empty);
+        }
+        let mut instances = Vec::with_capacity(specs.len());
+        let mut index = HashMap::with_capacity(specs.len());
+        for (name, spec) in specs {
+            let alias = Alias::try_from(name.clone()).map_err(|source| TableError::Alias {
+                alias: name.clone(),
+                source,
+            })?;
+            let address: SocketAddr =
+                spec.address.parse().map_err(|_| TableError::Address {
+                    alias: name.clone(),
+                    address: spec.address.clone(),
+                })?;
+            index.insert(alias.clone(), instances.len());
+            instances.push(Instance {
+                alias,
+                address,
+                labels: spec.labels.clone(),
+                weight: spec.weight,
+                state: states.state_for(address),
+            });
+        }
+        Ok(AliasTable {
+            version,
+            instances,
+            index,
+        })
+    }
+
+    /// The index of `alias`, if the table has it.
+    #[inline]
+    pub fn resolve(&self, alias: &str) -> Option<usize> {
+        self.index.get(alias).copied()
+    }
+
+    /// The instance at `idx` (from `resolve`).
+    #[inline]
+    pub fn get(&self, idx: usize) -> &Instance {
+        &self.instances[idx]
+    }
+
+    /// Every instance, in alias order.
+    pub fn instances(&self) -> &[Instance] {
+        &self.instances
+    }
+
+    /// The version this table was published as (1 for the first).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// How many aliases.
+    pub fn len(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// Whether the table is empty (never true for a built table).
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+    }
+
+    /// The table as specs, for `GET /v1/aliases`.
+    pub fn specs(&self) -> BTreeMap<String, InstanceSpec> {
+        self.instances
+            .iter()
+            .map(|i| {
+                (
+                    i.alias.to_string(),
+                    InstanceSpec {
+                        address: i.address.to_string(),
+                        labels: i.labels.clone(),
+                        weight: i.weight,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// Holds the current table; `load` is wait-free, `publish` swaps atomically.
+#[derive(Debug)]
+pub struct TableHolder {
+    current: ArcSwap<AliasTable>,
+    versions: AtomicU64,
+    states: StateRegistry,
+}
+
+impl TableHolder {
+    /// Builds the first table (version 1).
+    pub fn new(specs: &BTreeMap<String, InstanceSpec>) -> Result<Self, TableError> {
+        let states = StateRegistry::default();
+        let table = AliasTable::build(specs, 1, &states)?;
+        Ok(TableHolder {
+            current: ArcSwap::from_pointee(table),
+            versions: AtomicU64::new(1),
+            states,
+        })
+    }
+
+    /// The current table. Keep the `Arc` for the whole request.
+    #[inline]
+    pub fn load(&self) -> Arc<AliasTable> {
+        self.current.load_full()
+    }
+
+    /// Validates and builds a new table and swaps it in. On error the old table stays.
+    pub fn publish(&self, specs: &BTreeMap<String, InstanceSpec>) -> Result<Arc<AliasTable>, TableError> {
+        let version = self.versions.load(Ordering::SeqCst) + 1;
+        let table = Arc::new(AliasTable::build(specs, version, &self.states)?);
+        self.versions.store(version, Ordering::SeqCst);
+        self.current.store(Arc::clone(&table));
+        let keep: Vec<SocketAddr> = table.instances().iter().map(|i| i.address).collect();
+        self.states.retain(|a| keep.contains(a));
+        Ok(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(pairs: &[(&str, &str)]) -> BTreeMap<String, InstanceSpec> {
+        pairs
+            .iter()
+            .map(|(a, addr)| {
+                (
+                    a.to_string(),
+                    InstanceSpec {
+                        address: addr.to_string(),
+                        labels: BTreeMap::new(),
+                        weight: 1,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn aliases_are_validated() {
+        assert!(Alias::try_from("cs_1_dev".to_string()).is_ok());
+        assert!(Alias::try_from("MTAuMC4wLjE6OTAwMQ==".to_string()).is_ok());
+        for bad in ["", "a b", "a--b", "-a", "a-", "a\u{7}"] {
+            assert!(Alias::try_from(bad.to_string()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn publish_swaps_and_keeps_health_of_kept_addresses() {
+        let holder = TableHolder::new(&specs(&[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")])).unwrap();
+        let old = holder.load();
+        let a_state = Arc::clone(&old.get(old.resolve("a").unwrap()).state);
+        let err = holder.publish(&specs(&[("a", "nope")])).unwrap_err();
+        assert_eq!(err.field(), "instances.a.address");
+        assert_eq!(holder.load().version(), 1, "a bad table leaves the old one");
+        let new = holder
+            .publish(&specs(&[("a2", "127.0.0.1:1"), ("c", "127.0.0.1:3")]))
+            .unwrap();
+        assert_eq!(new.version(), 2);
+        assert!(Arc::ptr_eq(&new.get(new.resolve("a2").unwrap()).state, &a_state));
+        assert_eq!(new.resolve("b"), None);
+        // the old Arc still serves requests that loaded it
+        assert_eq!(old.resolve("b"), Some(1));
+    }
+}

@@ -1,0 +1,443 @@
+//! The one TOML config file: serde structs that refuse unknown fields, and `validate()`,
+//! which checks everything in one place and names the TOML path of the first bad field.
+//!
+//! A `Config` that `load` returns is a config that works: the alias table builds from it.
+//! This module does no IO beyond reading the file, and knows nothing of pingora.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::aliases::{AliasTable, InstanceSpec, TableError};
+use crate::health::StateRegistry;
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (toml's message names the key and line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message.
+        message: String,
+    },
+    /// A field has a value that cannot work.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The TOML path of the field, e.g. `instances.cs_1.address`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl From<TableError> for ConfigError {
+    fn from(e: TableError) -> Self {
+        ConfigError::Invalid {
+            field: e.field(),
+            message: e.to_string(),
+        }
+    }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: the proxy listener.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// `[admin]`: the admin listener (`/metrics`, `/v1/aliases`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// `[context_id]`: where the context id is read from.
+    #[serde(default)]
+    pub context_id: ContextIdConfig,
+    /// `[routing]`: which paths are HAID-routed, retries and the 503 answer.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// `[upstream]`: timeouts towards context servers.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// `[health]`: active and passive checks.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// `[instances.<alias>]`: the alias table, e.g. `[instances.cs_1_dev] address = "10.0.0.5:9116"`.
+    #[serde(default)]
+    pub instances: BTreeMap<String, InstanceSpec>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Proxy listen address: `listen = "0.0.0.0:8080"`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Worker threads for the proxy: `threads = 2`.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Seconds to let in-flight requests finish on SIGTERM: `grace_period = "5s"`.
+    #[serde(default = "secs::<5>", with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin listen address: `listen = "127.0.0.1:9090"`.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Bearer token required by write endpoints (`PUT /v1/aliases`): `token = "s3cret"`.
+    /// Unset means writes are open to whoever reaches the admin listener.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// `[context_id]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextIdConfig {
+    /// Query parameter read first: `query_param = "contextID"`.
+    #[serde(default = "default_context_name")]
+    pub query_param: String,
+    /// Header read second: `header = "contextID"`.
+    #[serde(default = "default_context_name")]
+    pub header: String,
+}
+
+/// `[routing]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Path prefixes that are HAID-routed: `haid_paths = ["/api/rest_j/v1/contextservice"]`.
+    /// The default `["/"]` routes every path by HAID. Other paths are placed like requests
+    /// that carry no HAID.
+    #[serde(default = "default_haid_paths")]
+    pub haid_paths: Vec<String>,
+    /// `Retry-After` sent with a 503 when no instance is live: `retry_after = "5s"`.
+    #[serde(default = "secs::<5>", with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// Replay a request on the backup when the main fails after connecting but before any
+    /// response byte was sent to the client (the body must fit pingora's 64 KiB retry
+    /// buffer): `retry_in_flight = true`. Connect failures are always retried.
+    #[serde(default = "yes")]
+    pub retry_in_flight: bool,
+    /// Header that carries the tenant for placement: `tenant_header = "x-hagate-tenant"`.
+    #[serde(default = "default_tenant_header")]
+    pub tenant_header: String,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// TCP connect timeout: `connect_timeout = "1s"`.
+    #[serde(default = "secs::<1>", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Read timeout for each read from the upstream: `read_timeout = "30s"`.
+    #[serde(default = "secs::<30>", with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Write timeout for each write to the upstream: `write_timeout = "30s"`.
+    #[serde(default = "secs::<30>", with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// How long an idle pooled connection is kept: `idle_timeout = "60s"`.
+    #[serde(default = "secs::<60>", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `[health.active]`
+    #[serde(default)]
+    pub active: ActiveHealthConfig,
+    /// `[health.passive]`
+    #[serde(default)]
+    pub passive: PassiveHealthConfig,
+}
+
+/// `[health.active]`: an HTTP GET to every instance, all in parallel.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveHealthConfig {
+    /// `enabled = true`
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `path = "/health"`
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// `interval = "1s"`
+    #[serde(default = "secs::<1>", with = "humantime_serde")]
+    pub interval: Duration,
+    /// `timeout = "500ms"`
+    #[serde(default = "half_second", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive passes that bring a down instance back: `rise = 2`.
+    #[serde(default = "two")]
+    pub rise: u32,
+    /// Consecutive failures that take an up instance down: `fall = 2`.
+    #[serde(default = "two")]
+    pub fall: u32,
+}
+
+/// `[health.passive]`: consecutive connect failures or 5xx responses eject an instance.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthConfig {
+    /// `enabled = true`
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `consecutive_failures = 3`
+    #[serde(default = "three")]
+    pub consecutive_failures: u32,
+    /// First ejection time; each further ejection doubles it: `base_ejection = "5s"`.
+    #[serde(default = "secs::<5>", with = "humantime_serde")]
+    pub base_ejection: Duration,
+    /// Cap on the ejection time: `max_ejection = "60s"`.
+    #[serde(default = "secs::<60>", with = "humantime_serde")]
+    pub max_ejection: Duration,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_threads() -> usize {
+    2
+}
+fn default_context_name() -> String {
+    "contextID".into()
+}
+fn default_haid_paths() -> Vec<String> {
+    vec!["/".into()]
+}
+fn default_tenant_header() -> String {
+    "x-hagate-tenant".into()
+}
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn secs<const N: u64>() -> Duration {
+    Duration::from_secs(N)
+}
+fn half_second() -> Duration {
+    Duration::from_millis(500)
+}
+fn yes() -> bool {
+    true
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> u32 {
+    3
+}
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                toml::from_str("").expect("every field has a default")
+            }
+        }
+    )*};
+}
+default_from_serde!(
+    ServerConfig,
+    AdminConfig,
+    ContextIdConfig,
+    RoutingConfig,
+    UpstreamConfig,
+    ActiveHealthConfig,
+    PassiveHealthConfig
+);
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field; the error names the TOML path of the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        parse_addr("server.listen", &self.server.listen)?;
+        parse_addr("admin.listen", &self.admin.listen)?;
+        if self.server.threads == 0 {
+            return Err(invalid("server.threads", "must be at least 1"));
+        }
+        if matches!(&self.admin.token, Some(t) if t.trim().is_empty()) {
+            return Err(invalid("admin.token", "must not be empty when set"));
+        }
+        if self.context_id.query_param.is_empty() {
+            return Err(invalid("context_id.query_param", "must not be empty"));
+        }
+        http::HeaderName::from_bytes(self.context_id.header.as_bytes())
+            .map_err(|_| invalid("context_id.header", "not a valid HTTP header name"))?;
+        http::HeaderName::from_bytes(self.routing.tenant_header.as_bytes())
+            .map_err(|_| invalid("routing.tenant_header", "not a valid HTTP header name"))?;
+        if self.routing.haid_paths.is_empty() {
+            return Err(invalid(
+                "routing.haid_paths",
+                "must list at least one path prefix (use [\"/\"] for all paths)",
+            ));
+        }
+        for (i, p) in self.routing.haid_paths.iter().enumerate() {
+            if !p.starts_with('/') {
+                return Err(invalid(
+                    &format!("routing.haid_paths[{i}]"),
+                    format!("path prefix {p:?} must start with `/`"),
+                ));
+            }
+        }
+        if self.routing.retry_after < Duration::from_secs(1) {
+            return Err(invalid("routing.retry_after", "must be at least 1s"));
+        }
+        for (field, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.read_timeout", self.upstream.read_timeout),
+            ("upstream.write_timeout", self.upstream.write_timeout),
+            ("upstream.idle_timeout", self.upstream.idle_timeout),
+            ("health.active.interval", self.health.active.interval),
+            ("health.active.timeout", self.health.active.timeout),
+            ("health.passive.base_ejection", self.health.passive.base_ejection),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        let a = &self.health.active;
+        if !a.path.starts_with('/') {
+            return Err(invalid(
+                "health.active.path",
+                format!("{:?} must start with `/`", a.path),
+            ));
+        }
+        if a.rise == 0 {
+            return Err(invalid("health.active.rise", "must be at least 1"));
+        }
+        if a.fall == 0 {
+            return Err(invalid("health.active.fall", "must be at least 1"));
+        }
+        let p = &self.health.passive;
+        if p.consecutive_failures == 0 {
+            return Err(invalid(
+                "health.passive.consecutive_failures",
+                "must be at least 1",
+            ));
+        }
+        if p.max_ejection < p.base_ejection {
+            return Err(invalid(
+                "health.passive.max_ejection",
+                "must be at least health.passive.base_ejection",
+            ));
+        }
+        if self.instances.is_empty() {
+            return Err(invalid("instances", "at least one instance is required"));
+        }
+        // Building the table is where aliases and addresses are validated.
+        AliasTable::build(&self.instances, 0, &StateRegistry::default())?;
+        Ok(())
+    }
+
+    /// The proxy listen address (validated).
+    pub fn listen_addr(&self) -> SocketAddr {
+        parse_addr("server.listen", &self.server.listen).expect("validated")
+    }
+
+    /// The admin listen address (validated).
+    pub fn admin_addr(&self) -> SocketAddr {
+        parse_addr("admin.listen", &self.admin.listen).expect("validated")
+    }
+}
+
+fn parse_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(field, format!("invalid socket address {value:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[instances.cs_1]\naddress = \"127.0.0.1:9001\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.context_id.query_param, "contextID");
+        assert_eq!(c.health.active.rise, 2);
+        assert_eq!(c.routing.haid_paths, vec!["/".to_string()]);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(
+            err("[instances.cs_1]\naddress = \"10.0.0:80\"\n")
+                .starts_with("instances.cs_1.address: invalid socket address \"10.0.0:80\""),
+            "{}",
+            err("[instances.cs_1]\naddress = \"10.0.0:80\"\n")
+        );
+        assert!(err(&format!("[health.active]\nrise = 0\n{MINIMAL}"))
+            .starts_with("health.active.rise:"));
+        assert!(err(&format!("[routing]\nhaid_paths = [\"x\"]\n{MINIMAL}"))
+            .starts_with("routing.haid_paths[0]:"));
+        assert!(err("").starts_with("instances:"));
+        assert!(err("[instances.\"a--b\"]\naddress = \"127.0.0.1:1\"\n")
+            .starts_with("instances.a--b:"));
+        // typos are refused, with the key named
+        assert!(err(&format!("[server]\nlisten_addr = \"x\"\n{MINIMAL}"))
+            .contains("unknown field `listen_addr`"));
+        assert!(err(&format!("[health.passive]\nbase_ejection = \"10s\"\nmax_ejection = \"1s\"\n{MINIMAL}"))
+            .starts_with("health.passive.max_ejection:"));
+    }
+}

@@ -1,0 +1,110 @@
+//! A small demo context server, and the `hagate demo` launcher.
+//!
+//! The demo server echoes what hagate forwarded (role, context id, placed aliases) as JSON,
+//! mints a HAID when hagate placed a new context, and serves `/health`. It is what the
+//! README's first command runs, and what the integration tests run as real upstreams.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::haid;
+use crate::http_server::{json, read_body, serve, Reply};
+
+/// One demo context server.
+#[derive(Debug)]
+pub struct DemoServer {
+    name: String,
+    healthy: AtomicBool,
+    requests: AtomicU64,
+    health_checks: AtomicU64,
+    next_id: AtomicU64,
+}
+
+impl DemoServer {
+    /// A healthy server called `name`.
+    pub fn new(name: &str) -> Arc<Self> {
+        Arc::new(DemoServer {
+            name: name.to_string(),
+            healthy: AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            health_checks: AtomicU64::new(0),
+            next_id: AtomicU64::new(1000),
+        })
+    }
+
+    /// Serves on `listener` forever.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        serve(listener, move |req| {
+            let me = Arc::clone(&self);
+            async move { me.handle(req).await }
+        })
+        .await
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Reply {
+        let path = req.uri().path().to_string();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/health") => {
+                self.health_checks.fetch_add(1, Relaxed);
+                if self.healthy.load(Relaxed) {
+                    json(StatusCode::OK, &json!({"status": "ok"}))
+                } else {
+                    json(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "down"}))
+                }
+            }
+            (&Method::PUT, "/demo/health") => {
+                let body = read_body(req, 64).await.unwrap_or_default();
+                let up = body.as_ref() != b"down";
+                self.healthy.store(up, Relaxed);
+                json(StatusCode::OK, &json!({"healthy": up}))
+            }
+            (&Method::GET, "/demo/stats") => json(
+                StatusCode::OK,
+                &json!({
+                    "server": self.name,
+                    "requests": self.requests.load(Relaxed),
+                    "health_checks": self.health_checks.load(Relaxed),
+                }),
+            ),
+            _ => self.echo(req).await,
+        }
+    }
+
+    async fn echo(&self, req: Request<Incoming>) -> Reply {
+        self.requests.fetch_add(1, Relaxed);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        let main = header("x-hagate-main-alias");
+        let backup = header("x-hagate-backup-alias");
+        // A context server mints the HAID of a new context from the aliases hagate placed.
+        let minted = match (&main, &backup) {
+            (Some(m), Some(b)) => {
+                let id = self.next_id.fetch_add(1, Relaxed).to_string();
+                haid::encode(m, &[b.as_str()], &id).ok()
+            }
+            _ => None,
+        };
+        let reply = json!({
+            "server": self.name,
+            "method": req.method().as_str(),
+            "path": req.uri().path(),
+            "role": header("x-hagate-role"),
+            "context_id": header("x-hagate-context-id"),
+            "main_alias": main,
+            "backup_alias": backup,
+            "haid": minted,
+        });
+        let body_len = read_body(req, 1 << 20).await.map(|b| b.len()).unwrap_or(0);
+        let mut reply = reply;
+        reply["body_bytes"] = json!(body_len);
+        json(StatusCode::OK, &reply)
+    }
+}

@@ -1,0 +1,110 @@
+//! Active health checks: one task per instance address, all running in parallel, each an
+//! HTTP GET of `health.active.path` every `interval` with a `timeout`.
+//!
+//! The supervisor re-reads the table after every swap, starting checks for new addresses
+//! and stopping them for removed ones. Results go into the shared `InstanceState`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio::time::{interval, MissedTickBehavior};
+
+use crate::config::ActiveHealthConfig;
+use crate::gateway::Gateway;
+use crate::health::{InstanceState, Transition};
+use crate::metrics::metrics;
+
+/// Runs the checks until the gateway is dropped; restarts them whenever the table or the
+/// health config changes.
+pub async fn supervise(gateway: Arc<Gateway>) {
+    let mut changes = gateway.subscribe();
+    let mut running: HashMap<SocketAddr, (String, JoinHandle<()>)> = HashMap::new();
+    let mut last_cfg: Option<ActiveHealthConfig> = None;
+    loop {
+        let settings = gateway.settings();
+        let cfg = settings.config.health.active.clone();
+        let table = gateway.table();
+        let cfg_changed = last_cfg.as_ref().map(|c| format!("{c:?}")) != Some(format!("{cfg:?}"));
+        if cfg_changed {
+            for (_, (_, task)) in running.drain() {
+                task.abort();
+            }
+        }
+        let wanted: HashMap<SocketAddr, (&str, &Arc<InstanceState>)> = table
+            .instances()
+            .iter()
+            .map(|i| (i.address, (i.alias.as_str(), &i.state)))
+            .collect();
+        running.retain(|addr, (alias, task)| {
+            let keep = wanted.get(addr).is_some_and(|(a, _)| a == alias);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        if cfg.enabled {
+            for (addr, (alias, state)) in &wanted {
+                running.entry(*addr).or_insert_with(|| {
+                    let task = tokio::spawn(check_loop(
+                        *addr,
+                        alias.to_string(),
+                        Arc::clone(state),
+                        cfg.clone(),
+                    ));
+                    (alias.to_string(), task)
+                });
+            }
+        }
+        last_cfg = Some(cfg);
+        drop(table);
+        if changes.changed().await.is_err() {
+            break;
+        }
+    }
+    for (_, (_, task)) in running {
+        task.abort();
+    }
+}
+
+async fn check_loop(addr: SocketAddr, alias: String, state: Arc<InstanceState>, cfg: ActiveHealthConfig) {
+    let client = match reqwest::Client::builder()
+        .timeout(cfg.timeout)
+        .connect_timeout(cfg.timeout)
+        .pool_max_idle_per_host(1)
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "cannot build the health-check client");
+            return;
+        }
+    };
+    let url = format!("http://{addr}{}", cfg.path);
+    let mut ticks = interval(cfg.interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let m = metrics();
+    loop {
+        ticks.tick().await;
+        let passed = match client.get(&url).send().await {
+            Ok(resp) => resp.status().is_success() || resp.status().is_redirection(),
+            Err(_) => false,
+        };
+        m.health_checks
+            .with_label_values(&[alias.as_str(), if passed { "pass" } else { "fail" }])
+            .inc();
+        match state.record_check(passed, cfg.rise, cfg.fall) {
+            Transition::Same => {}
+            Transition::Up => {
+                m.health_transitions.with_label_values(&[alias.as_str(), "up"]).inc();
+                tracing::info!(alias, %addr, "instance is up");
+            }
+            Transition::Down => {
+                m.health_transitions.with_label_values(&[alias.as_str(), "down"]).inc();
+                tracing::warn!(alias, %addr, "instance is down");
+            }
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! hagate: a high-availability gateway for Linkis-style context servers, on Pingora.
+//!
+//! The request path, top to bottom (arrows only point down):
+//!
+//! 1. `proxy` (the only pingora-aware module) gets a request and asks `context_id` for the
+//!    context id: the `contextID` query parameter, else the header, bare or Gson-wrapped.
+//! 2. `haid` decodes it exactly as Linkis does, into borrowed `main`/`backup`/`id` parts.
+//! 3. `route::decide` resolves both aliases in the current `aliases::AliasTable` (an
+//!    `ArcSwap`, replaced whole by `gateway` on reload) and reads `health` atomics: main if
+//!    live, else backup, else 503. A request without a HAID goes to `placement` instead.
+//! 4. `proxy` forwards, retrying once on the other instance if the first cannot be reached,
+//!    feeds failures to passive health, and records `metrics`.
+//!
+//! Around it: `config` (one validated TOML file), `health::active` (parallel HTTP checks),
+//! `reload` (file watch and SIGHUP), `admin` (`/metrics`, `/v1/aliases`), `server` (wires
+//! pingora), and `demo` (a demo context server).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod aliases;
+pub mod config;
+pub mod context_id;
+pub mod demo;
+pub mod gateway;
+pub mod haid;
+pub mod health;
+pub mod http_server;
+pub mod metrics;
+pub mod placement;
+pub mod proxy;
+pub mod reload;
+pub mod route;
+pub mod server;

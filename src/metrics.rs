@@ -1,0 +1,224 @@
+//! Every Prometheus metric hagate exports, defined and registered in one place.
+//!
+//! Names carry the `hagate_` prefix, counters end in `_total`, durations in `_seconds`.
+//! Other modules call the small helpers here; none of them touch the registry.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::aliases::AliasTable;
+use crate::haid::HaidError;
+use crate::health::now_ms;
+
+/// All metrics, registered once in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    /// `hagate_requests_total{role,status}`: role is main, backup or none.
+    pub requests: IntCounterVec,
+    /// `hagate_request_duration_seconds{role}`.
+    pub request_duration: HistogramVec,
+    /// `hagate_failovers_total{reason}`: main_down (sent to backup), connect_failure and
+    /// in_flight (retried on the other instance).
+    pub failovers: IntCounterVec,
+    /// `hagate_haid_errors_total{reason}`.
+    pub haid_errors: IntCounterVec,
+    /// `hagate_unknown_alias_total`: requests naming an alias the table lacks.
+    pub unknown_alias: IntCounter,
+    /// `hagate_no_live_instance_total`: 503 answers.
+    pub no_live: IntCounter,
+    /// `hagate_placements_total{outcome}`: ok or no_live_instance.
+    pub placements: IntCounterVec,
+    /// `hagate_instance_up{alias,address}`: 1 when live.
+    pub instance_up: IntGaugeVec,
+    /// `hagate_instance_inflight{alias}`.
+    pub instance_inflight: IntGaugeVec,
+    /// `hagate_health_checks_total{alias,result}`: pass or fail.
+    pub health_checks: IntCounterVec,
+    /// `hagate_health_transitions_total{alias,to}`: up or down.
+    pub health_transitions: IntCounterVec,
+    /// `hagate_passive_ejections_total{alias}`.
+    pub ejections: IntCounterVec,
+    /// `hagate_alias_table_version`.
+    pub table_version: IntGauge,
+    /// `hagate_alias_table_size`.
+    pub table_size: IntGauge,
+    /// `hagate_alias_table_swaps_total{source,result}`: source is config, sighup or api.
+    pub table_swaps: IntCounterVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("registered once");
+    g
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let requests = counter_vec(
+            &r,
+            "hagate_requests_total",
+            "Requests answered, by the role of the instance that served them and status.",
+            &["role", "status"],
+        );
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "hagate_request_duration_seconds",
+                "Time from request to the end of the response, by role.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["role"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(request_duration.clone()))
+            .expect("registered once");
+        let failovers = counter_vec(
+            &r,
+            "hagate_failovers_total",
+            "Requests served by the other instance than their first choice, by reason.",
+            &["reason"],
+        );
+        let haid_errors = counter_vec(
+            &r,
+            "hagate_haid_errors_total",
+            "Requests refused because their context id is not a valid HAID, by reason.",
+            &["reason"],
+        );
+        for reason in HaidError::REASONS.iter().chain(&["not_utf8", "bad_wrapper"]) {
+            haid_errors.with_label_values(&[reason]);
+        }
+        for reason in ["main_down", "connect_failure", "in_flight"] {
+            failovers.with_label_values(&[reason]);
+        }
+        let unknown_alias = IntCounter::new(
+            "hagate_unknown_alias_total",
+            "Requests whose HAID names no alias the table knows.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(unknown_alias.clone()))
+            .expect("registered once");
+        let no_live = IntCounter::new(
+            "hagate_no_live_instance_total",
+            "Requests answered 503 because no instance was live.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(no_live.clone())).expect("registered once");
+        let placements = counter_vec(
+            &r,
+            "hagate_placements_total",
+            "Placements of requests without a HAID, by outcome.",
+            &["outcome"],
+        );
+        let instance_up = gauge_vec(
+            &r,
+            "hagate_instance_up",
+            "1 if the instance is live (active checks up and not ejected), else 0.",
+            &["alias", "address"],
+        );
+        let instance_inflight = gauge_vec(
+            &r,
+            "hagate_instance_inflight",
+            "Requests in flight to the instance.",
+            &["alias"],
+        );
+        let health_checks = counter_vec(
+            &r,
+            "hagate_health_checks_total",
+            "Active health checks, by result.",
+            &["alias", "result"],
+        );
+        let health_transitions = counter_vec(
+            &r,
+            "hagate_health_transitions_total",
+            "Active health verdict changes.",
+            &["alias", "to"],
+        );
+        let ejections = counter_vec(
+            &r,
+            "hagate_passive_ejections_total",
+            "Passive ejections after consecutive failures.",
+            &["alias"],
+        );
+        let table_version = IntGauge::new(
+            "hagate_alias_table_version",
+            "Version of the alias table in use.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(table_version.clone()))
+            .expect("registered once");
+        let table_size = IntGauge::new("hagate_alias_table_size", "Aliases in the table.")
+            .expect("valid metric");
+        r.register(Box::new(table_size.clone()))
+            .expect("registered once");
+        let table_swaps = counter_vec(
+            &r,
+            "hagate_alias_table_swaps_total",
+            "Attempts to replace the alias table, by source and result.",
+            &["source", "result"],
+        );
+        Metrics {
+            registry: r,
+            requests,
+            request_duration,
+            failovers,
+            haid_errors,
+            unknown_alias,
+            no_live,
+            placements,
+            instance_up,
+            instance_inflight,
+            health_checks,
+            health_transitions,
+            ejections,
+            table_version,
+            table_size,
+            table_swaps,
+        }
+    }
+
+    /// Records that `table` is now in use.
+    pub fn observe_table(&self, table: &AliasTable) {
+        self.table_version.set(table.version() as i64);
+        self.table_size.set(table.len() as i64);
+    }
+
+    /// Renders the text exposition, refreshing the per-instance gauges from `table` first.
+    pub fn render(&self, table: &AliasTable) -> String {
+        self.observe_table(table);
+        self.instance_up.reset();
+        self.instance_inflight.reset();
+        let now = now_ms();
+        for i in table.instances() {
+            let address = i.address.to_string();
+            self.instance_up
+                .with_label_values(&[i.alias.as_str(), &address])
+                .set(i64::from(i.state.is_live(now)));
+            self.instance_inflight
+                .with_label_values(&[i.alias.as_str()])
+                .set(i.state.inflight() as i64);
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}

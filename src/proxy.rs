@@ -1,0 +1,467 @@
+//! The thin Pingora adapter: the only module that knows pingora's request phases.
+//!
+//! - `request_filter` reads the context id, decodes it, calls `route::decide` (or the
+//!   placement policy when there is no HAID) once, and keeps the answer in `Ctx`; bad input
+//!   is answered here with a JSON error.
+//! - `upstream_peer` only reads `Ctx`: the primary target first, the fallback on a retry.
+//! - `fail_to_connect` / `error_while_proxy` mark failures passive and retry on the fallback.
+//! - `upstream_request_filter` strips client `x-hagate-*` headers and adds ours.
+//! - `logging` records metrics.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::aliases::AliasTable;
+use crate::context_id::{self, ContextIdError};
+use crate::gateway::{Gateway, Settings};
+use crate::haid::{self, HaidError};
+use crate::health::{now_ms, InflightGuard, LiveView};
+use crate::metrics::metrics;
+use crate::placement::{Candidate, PlacementRequest};
+use crate::route::{decide, Decision, Role, Target};
+
+const ROLE: &str = "x-hagate-role";
+const CONTEXT_ID: &str = "x-hagate-context-id";
+const MAIN_ALIAS: &str = "x-hagate-main-alias";
+const BACKUP_ALIAS: &str = "x-hagate-backup-alias";
+const PREFIX: &str = "x-hagate-";
+
+/// The proxy service.
+pub struct Proxy {
+    gateway: Arc<Gateway>,
+}
+
+impl Proxy {
+    /// A proxy over `gateway`'s state.
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Proxy { gateway }
+    }
+}
+
+/// Per-request state: the decision made in `request_filter`, and what happened since.
+pub struct Ctx {
+    started: Instant,
+    settings: Option<Arc<Settings>>,
+    table: Option<Arc<AliasTable>>,
+    primary: Option<Target>,
+    fallback: Option<Target>,
+    /// Attempts made so far (0 before `upstream_peer`).
+    attempts: u8,
+    current: Option<Target>,
+    inflight: Option<InflightGuard>,
+    /// The numeric id of the HAID, forwarded as `x-hagate-context-id`.
+    context_id: Option<String>,
+    /// Whether this request was placed (no HAID): send the aliases upstream.
+    placed: bool,
+}
+
+impl Ctx {
+    fn table(&self) -> Option<&AliasTable> {
+        self.table.as_deref()
+    }
+
+    /// Whether a retry on the fallback is still possible.
+    fn can_fail_over(&self) -> bool {
+        self.attempts == 1 && self.fallback.is_some()
+    }
+
+    /// Records a failure of the instance just tried (passive health).
+    fn record_failure(&self) {
+        let (Some(table), Some(cur), Some(settings)) = (self.table(), self.current, &self.settings)
+        else {
+            return;
+        };
+        let inst = table.get(cur.instance);
+        let health = &settings.config.health;
+        if inst
+            .state
+            .record_failure(&health.passive, health.active.enabled, now_ms())
+            .is_some()
+        {
+            metrics()
+                .ejections
+                .with_label_values(&[inst.alias.as_str()])
+                .inc();
+            tracing::warn!(alias = %inst.alias, address = %inst.address, "instance ejected after consecutive failures");
+        }
+    }
+}
+
+/// Writes a JSON error answer and ends the request.
+async fn answer(
+    session: &mut Session,
+    status: u16,
+    body: serde_json::Value,
+    retry_after: Option<u64>,
+) -> Result<bool> {
+    let body = Bytes::from(body.to_string());
+    let mut header = ResponseHeader::build(status, Some(4))?;
+    header.insert_header("content-type", "application/json")?;
+    header.insert_header("content-length", body.len().to_string())?;
+    if let Some(secs) = retry_after {
+        header.insert_header("retry-after", secs.to_string())?;
+    }
+    session.set_keepalive(None);
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(true)
+}
+
+fn invalid_haid(reason: &'static str, detail: String) -> (u16, serde_json::Value) {
+    metrics().haid_errors.with_label_values(&[reason]).inc();
+    (
+        400,
+        serde_json::json!({"error": "invalid_haid", "reason": reason, "detail": detail}),
+    )
+}
+
+impl Proxy {
+    /// Decides where a request goes, or returns the error answer.
+    fn plan(&self, session: &Session, ctx: &mut Ctx) -> Option<(u16, serde_json::Value)> {
+        let settings = self.gateway.settings();
+        let table = self.gateway.table();
+        let req = session.req_header();
+        let path = req.uri.path();
+        let cfg = &settings.config;
+        let routed = cfg.routing.haid_paths.iter().any(|p| path.starts_with(p.as_str()));
+        let raw = if routed {
+            context_id::find(
+                req.uri.query(),
+                &cfg.context_id.query_param,
+                req.headers
+                    .get(&settings.context_header)
+                    .map(|v| v.as_bytes()),
+            )
+        } else {
+            Ok(None)
+        };
+        let outcome = match raw {
+            Err(ContextIdError::NotUtf8) => {
+                Some(invalid_haid("not_utf8", ContextIdError::NotUtf8.to_string()))
+            }
+            Err(e) => Some(invalid_haid("bad_wrapper", e.to_string())),
+            Ok(None) => self.place(session, &settings, &table, ctx),
+            Ok(Some(value)) => match context_id::unwrap(&value) {
+                Err(e) => Some(invalid_haid("bad_wrapper", e.to_string())),
+                Ok(text) => match haid::decode(&text) {
+                    Err(e) => Some(Self::haid_error(e, &text)),
+                    Ok(h) => {
+                        let decision = decide(&h, &table, &LiveView::now());
+                        ctx.context_id = Some(h.id.to_string());
+                        Self::apply(decision, &settings, ctx)
+                    }
+                },
+            },
+        };
+        ctx.table = Some(table);
+        ctx.settings = Some(settings);
+        outcome
+    }
+
+    fn haid_error(e: HaidError, text: &str) -> (u16, serde_json::Value) {
+        let shown: String = text.chars().take(256).collect();
+        invalid_haid(e.reason(), format!("{e}: {shown:?}"))
+    }
+
+    fn apply(
+        decision: Decision<'_>,
+        settings: &Settings,
+        ctx: &mut Ctx,
+    ) -> Option<(u16, serde_json::Value)> {
+        match decision {
+            Decision::Forward { primary, fallback } => {
+                if primary.role == Role::Backup {
+                    metrics().failovers.with_label_values(&["main_down"]).inc();
+                }
+                ctx.primary = Some(primary);
+                ctx.fallback = fallback;
+                None
+            }
+            Decision::UnknownAlias { alias } => {
+                metrics().unknown_alias.inc();
+                Some((
+                    404,
+                    serde_json::json!({
+                        "error": "unknown_alias",
+                        "alias": alias,
+                        "detail": format!("no instance has alias {alias:?}"),
+                    }),
+                ))
+            }
+            Decision::NoLiveInstance { unknown } => {
+                metrics().no_live.inc();
+                if unknown.is_some() {
+                    metrics().unknown_alias.inc();
+                }
+                let retry_after = settings.config.routing.retry_after.as_secs();
+                Some((
+                    503,
+                    serde_json::json!({
+                        "error": "no_live_instance",
+                        "detail": "neither the main nor the backup instance is live",
+                        "unknown_alias": unknown,
+                        "retry_after": retry_after,
+                    }),
+                ))
+            }
+        }
+    }
+
+    /// Chooses a main and backup for a request without a HAID.
+    fn place(
+        &self,
+        session: &Session,
+        settings: &Settings,
+        table: &AliasTable,
+        ctx: &mut Ctx,
+    ) -> Option<(u16, serde_json::Value)> {
+        let req = session.req_header();
+        let view = LiveView::now();
+        let candidates: Vec<Candidate<'_>> = table
+            .instances()
+            .iter()
+            .map(|i| Candidate {
+                alias: i.alias.as_str(),
+                live: crate::health::HealthView::is_live(&view, i),
+                inflight: i.state.inflight(),
+                weight: i.weight,
+                labels: &i.labels,
+            })
+            .collect();
+        let request = PlacementRequest {
+            tenant: req
+                .headers
+                .get(&settings.tenant_header)
+                .and_then(|v| v.to_str().ok()),
+            path: req.uri.path(),
+            context_id: None,
+        };
+        match self.gateway.placement().place(&request, &candidates) {
+            Ok(choice) => {
+                metrics().placements.with_label_values(&["ok"]).inc();
+                ctx.placed = true;
+                ctx.primary = Some(Target {
+                    instance: choice.main,
+                    role: Role::Main,
+                });
+                ctx.fallback = choice.backup.map(|b| Target {
+                    instance: b,
+                    role: Role::Backup,
+                });
+                None
+            }
+            Err(e) => {
+                metrics()
+                    .placements
+                    .with_label_values(&["no_live_instance"])
+                    .inc();
+                metrics().no_live.inc();
+                let retry_after = settings.config.routing.retry_after.as_secs();
+                Some((
+                    503,
+                    serde_json::json!({"error": "no_live_instance", "detail": e.to_string(), "retry_after": retry_after}),
+                ))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            settings: None,
+            table: None,
+            primary: None,
+            fallback: None,
+            attempts: 0,
+            current: None,
+            inflight: None,
+            context_id: None,
+            placed: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        match self.plan(session, ctx) {
+            None => Ok(false),
+            Some((status, body)) => {
+                let retry_after = (status == 503).then(|| {
+                    ctx.settings
+                        .as_ref()
+                        .map_or(5, |s| s.config.routing.retry_after.as_secs())
+                });
+                answer(session, status, body, retry_after).await
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let target = match ctx.attempts {
+            0 => ctx.primary,
+            _ => ctx.fallback,
+        }
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream left to try"))?;
+        ctx.attempts += 1;
+        let (Some(table), Some(settings)) = (ctx.table.as_ref(), ctx.settings.as_ref()) else {
+            return Err(Error::explain(ErrorType::InternalError, "request was not planned"));
+        };
+        let inst = table.get(target.instance);
+        ctx.inflight = Some(inst.state.start_request());
+        ctx.current = Some(target);
+        let up = &settings.config.upstream;
+        let mut peer = HttpPeer::new(inst.address, false, String::new());
+        peer.options.connection_timeout = Some(up.connect_timeout);
+        peer.options.read_timeout = Some(up.read_timeout);
+        peer.options.write_timeout = Some(up.write_timeout);
+        peer.options.idle_timeout = Some(up.idle_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let ours: Vec<_> = upstream
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(PREFIX))
+            .cloned()
+            .collect();
+        for name in ours {
+            upstream.remove_header(&name);
+        }
+        if let Some(cur) = ctx.current {
+            upstream.insert_header(ROLE, cur.role.as_str())?;
+        }
+        if let Some(id) = &ctx.context_id {
+            upstream.insert_header(CONTEXT_ID, http::HeaderValue::from_bytes(id.as_bytes()).map_err(|e| Error::because(ErrorType::InternalError, "context id header", e))?)?;
+        }
+        if ctx.placed {
+            if let (Some(table), Some(p)) = (ctx.table.as_ref(), ctx.primary) {
+                upstream.insert_header(MAIN_ALIAS, table.get(p.instance).alias.as_str())?;
+                if let Some(b) = ctx.fallback {
+                    upstream.insert_header(BACKUP_ALIAS, table.get(b.instance).alias.as_str())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if response.status.is_server_error() {
+            ctx.record_failure();
+        } else if let (Some(table), Some(cur)) = (ctx.table(), ctx.current) {
+            table.get(cur.instance).state.record_success();
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.record_failure();
+        if ctx.can_fail_over() {
+            metrics()
+                .failovers
+                .with_label_values(&["connect_failure"])
+                .inc();
+            e.set_retry(true);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if *e.esource() != ErrorSource::Upstream {
+            e.set_retry(false);
+            return e;
+        }
+        ctx.record_failure();
+        let replay = ctx
+            .settings
+            .as_ref()
+            .is_some_and(|s| s.config.routing.retry_in_flight)
+            && ctx.can_fail_over()
+            && session.as_ref().response_written().is_none()
+            && !session.as_ref().retry_buffer_truncated();
+        if replay {
+            metrics().failovers.with_label_values(&["in_flight"]).inc();
+        }
+        e.set_retry(replay);
+        e
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let role = ctx.current.map_or("none", |t| t.role.as_str());
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(if e.is_some() { 502 } else { 0 });
+        let m = metrics();
+        m.requests
+            .with_label_values(&[role, status_label(status)])
+            .inc();
+        m.request_duration
+            .with_label_values(&[role])
+            .observe(ctx.started.elapsed().as_secs_f64());
+        ctx.inflight = None;
+    }
+}
+
+/// Status as a static label, without allocating for common codes.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        0 => "0",
+        s if s < 200 => "1xx",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,111 @@
+//! Assembles a running gateway: the pingora server with the proxy service, and one
+//! background service for the control plane (admin API, active health checks, reload).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::proxy::Proxy;
+use crate::{admin, health, reload};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("{field}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The config field of the address.
+        field: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The alias table could not be built.
+    #[error("{0}")]
+    Table(#[from] crate::aliases::TableError),
+}
+
+struct ControlPlane {
+    gateway: Arc<Gateway>,
+    admin: Mutex<Option<std::net::TcpListener>>,
+}
+
+#[async_trait]
+impl BackgroundService for ControlPlane {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let listener = self.admin.lock().ok().and_then(|mut l| l.take());
+        if let Some(listener) = listener {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    let gw = Arc::clone(&self.gateway);
+                    tokio::spawn(crate::http_server::serve(listener, move |req| {
+                        admin::handle(Arc::clone(&gw), req)
+                    }));
+                }
+                Err(error) => tracing::error!(%error, "admin listener failed"),
+            }
+        }
+        tokio::spawn(health::active::supervise(Arc::clone(&self.gateway)));
+        tokio::spawn(reload::watch_config(Arc::clone(&self.gateway)));
+        tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway)));
+        let _ = shutdown.changed().await;
+    }
+}
+
+/// Starts the gateway and serves until the process is told to stop (SIGTERM, SIGINT).
+pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infallible, StartError> {
+    let admin_addr = config.admin_addr();
+    let listen = config.listen_addr();
+    let admin = std::net::TcpListener::bind(admin_addr).map_err(|source| StartError::Bind {
+        field: "admin.listen",
+        addr: admin_addr,
+        source,
+    })?;
+    admin.set_nonblocking(true).map_err(|source| StartError::Bind {
+        field: "admin.listen",
+        addr: admin_addr,
+        source,
+    })?;
+    // Fail with a clear message before pingora tries (it would only log and exit).
+    drop(
+        std::net::TcpListener::bind(listen).map_err(|source| StartError::Bind {
+            field: "server.listen",
+            addr: listen,
+            source,
+        })?,
+    );
+
+    let mut conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.server.grace_period.as_secs()),
+        ..ServerConf::default()
+    };
+    conf.max_retries = 2;
+    let gateway = Gateway::new(config, path)?;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, Proxy::new(Arc::clone(&gateway)));
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "control plane",
+        ControlPlane {
+            gateway: Arc::clone(&gateway),
+            admin: Mutex::new(Some(admin)),
+        },
+    ));
+    tracing::info!(%listen, admin = %admin_addr, "hagate is serving");
+    server.bootstrap();
+    server.run_forever()
+}
