@@ -24,6 +24,7 @@ pub enum ContextIdError {
 /// Finds the raw context id value: query parameter `query_name` in `query` (the part of the
 /// URI after `?`), else the header value. Query values are percent-decoded; `+` stays `+`
 /// (HAIDs carry Base64 aliases, and Linkis clients send `%2B` when they mean it).
+/// A blank value counts as absent, as Linkis treats a blank context id as no context id.
 pub fn find<'a>(
     query: Option<&'a str>,
     query_name: &str,
@@ -33,16 +34,18 @@ pub fn find<'a>(
         for pair in q.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             if k == query_name {
-                return percent_decode_str(v)
+                let v = percent_decode_str(v)
                     .decode_utf8()
-                    .map(Some)
-                    .map_err(|_| ContextIdError::NotUtf8);
+                    .map_err(|_| ContextIdError::NotUtf8)?;
+                if !v.trim().is_empty() {
+                    return Ok(Some(v));
+                }
             }
         }
     }
     match header {
         Some(bytes) => std::str::from_utf8(bytes)
-            .map(|s| Some(Cow::Borrowed(s)))
+            .map(|s| (!s.trim().is_empty()).then_some(Cow::Borrowed(s)))
             .map_err(|_| ContextIdError::NotUtf8),
         None => Ok(None),
     }
@@ -95,6 +98,10 @@ mod tests {
         let v = find(Some("a=1"), "contextID", Some(b"hdr")).unwrap();
         assert_eq!(v.as_deref(), Some("hdr"));
         assert_eq!(find(None, "contextID", None).unwrap(), None);
+        // blank values are absent
+        let v = find(Some("contextID=&x=1"), "contextID", Some(b"hdr")).unwrap();
+        assert_eq!(v.as_deref(), Some("hdr"));
+        assert_eq!(find(Some("contextID=%20"), "contextID", Some(b" ")).unwrap(), None);
     }
 
     #[test]

@@ -338,7 +338,9 @@ mod tests {
         // trailing empty pieces are dropped by String.split
         assert_eq!(decode("1-1-----ab7"), Err(HaidError::Separator));
         assert_eq!(decode("1-1-------").unwrap_err(), HaidError::Separator);
-        assert_eq!(decode("1-1---ab7").unwrap_err(), HaidError::Separator);
+        // "--" matches leftmost, so the third dash starts the aliases
+        assert_eq!(decode("1-1---a7").unwrap().main, "-");
+        assert_eq!(decode("1-1---ab7").unwrap_err(), HaidError::NotNumeric);
         assert_eq!(decode("1-1-2--abcc7").unwrap().backup, "b");
         // a third alias is consumed and ignored
         assert_eq!(decode("1-1-2--abcc7").unwrap().id, "7");

@@ -1,0 +1,272 @@
+//! Test harness: real gateway and real demo context servers as child processes on
+//! 127.0.0.1, killed by RAII guards; polling with deadlines instead of sleeps.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hagate");
+
+/// A free loopback port (bound, read and released; the gateway binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// A demo context server in its own process (so it can be `kill -9`ed).
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Upstream {
+    pub fn start(name: &str) -> Self {
+        Self::start_on(name, "127.0.0.1:0")
+    }
+
+    pub fn start_on(name: &str, listen: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["demo-server", "--name", name, "--listen", listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn demo-server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("demo-server {name} did not start: {line:?}"));
+        Upstream { name: name.into(), addr, child: Some(child) }
+    }
+
+    /// SIGKILL, like `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Starts again on the same address.
+    pub fn restart(&mut self) {
+        self.kill();
+        let fresh = Self::start_on(&self.name, &self.addr.to_string());
+        *self = fresh;
+    }
+
+    pub async fn stats(&self) -> Value {
+        client()
+            .get(format!("http://{}/demo/stats", self.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn set_health(&self, up: bool) {
+        client()
+            .put(format!("http://{}/demo/health", self.addr))
+            .body(if up { "up" } else { "down" })
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `hagate run` with its config in a temp dir.
+pub struct Gateway {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+/// Fast health settings so tests converge quickly.
+pub const FAST_HEALTH: &str = r#"
+[health.active]
+path = "/health"
+interval = "100ms"
+timeout = "200ms"
+rise = 2
+fall = 2
+
+[health.passive]
+consecutive_failures = 3
+base_ejection = "1s"
+max_ejection = "5s"
+
+[upstream]
+connect_timeout = "500ms"
+read_timeout = "5s"
+"#;
+
+pub fn instances(ups: &[(&str, &Upstream)]) -> String {
+    ups.iter()
+        .map(|(alias, u)| format!("[instances.{alias}]\naddress = \"{}\"\n", u.addr))
+        .collect()
+}
+
+impl Gateway {
+    /// Starts the gateway with `body` (everything but `[server]` and `[admin]`).
+    pub async fn start(body: &str) -> Self {
+        Self::start_with_admin(body, "").await
+    }
+
+    pub async fn start_with_admin(body: &str, admin_extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "[server]\nlisten = \"{proxy}\"\nthreads = 2\ngrace_period = \"1s\"\n\n[admin]\nlisten = \"{admin}\"\n{admin_extra}\n{body}"
+        );
+        let path = dir.path().join("hagate.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("hagate.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hagate run");
+        let gw = Gateway { proxy, admin, dir, child };
+        let c = client();
+        let url = gw.admin_url("/healthz");
+        eventually("the gateway to start", Duration::from_secs(20), || {
+            let c = c.clone();
+            let url = url.clone();
+            async move {
+                let admin_up = c.get(&url).send().await.is_ok_and(|r| r.status() == 200);
+                (admin_up && tokio::net::TcpStream::connect(proxy).await.is_ok()).then_some(())
+            }
+        })
+        .await;
+        gw
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("hagate.toml")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The value of the series `name` whose labels include all of `labels`, or 0.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+                let have: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
+                (n == name && wanted.iter().all(|w| have.contains(&w.as_str())))
+                    .then(|| value.parse().unwrap())
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hagate.log")).unwrap_or_default()
+    }
+
+    /// Rewrites the config file in place.
+    pub fn rewrite(&self, f: impl FnOnce(&str) -> String) {
+        let path = self.config_path();
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, f(&old)).unwrap();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- gateway log (last 40 lines) ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Sends a request with `contextID: haid` and returns (status, JSON body).
+pub async fn get_haid(c: &reqwest::Client, gw: &Gateway, haid: &str) -> (u16, Value) {
+    let r = c
+        .get(gw.url("/api/rest_j/v1/contextservice/getContextValue"))
+        .header("contextID", haid)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}

@@ -1,0 +1,390 @@
+//! End-to-end: the real gateway in front of real demo context servers on loopback.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use hagate::haid;
+use serde_json::{json, Value};
+
+fn haid_for(main: &str, backup: &str, id: &str) -> String {
+    haid::encode(main, &[backup], id).unwrap()
+}
+
+async fn three() -> (Upstream, Upstream, Upstream, Gateway) {
+    let a = Upstream::start("cs_1");
+    let b = Upstream::start("cs_2");
+    let c = Upstream::start("cs_3");
+    let body = format!("{FAST_HEALTH}\n{}", instances(&[("cs_1", &a), ("cs_2", &b), ("cs_3", &c)]));
+    let gw = Gateway::start(&body).await;
+    (a, b, c, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_to_the_main_from_header_query_and_wrapped_json() {
+    let (_a, _b, _c, gw) = three().await;
+    let c = client();
+    let haid = haid_for("cs_1", "cs_2", "1024");
+
+    let (status, body) = get_haid(&c, &gw, &haid).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["server"], "cs_1");
+    assert_eq!(body["role"], "main");
+    assert_eq!(body["context_id"], "1024");
+
+    // the query parameter wins over the header, and is percent-decoded
+    let wrapped = json!({"type": "HAWorkFlowContextID", "value": json!({"contextId": haid_for("cs_3", "cs_1", "7")}).to_string()}).to_string();
+    let r: Value = c
+        .get(gw.url("/x"))
+        .query(&[("contextID", wrapped.as_str())])
+        .header("contextID", &haid)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((r["server"].as_str(), r["context_id"].as_str()), (Some("cs_3"), Some("7")));
+
+    // client-sent x-hagate-* headers are stripped before ours are added
+    let r: Value = c
+        .get(gw.url("/x"))
+        .header("contextID", &haid)
+        .header("x-hagate-role", "forged")
+        .header("x-hagate-main-alias", "forged")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["role"], "main");
+    assert_eq!(r["main_alias"], Value::Null);
+
+    assert!(gw.metric("hagate_requests_total", &[("role", "main"), ("status", "200")]).await >= 3.0);
+    assert_eq!(gw.metric("hagate_alias_table_size", &[]).await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_of_the_main_under_concurrent_load_costs_no_client_error() {
+    let (mut a, b, _c, gw) = three().await;
+    let haid = haid_for("cs_1", "cs_2", "42");
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let by_backup = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (stop, ok, by_backup) = (stop.clone(), ok.clone(), by_backup.clone());
+        let url = gw.url("/api/rest_j/v1/contextservice/getContextValue");
+        let haid = haid.clone();
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            let mut errors = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                n += 1;
+                match c.get(&url).header("contextID", &haid).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let body: Value = r.json().await.unwrap();
+                        if body["server"] == "cs_2" {
+                            assert_eq!(body["role"], "backup");
+                            by_backup.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => errors.push(format!("status {}", r.status())),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            errors
+        }));
+    }
+    eventually("traffic to flow", Duration::from_secs(10), || {
+        let n = ok.load(Ordering::Relaxed);
+        async move { (n > 200).then_some(()) }
+    })
+    .await;
+    a.kill();
+    eventually("the backup to serve 500 requests", Duration::from_secs(20), || {
+        let n = by_backup.load(Ordering::Relaxed);
+        async move { (n > 500).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for w in workers {
+        errors.extend(w.await.unwrap());
+    }
+    let total = ok.load(Ordering::Relaxed);
+    assert!(errors.is_empty(), "{} client errors in {} requests: {:?}", errors.len(), total, &errors[..errors.len().min(5)]);
+    assert!(b.stats().await["requests"].as_u64().unwrap() > 500);
+    let failovers = gw.metric("hagate_failovers_total", &[("reason", "main_down")]).await;
+    assert!(failovers > 0.0);
+    eprintln!(
+        "kill -9 under load: {total} requests, 0 errors; retried on connect failure: {}, replayed in flight: {}",
+        gw.metric("hagate_failovers_total", &[("reason", "connect_failure")]).await,
+        gw.metric("hagate_failovers_total", &[("reason", "in_flight")]).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_to_the_main_only_after_rise_checks() {
+    let (mut a, _b, _c, gw) = three().await;
+    let c = client();
+    let haid = haid_for("cs_1", "cs_2", "9");
+    assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_1");
+
+    a.kill();
+    eventually("the main to be marked down", Duration::from_secs(10), || {
+        let gw = &gw;
+        async move { (gw.metric("hagate_instance_up", &[("alias", "cs_1")]).await == 0.0).then_some(()) }
+    })
+    .await;
+    eventually("the backup to answer", Duration::from_secs(10), || {
+        let (c, gw, haid) = (&c, &gw, &haid);
+        async move {
+            let (s, body) = get_haid(c, gw, haid).await;
+            (s == 200 && body["server"] == "cs_2" && body["role"] == "backup").then_some(())
+        }
+    })
+    .await;
+
+    a.restart();
+    let checks_at_failback = eventually("failback to the main", Duration::from_secs(15), || {
+        let (c, gw, haid, a) = (&c, &gw, &haid, &a);
+        async move {
+            let (s, body) = get_haid(c, gw, haid).await;
+            assert_eq!(s, 200, "{body}");
+            if body["server"] == "cs_1" {
+                Some(a.stats().await["health_checks"].as_u64().unwrap())
+            } else {
+                None
+            }
+        }
+    })
+    .await;
+    // the restarted main served nothing before it passed `rise` (2) checks in a row
+    assert!(checks_at_failback >= 2, "failback after {checks_at_failback} checks");
+    let stats = a.stats().await;
+    assert_eq!(stats["requests"], 1, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_answer_is_json_and_clear() {
+    let (mut a, mut b, _c, gw) = three().await;
+    let c = client();
+
+    // malformed HAID: 400
+    for bad in ["9-9--nope", "8-8--cs_1_devcs_2_devX", "4-4--cs_1cs_2", "{\"value\":\"{}\"}"] {
+        let (s, body) = get_haid(&c, &gw, bad).await;
+        assert_eq!(s, 400, "{bad}: {body}");
+        assert_eq!(body["error"], "invalid_haid", "{body}");
+            assert!(body["detail"].as_str().unwrap().len() > 5);
+    }
+    // an empty contextID is no context id (as in Linkis): the request is placed
+    let (s, body) = get_haid(&c, &gw, "").await;
+    assert_eq!((s, body["role"].as_str()), (200, Some("main")), "{body}");
+    let r = c
+        .get(gw.url("/x?contextID=%FF"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(gw.metric("hagate_haid_errors_total", &[("reason", "not_numeric")]).await >= 1.0);
+
+    // unknown alias: 404 naming it
+    let (s, body) = get_haid(&c, &gw, &haid_for("cs_9", "cs_8", "1")).await;
+    assert_eq!(s, 404, "{body}");
+    assert_eq!(body, json!({"error": "unknown_alias", "alias": "cs_9", "detail": "no instance has alias \"cs_9\""}));
+
+    // no live instance: 503 with Retry-After
+    a.kill();
+    b.kill();
+    let haid = haid_for("cs_1", "cs_2", "5");
+    let (retry_after, body) = eventually("a 503 once both are down", Duration::from_secs(10), || {
+        let (c, gw, haid) = (&c, &gw, &haid);
+        async move {
+            let r = c
+                .get(gw.url("/x"))
+                .header("contextID", haid)
+                .send()
+                .await
+                .unwrap();
+            if r.status() != 503 {
+                return None;
+            }
+            let ra = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            Some((ra, r.json::<Value>().await.unwrap()))
+        }
+    })
+    .await;
+    assert_eq!(retry_after.as_deref(), Some("5"));
+    assert_eq!(body["error"], "no_live_instance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_haid_are_placed_and_the_minted_haid_routes_back() {
+    let (_a, _b, _c, gw) = three().await;
+    let c = client();
+    let r: Value = c
+        .post(gw.url("/api/rest_j/v1/contextservice/createContextID"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let main = r["main_alias"].as_str().unwrap().to_string();
+    let backup = r["backup_alias"].as_str().unwrap();
+    assert_ne!(main, backup);
+    assert_eq!(r["server"], main.as_str());
+    let minted = r["haid"].as_str().unwrap();
+    let (s, body) = get_haid(&c, &gw, minted).await;
+    assert_eq!((s, body["server"].as_str()), (200, Some(main.as_str())));
+    assert_eq!(gw.metric("hagate_placements_total", &[("outcome", "ok")]).await, 1.0);
+}
+
+fn specs(pairs: &[(&str, &Upstream)]) -> Value {
+    let m: BTreeMap<&str, Value> = pairs
+        .iter()
+        .map(|(a, u)| (*a, json!({"address": u.addr.to_string()})))
+        .collect();
+    json!({"instances": m})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alias_table_swaps_under_load_cost_no_errors() {
+    let (a, b, c3, gw) = three().await;
+    let haid = haid_for("cs_1", "cs_2", "77");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..6 {
+        let stop = stop.clone();
+        let url = gw.url("/x");
+        let haid = haid.clone();
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut errors) = (0usize, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).header("contextID", &haid).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => errors.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default())),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (ok, errors)
+        }));
+    }
+    let c = client();
+    // 40 swaps through the admin API, moving cs_1 between two live servers
+    for i in 0..40 {
+        let target = if i % 2 == 0 { &c3 } else { &a };
+        let r = c
+            .put(gw.admin_url("/v1/aliases"))
+            .json(&specs(&[("cs_1", target), ("cs_2", &b), ("cs_3", &c3)]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    // a bad table is refused with the field named, and the old one keeps serving
+    let r = c
+        .put(gw.admin_url("/v1/aliases"))
+        .json(&json!({"instances": {"cs_1": {"address": "10.0.0:80"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["field"], "instances.cs_1.address");
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut errors) = (0, Vec::new());
+    for w in workers {
+        let (o, e) = w.await.unwrap();
+        ok += o;
+        errors.extend(e);
+    }
+    assert!(errors.is_empty(), "{} errors in {ok} requests: {:?}", errors.len(), &errors[..errors.len().min(5)]);
+    assert!(ok > 100, "only {ok} requests");
+    assert_eq!(gw.metric("hagate_alias_table_version", &[]).await, 41.0);
+    assert_eq!(gw.metric("hagate_alias_table_swaps_total", &[("source", "api"), ("result", "error")]).await, 1.0);
+    // the last swap put cs_1 on `a`
+    assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_edits_and_sighup_swap_the_table_and_bad_ones_are_refused() {
+    let (a, _b, c3, gw) = three().await;
+    let c = client();
+    let haid = haid_for("cs_1", "cs_2", "3");
+    assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_1");
+
+    // edit the file: cs_1 now points at the server named cs_3
+    let a_addr = a.addr.to_string();
+    let c3_addr = c3.addr.to_string();
+    gw.rewrite(|old| old.replacen(&a_addr, &c3_addr, 1));
+    eventually("the file edit to take effect", Duration::from_secs(10), || {
+        let (c, gw, haid) = (&c, &gw, &haid);
+        async move { (get_haid(c, gw, haid).await.1["server"] == "cs_3").then_some(()) }
+    })
+    .await;
+
+    // a broken edit is refused and the old table keeps serving
+    let before = gw.metric("hagate_alias_table_version", &[]).await;
+    gw.rewrite(|old| old.replace("rise = 2", "rise = 0"));
+    eventually("the refusal to be counted", Duration::from_secs(10), || {
+        let gw = &gw;
+        async move {
+            (gw.metric("hagate_alias_table_swaps_total", &[("source", "config"), ("result", "error")]).await >= 1.0).then_some(())
+        }
+    })
+    .await;
+    assert!(gw.log().contains("health.active.rise: must be at least 1"), "{}", gw.log());
+    assert_eq!(gw.metric("hagate_alias_table_version", &[]).await, before);
+    assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_3");
+
+    // fix it and signal: SIGHUP reloads too
+    gw.rewrite(|old| old.replace("rise = 0", "rise = 2").replacen(&c3_addr, &a_addr, 1));
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("the fixed file to take effect", Duration::from_secs(10), || {
+        let (c, gw, haid) = (&c, &gw, &haid);
+        async move { (get_haid(c, gw, haid).await.1["server"] == "cs_1").then_some(()) }
+    })
+    .await;
+    eventually("the SIGHUP reload to be counted", Duration::from_secs(10), || {
+        let gw = &gw;
+        async move {
+            (gw.metric("hagate_alias_table_swaps_total", &[("source", "sighup"), ("result", "ok")]).await >= 1.0).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_writes_need_the_token() {
+    let a = Upstream::start("cs_1");
+    let body = format!("{FAST_HEALTH}\n{}", instances(&[("cs_1", &a)]));
+    let gw = Gateway::start_with_admin(&body, "token = \"s3cret\"").await;
+    let c = client();
+    let put = |auth: Option<&'static str>| {
+        let mut r = c.put(gw.admin_url("/v1/aliases")).json(&specs(&[("cs_1", &a)]));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    assert_eq!(put(None).await.unwrap().status(), 401);
+    assert_eq!(put(Some("Bearer wrong")).await.unwrap().status(), 403);
+    assert_eq!(put(Some("Bearer s3cret")).await.unwrap().status(), 200);
+    let aliases: Value = c.get(gw.admin_url("/v1/aliases")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(aliases["version"], 2);
+    assert_eq!(aliases["instances"]["cs_1"]["address"], a.addr.to_string());
+}
