@@ -179,11 +179,10 @@ impl AliasTable {
                 alias: name.clone(),
                 source,
             })?;
-            let address: SocketAddr =
-                spec.address.parse().map_err(|_| TableError::Address {
-                    alias: name.clone(),
-                    address: spec.address.clone(),
-                })?;
+            let address: SocketAddr = spec.address.parse().map_err(|_| TableError::Address {
+                alias: name.clone(),
+                address: spec.address.clone(),
+            })?;
             index.insert(alias.clone(), instances.len());
             instances.push(Instance {
                 alias,
@@ -277,7 +276,10 @@ impl TableHolder {
     }
 
     /// Validates and builds a new table and swaps it in. On error the old table stays.
-    pub fn publish(&self, specs: &BTreeMap<String, InstanceSpec>) -> Result<Arc<AliasTable>, TableError> {
+    pub fn publish(
+        &self,
+        specs: &BTreeMap<String, InstanceSpec>,
+    ) -> Result<Arc<AliasTable>, TableError> {
         let version = self.versions.load(Ordering::SeqCst) + 1;
         let table = Arc::new(AliasTable::build(specs, version, &self.states)?);
         self.versions.store(version, Ordering::SeqCst);
@@ -319,7 +321,8 @@ mod tests {
 
     #[test]
     fn publish_swaps_and_keeps_health_of_kept_addresses() {
-        let holder = TableHolder::new(&specs(&[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")])).unwrap();
+        let holder =
+            TableHolder::new(&specs(&[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")])).unwrap();
         let old = holder.load();
         let a_state = Arc::clone(&old.get(old.resolve("a").unwrap()).state);
         let err = holder.publish(&specs(&[("a", "nope")])).unwrap_err();
@@ -329,7 +332,10 @@ mod tests {
             .publish(&specs(&[("a2", "127.0.0.1:1"), ("c", "127.0.0.1:3")]))
             .unwrap();
         assert_eq!(new.version(), 2);
-        assert!(Arc::ptr_eq(&new.get(new.resolve("a2").unwrap()).state, &a_state));
+        assert!(Arc::ptr_eq(
+            &new.get(new.resolve("a2").unwrap()).state,
+            &a_state
+        ));
         assert_eq!(new.resolve("b"), None);
         // the old Arc still serves requests that loaded it
         assert_eq!(old.resolve("b"), Some(1));

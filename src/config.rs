@@ -344,7 +344,10 @@ impl Config {
             ("upstream.idle_timeout", self.upstream.idle_timeout),
             ("health.active.interval", self.health.active.interval),
             ("health.active.timeout", self.health.active.timeout),
-            ("health.passive.base_ejection", self.health.passive.base_ejection),
+            (
+                "health.passive.base_ejection",
+                self.health.passive.base_ejection,
+            ),
         ] {
             if d.is_zero() {
                 return Err(invalid(field, "must be greater than zero"));
@@ -432,12 +435,15 @@ mod tests {
         assert!(err(&format!("[routing]\nhaid_paths = [\"x\"]\n{MINIMAL}"))
             .starts_with("routing.haid_paths[0]:"));
         assert!(err("").starts_with("instances:"));
-        assert!(err("[instances.\"a--b\"]\naddress = \"127.0.0.1:1\"\n")
-            .starts_with("instances.a--b:"));
+        assert!(
+            err("[instances.\"a--b\"]\naddress = \"127.0.0.1:1\"\n").starts_with("instances.a--b:")
+        );
         // typos are refused, with the key named
         assert!(err(&format!("[server]\nlisten_addr = \"x\"\n{MINIMAL}"))
             .contains("unknown field `listen_addr`"));
-        assert!(err(&format!("[health.passive]\nbase_ejection = \"10s\"\nmax_ejection = \"1s\"\n{MINIMAL}"))
-            .starts_with("health.passive.max_ejection:"));
+        assert!(err(&format!(
+            "[health.passive]\nbase_ejection = \"10s\"\nmax_ejection = \"1s\"\n{MINIMAL}"
+        ))
+        .starts_with("health.passive.max_ejection:"));
     }
 }

@@ -74,8 +74,8 @@ pub fn unwrap(value: &str) -> Result<Cow<'_, str>, ContextIdError> {
     if !trimmed.starts_with('{') {
         return Ok(Cow::Borrowed(value));
     }
-    let outer: Wrapper = serde_json::from_str(trimmed)
-        .map_err(|e| ContextIdError::BadWrapper(e.to_string()))?;
+    let outer: Wrapper =
+        serde_json::from_str(trimmed).map_err(|e| ContextIdError::BadWrapper(e.to_string()))?;
     if let Some(inner) = outer.value {
         let inner: Inner = serde_json::from_str(&inner)
             .map_err(|e| ContextIdError::BadWrapper(format!("in `value`: {e}")))?;
@@ -101,7 +101,10 @@ mod tests {
         // blank values are absent
         let v = find(Some("contextID=&x=1"), "contextID", Some(b"hdr")).unwrap();
         assert_eq!(v.as_deref(), Some("hdr"));
-        assert_eq!(find(Some("contextID=%20"), "contextID", Some(b" ")).unwrap(), None);
+        assert_eq!(
+            find(Some("contextID=%20"), "contextID", Some(b" ")).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -168,11 +168,22 @@ impl Gateway {
         let config = Config::load(path)?;
         let old = self.settings();
         for (field, old_v, new_v) in [
-            ("server.listen", &old.config.server.listen, &config.server.listen),
-            ("admin.listen", &old.config.admin.listen, &config.admin.listen),
+            (
+                "server.listen",
+                &old.config.server.listen,
+                &config.server.listen,
+            ),
+            (
+                "admin.listen",
+                &old.config.admin.listen,
+                &config.admin.listen,
+            ),
         ] {
             if old_v != new_v {
-                tracing::warn!(field, "changed in the config file; restart hagate to apply it");
+                tracing::warn!(
+                    field,
+                    "changed in the config file; restart hagate to apply it"
+                );
             }
         }
         let table = self.tables.publish(&config.instances)?;

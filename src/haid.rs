@@ -50,7 +50,9 @@ pub enum HaidError {
         index: usize,
     },
     /// The lengths add up to at least the length of the alias part, so no id is left.
-    #[error("alias lengths add up to {total}, leaving no id in the {available} characters after `--`")]
+    #[error(
+        "alias lengths add up to {total}, leaving no id in the {available} characters after `--`"
+    )]
     LengthsTooLong {
         /// The sum of the lengths.
         total: u64,
@@ -257,10 +259,10 @@ pub fn is_numeric(s: &str) -> bool {
 /// The first code point of every run of ten `Nd` digits in the Basic Multilingual Plane
 /// (Java's `Character.isDigit(char)`). Every `Nd` run is exactly `0`..`9`.
 const BMP_DIGIT_ZEROS: [u32; 37] = [
-    0x0030, 0x0660, 0x06F0, 0x07C0, 0x0966, 0x09E6, 0x0A66, 0x0AE6, 0x0B66, 0x0BE6, 0x0C66,
-    0x0CE6, 0x0D66, 0x0DE6, 0x0E50, 0x0ED0, 0x0F20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946,
-    0x19D0, 0x1A80, 0x1A90, 0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0,
-    0xA9F0, 0xAA50, 0xABF0, 0xFF10,
+    0x0030, 0x0660, 0x06F0, 0x07C0, 0x0966, 0x09E6, 0x0A66, 0x0AE6, 0x0B66, 0x0BE6, 0x0C66, 0x0CE6,
+    0x0D66, 0x0DE6, 0x0E50, 0x0ED0, 0x0F20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80,
+    0x1A90, 0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0,
+    0xFF10,
 ];
 
 /// The decimal value of `c` if Java's `Character.digit(char, 10)` accepts it.
@@ -277,10 +279,12 @@ fn java_digit(c: char) -> Option<u32> {
 
 /// Java's `Character.isWhitespace`.
 fn java_is_whitespace(c: char) -> bool {
-    matches!(c, '\t' | '\n' | '\u{0B}' | '\u{0C}' | '\r' | '\u{1C}'..='\u{1F}')
-        || (c.is_whitespace()
-            && !matches!(c, '\u{A0}' | '\u{2007}' | '\u{202F}' | '\u{85}')
-            && c as u32 > 0x7f)
+    matches!(
+        c,
+        '\t' | '\n' | '\u{0B}' | '\u{0C}' | '\r' | '\u{1C}'..='\u{1F}'
+    ) || (c.is_whitespace()
+        && !matches!(c, '\u{A0}' | '\u{2007}' | '\u{202F}' | '\u{85}')
+        && c as u32 > 0x7f)
         || c == ' '
 }
 
@@ -352,7 +356,10 @@ mod tests {
         // the sum overflows an int: Linkis throws; we reject
         assert!(decode("2147483647-2147483647-3--abcd7").is_err());
         // an id in Arabic-Indic digits is numeric
-        assert_eq!(decode("1-1--ab\u{663}\u{664}").unwrap().id, "\u{663}\u{664}");
+        assert_eq!(
+            decode("1-1--ab\u{663}\u{664}").unwrap().id,
+            "\u{663}\u{664}"
+        );
         // a digit outside the BMP is a surrogate pair in Java, so not a digit
         assert_eq!(decode("1-1--ab\u{1D7CE}"), Err(HaidError::NotNumeric));
         assert_eq!(decode("   "), Err(HaidError::Empty));

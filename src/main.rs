@@ -15,7 +15,11 @@ use hagate::{context_id, haid};
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
 #[derive(Parser)]
-#[command(name = "hagate", version, about = "High-availability gateway for context servers")]
+#[command(
+    name = "hagate",
+    version,
+    about = "High-availability gateway for context servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -78,8 +82,7 @@ enum HaidCmd {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -109,12 +112,16 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Haid { command: HaidCmd::Encode { main, backup, id } } => {
+        Cmd::Haid {
+            command: HaidCmd::Encode { main, backup, id },
+        } => {
             let backups: Vec<&str> = backup.iter().map(String::as_str).collect();
             println!("{}", haid::encode(&main, &backups, &id)?);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Haid { command: HaidCmd::Decode { value } } => {
+        Cmd::Haid {
+            command: HaidCmd::Decode { value },
+        } => {
             if value == "-" {
                 let stdin = std::io::stdin();
                 let mut out = std::io::stdout().lock();
@@ -125,7 +132,11 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             } else {
                 let answer = decode_json(&value);
                 println!("{answer}");
-                Ok(if answer["valid"] == true { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+                Ok(if answer["valid"] == true {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
         }
         Cmd::DemoServer { name, listen } => demo_server(&name, &listen),

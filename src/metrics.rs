@@ -96,7 +96,10 @@ impl Metrics {
             "Requests refused because their context id is not a valid HAID, by reason.",
             &["reason"],
         );
-        for reason in HaidError::REASONS.iter().chain(&["not_utf8", "bad_wrapper"]) {
+        for reason in HaidError::REASONS
+            .iter()
+            .chain(&["not_utf8", "bad_wrapper"])
+        {
             haid_errors.with_label_values(&[reason]);
         }
         for reason in ["main_down", "connect_failure", "in_flight"] {
@@ -114,7 +117,8 @@ impl Metrics {
             "Requests answered 503 because no instance was live.",
         )
         .expect("valid metric");
-        r.register(Box::new(no_live.clone())).expect("registered once");
+        r.register(Box::new(no_live.clone()))
+            .expect("registered once");
         let placements = counter_vec(
             &r,
             "hagate_placements_total",

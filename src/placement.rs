@@ -120,7 +120,9 @@ impl Placement for LeastLoaded {
         let zone = candidates[main].labels.get("zone");
         let other_zone = |c: &Candidate| zone.is_none() || c.labels.get("zone") != zone;
         let backup = self
-            .lowest(candidates, |i, c| i != main && c.live && c.weight > 0 && other_zone(c))
+            .lowest(candidates, |i, c| {
+                i != main && c.live && c.weight > 0 && other_zone(c)
+            })
             .or_else(|| self.lowest(candidates, |i, c| i != main && c.live && c.weight > 0))
             .or_else(|| self.lowest(candidates, |i, _| i != main));
         Ok(Choice { main, backup })
@@ -151,11 +153,22 @@ mod tests {
     fn least_loaded_main_and_lowest_load_backup() {
         let p = LeastLoaded::default();
         let none = vec![BTreeMap::new(); 4];
-        let c = cands(&[("a", true, 5, 1), ("b", true, 1, 1), ("c", true, 3, 1), ("d", false, 0, 1)], &none);
+        let c = cands(
+            &[
+                ("a", true, 5, 1),
+                ("b", true, 1, 1),
+                ("c", true, 3, 1),
+                ("d", false, 0, 1),
+            ],
+            &none,
+        );
         let r = p.place(&Default::default(), &c).unwrap();
         assert_eq!((c[r.main].alias, c[r.backup.unwrap()].alias), ("b", "c"));
         // weight scales load; weight 0 is never chosen while another is live
-        let c = cands(&[("a", true, 4, 4), ("b", true, 2, 1), ("c", true, 0, 0)], &none);
+        let c = cands(
+            &[("a", true, 4, 4), ("b", true, 2, 1), ("c", true, 0, 0)],
+            &none,
+        );
         let r = p.place(&Default::default(), &c).unwrap();
         assert_eq!((c[r.main].alias, c[r.backup.unwrap()].alias), ("a", "b"));
         // only one live: it is main, the backup is a dead one (so a HAID can still be minted)
@@ -163,7 +176,10 @@ mod tests {
         let r = p.place(&Default::default(), &c).unwrap();
         assert_eq!((c[r.main].alias, c[r.backup.unwrap()].alias), ("b", "a"));
         let c = cands(&[("a", false, 0, 1)], &none);
-        assert_eq!(p.place(&Default::default(), &c), Err(PlacementError::NoLiveInstance));
+        assert_eq!(
+            p.place(&Default::default(), &c),
+            Err(PlacementError::NoLiveInstance)
+        );
     }
 
     #[test]
@@ -171,15 +187,27 @@ mod tests {
         let p = LeastLoaded::default();
         let z = |v: &str| BTreeMap::from([("zone".to_string(), v.to_string())]);
         let labels = [z("a"), z("a"), z("b")];
-        let c = cands(&[("x", true, 0, 1), ("y", true, 0, 1), ("w", true, 0, 1)], &labels);
+        let c = cands(
+            &[("x", true, 0, 1), ("y", true, 0, 1), ("w", true, 0, 1)],
+            &labels,
+        );
         let mut mains = BTreeMap::new();
         for _ in 0..300 {
             let r = p.place(&Default::default(), &c).unwrap();
             *mains.entry(c[r.main].alias).or_insert(0) += 1;
             let (m, b) = (&c[r.main], &c[r.backup.unwrap()]);
-            assert_ne!(m.labels.get("zone"), b.labels.get("zone"), "{} {}", m.alias, b.alias);
+            assert_ne!(
+                m.labels.get("zone"),
+                b.labels.get("zone"),
+                "{} {}",
+                m.alias,
+                b.alias
+            );
         }
         assert_eq!(mains.len(), 3);
-        assert!(mains.values().all(|&n| (60..=140).contains(&n)), "{mains:?}");
+        assert!(
+            mains.values().all(|&n| (60..=140).contains(&n)),
+            "{mains:?}"
+        );
     }
 }

@@ -131,7 +131,11 @@ impl Proxy {
         let req = session.req_header();
         let path = req.uri.path();
         let cfg = &settings.config;
-        let routed = cfg.routing.haid_paths.iter().any(|p| path.starts_with(p.as_str()));
+        let routed = cfg
+            .routing
+            .haid_paths
+            .iter()
+            .any(|p| path.starts_with(p.as_str()));
         let raw = if routed {
             context_id::find(
                 req.uri.query(),
@@ -144,9 +148,10 @@ impl Proxy {
             Ok(None)
         };
         let outcome = match raw {
-            Err(ContextIdError::NotUtf8) => {
-                Some(invalid_haid("not_utf8", ContextIdError::NotUtf8.to_string()))
-            }
+            Err(ContextIdError::NotUtf8) => Some(invalid_haid(
+                "not_utf8",
+                ContextIdError::NotUtf8.to_string(),
+            )),
             Err(e) => Some(invalid_haid("bad_wrapper", e.to_string())),
             Ok(None) => self.place(session, &settings, &table, ctx),
             Ok(Some(value)) => match context_id::unwrap(&value) {
@@ -315,7 +320,10 @@ impl ProxyHttp for Proxy {
         .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream left to try"))?;
         ctx.attempts += 1;
         let (Some(table), Some(settings)) = (ctx.table.as_ref(), ctx.settings.as_ref()) else {
-            return Err(Error::explain(ErrorType::InternalError, "request was not planned"));
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "request was not planned",
+            ));
         };
         let inst = table.get(target.instance);
         ctx.inflight = Some(inst.state.start_request());
@@ -348,7 +356,12 @@ impl ProxyHttp for Proxy {
             upstream.insert_header(ROLE, cur.role.as_str())?;
         }
         if let Some(id) = &ctx.context_id {
-            upstream.insert_header(CONTEXT_ID, http::HeaderValue::from_bytes(id.as_bytes()).map_err(|e| Error::because(ErrorType::InternalError, "context id header", e))?)?;
+            upstream.insert_header(
+                CONTEXT_ID,
+                http::HeaderValue::from_bytes(id.as_bytes()).map_err(|e| {
+                    Error::because(ErrorType::InternalError, "context id header", e)
+                })?,
+            )?;
         }
         if ctx.placed {
             if let (Some(table), Some(p)) = (ctx.table.as_ref(), ctx.primary) {

@@ -25,19 +25,24 @@ pub async fn watch_config(gateway: Arc<Gateway>) {
     };
     let (tx, mut rx) = mpsc::channel::<()>(16);
     let file_name = path.file_name().map(|n| n.to_os_string());
-    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            if event.paths.iter().any(|p| p.file_name() == file_name.as_deref()) {
-                let _ = tx.try_send(());
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                if event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == file_name.as_deref())
+                {
+                    let _ = tx.try_send(());
+                }
             }
-        }
-    }) {
-        Ok(w) => w,
-        Err(error) => {
-            tracing::error!(%error, "cannot watch the config file; use SIGHUP to reload");
-            return;
-        }
-    };
+        }) {
+            Ok(w) => w,
+            Err(error) => {
+                tracing::error!(%error, "cannot watch the config file; use SIGHUP to reload");
+                return;
+            }
+        };
     if let Err(error) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
         tracing::error!(%error, dir = %dir.display(), "cannot watch the config directory; use SIGHUP to reload");
         return;
@@ -45,7 +50,10 @@ pub async fn watch_config(gateway: Arc<Gateway>) {
     let mut last = std::fs::read(&path).ok();
     while rx.recv().await.is_some() {
         // Let a burst of events (truncate + write, or rename) settle into one reload.
-        while tokio::time::timeout(SETTLE, rx.recv()).await.is_ok_and(|e| e.is_some()) {}
+        while tokio::time::timeout(SETTLE, rx.recv())
+            .await
+            .is_ok_and(|e| e.is_some())
+        {}
         let now = std::fs::read(&path).ok();
         if now.is_some() && now != last {
             last = now;

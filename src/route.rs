@@ -134,8 +134,14 @@ mod tests {
         let t = table();
         let idx = |a: &str| t.resolve(a).unwrap();
         let fwd = |p: &str, pr: Role, f: Option<(&str, Role)>| Decision::Forward {
-            primary: Target { instance: idx(p), role: pr },
-            fallback: f.map(|(a, r)| Target { instance: idx(a), role: r }),
+            primary: Target {
+                instance: idx(p),
+                role: pr,
+            },
+            fallback: f.map(|(a, r)| Target {
+                instance: idx(a),
+                role: r,
+            }),
         };
         use Role::*;
         #[rustfmt::skip]

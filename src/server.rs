@@ -70,11 +70,13 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infall
         addr: admin_addr,
         source,
     })?;
-    admin.set_nonblocking(true).map_err(|source| StartError::Bind {
-        field: "admin.listen",
-        addr: admin_addr,
-        source,
-    })?;
+    admin
+        .set_nonblocking(true)
+        .map_err(|source| StartError::Bind {
+            field: "admin.listen",
+            addr: admin_addr,
+            source,
+        })?;
     // Fail with a clear message before pingora tries (it would only log and exit).
     drop(
         std::net::TcpListener::bind(listen).map_err(|source| StartError::Bind {

@@ -8,7 +8,9 @@ use proptest::prelude::*;
 use serde_json::Value;
 
 fn lines(name: &str) -> Vec<Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .lines()
@@ -36,7 +38,12 @@ fn every_linkis_haid_vector_agrees() {
             failures.push(format!("{input:?}: linkis {v}, hagate {got:?}"));
         }
     }
-    assert!(failures.is_empty(), "{} disagreements:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} disagreements:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert_eq!((valid, invalid), (2070, 1930));
 }
 
@@ -47,19 +54,32 @@ fn every_wrapped_context_id_decodes_to_its_parts() {
     for v in &vectors {
         let raw = v["contextID"].as_str().unwrap();
         // as a header
-        let found = context_id::find(None, "contextID", Some(raw.as_bytes())).unwrap().unwrap();
+        let found = context_id::find(None, "contextID", Some(raw.as_bytes()))
+            .unwrap()
+            .unwrap();
         let text = context_id::unwrap(&found).unwrap();
         assert_eq!(text, v["haid"].as_str().unwrap());
         let h = haid::decode(&text).unwrap();
-        assert_eq!((h.main, h.backup, h.id), (
-            v["main"].as_str().unwrap(),
-            v["backup"].as_str().unwrap(),
-            v["id"].as_str().unwrap()
-        ));
+        assert_eq!(
+            (h.main, h.backup, h.id),
+            (
+                v["main"].as_str().unwrap(),
+                v["backup"].as_str().unwrap(),
+                v["id"].as_str().unwrap()
+            )
+        );
         // and as a percent-encoded query parameter
-        let query = format!("x=1&contextID={}", percent_encoding::utf8_percent_encode(raw, percent_encoding::NON_ALPHANUMERIC));
-        let found = context_id::find(Some(&query), "contextID", None).unwrap().unwrap();
-        assert_eq!(context_id::unwrap(&found).unwrap(), v["haid"].as_str().unwrap());
+        let query = format!(
+            "x=1&contextID={}",
+            percent_encoding::utf8_percent_encode(raw, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let found = context_id::find(Some(&query), "contextID", None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            context_id::unwrap(&found).unwrap(),
+            v["haid"].as_str().unwrap()
+        );
     }
 }
 

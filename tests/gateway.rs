@@ -19,7 +19,10 @@ async fn three() -> (Upstream, Upstream, Upstream, Gateway) {
     let a = Upstream::start("cs_1");
     let b = Upstream::start("cs_2");
     let c = Upstream::start("cs_3");
-    let body = format!("{FAST_HEALTH}\n{}", instances(&[("cs_1", &a), ("cs_2", &b), ("cs_3", &c)]));
+    let body = format!(
+        "{FAST_HEALTH}\n{}",
+        instances(&[("cs_1", &a), ("cs_2", &b), ("cs_3", &c)])
+    );
     let gw = Gateway::start(&body).await;
     (a, b, c, gw)
 }
@@ -48,7 +51,10 @@ async fn routes_to_the_main_from_header_query_and_wrapped_json() {
         .json()
         .await
         .unwrap();
-    assert_eq!((r["server"].as_str(), r["context_id"].as_str()), (Some("cs_3"), Some("7")));
+    assert_eq!(
+        (r["server"].as_str(), r["context_id"].as_str()),
+        (Some("cs_3"), Some("7"))
+    );
 
     // client-sent x-hagate-* headers are stripped before ours are added
     let r: Value = c
@@ -65,7 +71,14 @@ async fn routes_to_the_main_from_header_query_and_wrapped_json() {
     assert_eq!(r["role"], "main");
     assert_eq!(r["main_alias"], Value::Null);
 
-    assert!(gw.metric("hagate_requests_total", &[("role", "main"), ("status", "200")]).await >= 3.0);
+    assert!(
+        gw.metric(
+            "hagate_requests_total",
+            &[("role", "main"), ("status", "200")]
+        )
+        .await
+            >= 3.0
+    );
     assert_eq!(gw.metric("hagate_alias_table_size", &[]).await, 3.0);
 }
 
@@ -109,10 +122,14 @@ async fn kill_of_the_main_under_concurrent_load_costs_no_client_error() {
     })
     .await;
     a.kill();
-    eventually("the backup to serve 500 requests", Duration::from_secs(20), || {
-        let n = by_backup.load(Ordering::Relaxed);
-        async move { (n > 500).then_some(()) }
-    })
+    eventually(
+        "the backup to serve 500 requests",
+        Duration::from_secs(20),
+        || {
+            let n = by_backup.load(Ordering::Relaxed);
+            async move { (n > 500).then_some(()) }
+        },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     let mut errors = Vec::new();
@@ -120,9 +137,17 @@ async fn kill_of_the_main_under_concurrent_load_costs_no_client_error() {
         errors.extend(w.await.unwrap());
     }
     let total = ok.load(Ordering::Relaxed);
-    assert!(errors.is_empty(), "{} client errors in {} requests: {:?}", errors.len(), total, &errors[..errors.len().min(5)]);
+    assert!(
+        errors.is_empty(),
+        "{} client errors in {} requests: {:?}",
+        errors.len(),
+        total,
+        &errors[..errors.len().min(5)]
+    );
     assert!(b.stats().await["requests"].as_u64().unwrap() > 500);
-    let failovers = gw.metric("hagate_failovers_total", &[("reason", "main_down")]).await;
+    let failovers = gw
+        .metric("hagate_failovers_total", &[("reason", "main_down")])
+        .await;
     assert!(failovers > 0.0);
     eprintln!(
         "kill -9 under load: {total} requests, 0 errors; retried on connect failure: {}, replayed in flight: {}",
@@ -139,10 +164,16 @@ async fn failback_to_the_main_only_after_rise_checks() {
     assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_1");
 
     a.kill();
-    eventually("the main to be marked down", Duration::from_secs(10), || {
-        let gw = &gw;
-        async move { (gw.metric("hagate_instance_up", &[("alias", "cs_1")]).await == 0.0).then_some(()) }
-    })
+    eventually(
+        "the main to be marked down",
+        Duration::from_secs(10),
+        || {
+            let gw = &gw;
+            async move {
+                (gw.metric("hagate_instance_up", &[("alias", "cs_1")]).await == 0.0).then_some(())
+            }
+        },
+    )
     .await;
     eventually("the backup to answer", Duration::from_secs(10), || {
         let (c, gw, haid) = (&c, &gw, &haid);
@@ -168,7 +199,10 @@ async fn failback_to_the_main_only_after_rise_checks() {
     })
     .await;
     // the restarted main served nothing before it passed `rise` (2) checks in a row
-    assert!(checks_at_failback >= 2, "failback after {checks_at_failback} checks");
+    assert!(
+        checks_at_failback >= 2,
+        "failback after {checks_at_failback} checks"
+    );
     let stats = a.stats().await;
     assert_eq!(stats["requests"], 1, "{stats}");
 }
@@ -179,49 +213,61 @@ async fn every_error_answer_is_json_and_clear() {
     let c = client();
 
     // malformed HAID: 400
-    for bad in ["9-9--nope", "8-8--cs_1_devcs_2_devX", "4-4--cs_1cs_2", "{\"value\":\"{}\"}"] {
+    for bad in [
+        "9-9--nope",
+        "8-8--cs_1_devcs_2_devX",
+        "4-4--cs_1cs_2",
+        "{\"value\":\"{}\"}",
+    ] {
         let (s, body) = get_haid(&c, &gw, bad).await;
         assert_eq!(s, 400, "{bad}: {body}");
         assert_eq!(body["error"], "invalid_haid", "{body}");
-            assert!(body["detail"].as_str().unwrap().len() > 5);
+        assert!(body["detail"].as_str().unwrap().len() > 5);
     }
     // an empty contextID is no context id (as in Linkis): the request is placed
     let (s, body) = get_haid(&c, &gw, "").await;
     assert_eq!((s, body["role"].as_str()), (200, Some("main")), "{body}");
-    let r = c
-        .get(gw.url("/x?contextID=%FF"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(gw.url("/x?contextID=%FF")).send().await.unwrap();
     assert_eq!(r.status(), 400);
-    assert!(gw.metric("hagate_haid_errors_total", &[("reason", "not_numeric")]).await >= 1.0);
+    assert!(
+        gw.metric("hagate_haid_errors_total", &[("reason", "not_numeric")])
+            .await
+            >= 1.0
+    );
 
     // unknown alias: 404 naming it
     let (s, body) = get_haid(&c, &gw, &haid_for("cs_9", "cs_8", "1")).await;
     assert_eq!(s, 404, "{body}");
-    assert_eq!(body, json!({"error": "unknown_alias", "alias": "cs_9", "detail": "no instance has alias \"cs_9\""}));
+    assert_eq!(
+        body,
+        json!({"error": "unknown_alias", "alias": "cs_9", "detail": "no instance has alias \"cs_9\""})
+    );
 
     // no live instance: 503 with Retry-After
     a.kill();
     b.kill();
     let haid = haid_for("cs_1", "cs_2", "5");
-    let (retry_after, body) = eventually("a 503 once both are down", Duration::from_secs(10), || {
-        let (c, gw, haid) = (&c, &gw, &haid);
-        async move {
-            let r = c
-                .get(gw.url("/x"))
-                .header("contextID", haid)
-                .send()
-                .await
-                .unwrap();
-            if r.status() != 503 {
-                return None;
+    let (retry_after, body) =
+        eventually("a 503 once both are down", Duration::from_secs(10), || {
+            let (c, gw, haid) = (&c, &gw, &haid);
+            async move {
+                let r = c
+                    .get(gw.url("/x"))
+                    .header("contextID", haid)
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() != 503 {
+                    return None;
+                }
+                let ra = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                Some((ra, r.json::<Value>().await.unwrap()))
             }
-            let ra = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-            Some((ra, r.json::<Value>().await.unwrap()))
-        }
-    })
-    .await;
+        })
+        .await;
     assert_eq!(retry_after.as_deref(), Some("5"));
     assert_eq!(body["error"], "no_live_instance");
 }
@@ -245,7 +291,11 @@ async fn requests_without_a_haid_are_placed_and_the_minted_haid_routes_back() {
     let minted = r["haid"].as_str().unwrap();
     let (s, body) = get_haid(&c, &gw, minted).await;
     assert_eq!((s, body["server"].as_str()), (200, Some(main.as_str())));
-    assert_eq!(gw.metric("hagate_placements_total", &[("outcome", "ok")]).await, 1.0);
+    assert_eq!(
+        gw.metric("hagate_placements_total", &[("outcome", "ok")])
+            .await,
+        1.0
+    );
 }
 
 fn specs(pairs: &[(&str, &Upstream)]) -> Value {
@@ -272,7 +322,11 @@ async fn alias_table_swaps_under_load_cost_no_errors() {
             while !stop.load(Ordering::Relaxed) {
                 match c.get(&url).header("contextID", &haid).send().await {
                     Ok(r) if r.status() == 200 => ok += 1,
-                    Ok(r) => errors.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default())),
+                    Ok(r) => errors.push(format!(
+                        "{} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
                     Err(e) => errors.push(e.to_string()),
                 }
             }
@@ -308,10 +362,22 @@ async fn alias_table_swaps_under_load_cost_no_errors() {
         ok += o;
         errors.extend(e);
     }
-    assert!(errors.is_empty(), "{} errors in {ok} requests: {:?}", errors.len(), &errors[..errors.len().min(5)]);
+    assert!(
+        errors.is_empty(),
+        "{} errors in {ok} requests: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
     assert!(ok > 100, "only {ok} requests");
     assert_eq!(gw.metric("hagate_alias_table_version", &[]).await, 41.0);
-    assert_eq!(gw.metric("hagate_alias_table_swaps_total", &[("source", "api"), ("result", "error")]).await, 1.0);
+    assert_eq!(
+        gw.metric(
+            "hagate_alias_table_swaps_total",
+            &[("source", "api"), ("result", "error")]
+        )
+        .await,
+        1.0
+    );
     // the last swap put cs_1 on `a`
     assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_1");
 }
@@ -327,10 +393,14 @@ async fn config_file_edits_and_sighup_swap_the_table_and_bad_ones_are_refused() 
     let a_addr = a.addr.to_string();
     let c3_addr = c3.addr.to_string();
     gw.rewrite(|old| old.replacen(&a_addr, &c3_addr, 1));
-    eventually("the file edit to take effect", Duration::from_secs(10), || {
-        let (c, gw, haid) = (&c, &gw, &haid);
-        async move { (get_haid(c, gw, haid).await.1["server"] == "cs_3").then_some(()) }
-    })
+    eventually(
+        "the file edit to take effect",
+        Duration::from_secs(10),
+        || {
+            let (c, gw, haid) = (&c, &gw, &haid);
+            async move { (get_haid(c, gw, haid).await.1["server"] == "cs_3").then_some(()) }
+        },
+    )
     .await;
 
     // a broken edit is refused and the old table keeps serving
@@ -339,32 +409,59 @@ async fn config_file_edits_and_sighup_swap_the_table_and_bad_ones_are_refused() 
     eventually("the refusal to be counted", Duration::from_secs(10), || {
         let gw = &gw;
         async move {
-            (gw.metric("hagate_alias_table_swaps_total", &[("source", "config"), ("result", "error")]).await >= 1.0).then_some(())
+            (gw.metric(
+                "hagate_alias_table_swaps_total",
+                &[("source", "config"), ("result", "error")],
+            )
+            .await
+                >= 1.0)
+                .then_some(())
         }
     })
     .await;
-    assert!(gw.log().contains("health.active.rise: must be at least 1"), "{}", gw.log());
+    assert!(
+        gw.log().contains("health.active.rise: must be at least 1"),
+        "{}",
+        gw.log()
+    );
     assert_eq!(gw.metric("hagate_alias_table_version", &[]).await, before);
     assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_3");
 
     // fix it and signal: SIGHUP reloads too
-    gw.rewrite(|old| old.replace("rise = 0", "rise = 2").replacen(&c3_addr, &a_addr, 1));
+    gw.rewrite(|old| {
+        old.replace("rise = 0", "rise = 2")
+            .replacen(&c3_addr, &a_addr, 1)
+    });
     let status = std::process::Command::new("kill")
         .args(["-HUP", &gw.pid().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    eventually("the fixed file to take effect", Duration::from_secs(10), || {
-        let (c, gw, haid) = (&c, &gw, &haid);
-        async move { (get_haid(c, gw, haid).await.1["server"] == "cs_1").then_some(()) }
-    })
+    eventually(
+        "the fixed file to take effect",
+        Duration::from_secs(10),
+        || {
+            let (c, gw, haid) = (&c, &gw, &haid);
+            async move { (get_haid(c, gw, haid).await.1["server"] == "cs_1").then_some(()) }
+        },
+    )
     .await;
-    eventually("the SIGHUP reload to be counted", Duration::from_secs(10), || {
-        let gw = &gw;
-        async move {
-            (gw.metric("hagate_alias_table_swaps_total", &[("source", "sighup"), ("result", "ok")]).await >= 1.0).then_some(())
-        }
-    })
+    eventually(
+        "the SIGHUP reload to be counted",
+        Duration::from_secs(10),
+        || {
+            let gw = &gw;
+            async move {
+                (gw.metric(
+                    "hagate_alias_table_swaps_total",
+                    &[("source", "sighup"), ("result", "ok")],
+                )
+                .await
+                    >= 1.0)
+                    .then_some(())
+            }
+        },
+    )
     .await;
 }
 
@@ -375,7 +472,9 @@ async fn admin_writes_need_the_token() {
     let gw = Gateway::start_with_admin(&body, "token = \"s3cret\"").await;
     let c = client();
     let put = |auth: Option<&'static str>| {
-        let mut r = c.put(gw.admin_url("/v1/aliases")).json(&specs(&[("cs_1", &a)]));
+        let mut r = c
+            .put(gw.admin_url("/v1/aliases"))
+            .json(&specs(&[("cs_1", &a)]));
         if let Some(a) = auth {
             r = r.header("authorization", a);
         }
@@ -384,7 +483,14 @@ async fn admin_writes_need_the_token() {
     assert_eq!(put(None).await.unwrap().status(), 401);
     assert_eq!(put(Some("Bearer wrong")).await.unwrap().status(), 403);
     assert_eq!(put(Some("Bearer s3cret")).await.unwrap().status(), 200);
-    let aliases: Value = c.get(gw.admin_url("/v1/aliases")).send().await.unwrap().json().await.unwrap();
+    let aliases: Value = c
+        .get(gw.admin_url("/v1/aliases"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(aliases["version"], 2);
     assert_eq!(aliases["instances"]["cs_1"]["address"], a.addr.to_string());
 }

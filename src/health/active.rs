@@ -68,7 +68,12 @@ pub async fn supervise(gateway: Arc<Gateway>) {
     }
 }
 
-async fn check_loop(addr: SocketAddr, alias: String, state: Arc<InstanceState>, cfg: ActiveHealthConfig) {
+async fn check_loop(
+    addr: SocketAddr,
+    alias: String,
+    state: Arc<InstanceState>,
+    cfg: ActiveHealthConfig,
+) {
     let client = match reqwest::Client::builder()
         .timeout(cfg.timeout)
         .connect_timeout(cfg.timeout)
@@ -98,11 +103,15 @@ async fn check_loop(addr: SocketAddr, alias: String, state: Arc<InstanceState>, 
         match state.record_check(passed, cfg.rise, cfg.fall) {
             Transition::Same => {}
             Transition::Up => {
-                m.health_transitions.with_label_values(&[alias.as_str(), "up"]).inc();
+                m.health_transitions
+                    .with_label_values(&[alias.as_str(), "up"])
+                    .inc();
                 tracing::info!(alias, %addr, "instance is up");
             }
             Transition::Down => {
-                m.health_transitions.with_label_values(&[alias.as_str(), "down"]).inc();
+                m.health_transitions
+                    .with_label_values(&[alias.as_str(), "down"])
+                    .inc();
                 tracing::warn!(alias, %addr, "instance is down");
             }
         }

@@ -15,7 +15,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_hagate");
 
 /// A free loopback port (bound, read and released; the gateway binds it right after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout`.
@@ -31,7 +35,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
     }
 }
 
@@ -72,7 +79,11 @@ impl Upstream {
             .next()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("demo-server {name} did not start: {line:?}"));
-        Upstream { name: name.into(), addr, child: Some(child) }
+        Upstream {
+            name: name.into(),
+            addr,
+            child: Some(child),
+        }
     }
 
     /// SIGKILL, like `kill -9`.
@@ -174,7 +185,12 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn hagate run");
-        let gw = Gateway { proxy, admin, dir, child };
+        let gw = Gateway {
+            proxy,
+            admin,
+            dir,
+            child,
+        };
         let c = client();
         let url = gw.admin_url("/healthz");
         eventually("the gateway to start", Duration::from_secs(20), || {
