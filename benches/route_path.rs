@@ -53,7 +53,10 @@ fn bench(c: &mut Criterion) {
             .unwrap();
             let text = context_id::unwrap(&raw).unwrap();
             let h = haid::decode(&text).unwrap();
-            matches!(route::decide(&h, &table, &LiveView::now()), route::Decision::Forward { .. })
+            matches!(
+                route::decide(&h, &table, &LiveView::now()),
+                route::Decision::Forward { .. }
+            )
         })
     });
     c.bench_function("gson-wrapped unwrap+decode", |b| {

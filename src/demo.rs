@@ -1,10 +1,12 @@
 //! A small demo context server, and the `hagate demo` launcher.
 //!
 //! The demo server echoes what hagate forwarded (role, context id, placed aliases) as JSON,
-//! mints a HAID when hagate placed a new context, and serves `/health`. It is what the
+//! mints a HAID when hagate placed a new context, and serves `/health`. `PUT /demo/health`
+//! (`up`/`down`) and `PUT /demo/status` (a status code for echo answers) let a demo or a
+//! test make it fail on purpose. It is what the
 //! README's first command runs, and what the integration tests run as real upstreams.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -20,6 +22,8 @@ use crate::http_server::{json, read_body, serve, Reply};
 pub struct DemoServer {
     name: String,
     healthy: AtomicBool,
+    /// Status of echo answers (200 unless set with `PUT /demo/status`).
+    status: AtomicU16,
     requests: AtomicU64,
     health_checks: AtomicU64,
     next_id: AtomicU64,
@@ -31,6 +35,7 @@ impl DemoServer {
         Arc::new(DemoServer {
             name: name.to_string(),
             healthy: AtomicBool::new(true),
+            status: AtomicU16::new(200),
             requests: AtomicU64::new(0),
             health_checks: AtomicU64::new(0),
             next_id: AtomicU64::new(1000),
@@ -62,6 +67,22 @@ impl DemoServer {
                 let up = body.as_ref() != b"down";
                 self.healthy.store(up, Relaxed);
                 json(StatusCode::OK, &json!({"healthy": up}))
+            }
+            (&Method::PUT, "/demo/status") => {
+                let body = read_body(req, 16).await.unwrap_or_default();
+                match std::str::from_utf8(&body)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<StatusCode>().ok())
+                {
+                    Some(code) => {
+                        self.status.store(code.as_u16(), Relaxed);
+                        json(StatusCode::OK, &json!({"status": code.as_u16()}))
+                    }
+                    None => json(
+                        StatusCode::BAD_REQUEST,
+                        &json!({"error": "send a status code"}),
+                    ),
+                }
             }
             (&Method::GET, "/demo/stats") => json(
                 StatusCode::OK,
@@ -105,6 +126,7 @@ impl DemoServer {
         let body_len = read_body(req, 1 << 20).await.map(|b| b.len()).unwrap_or(0);
         let mut reply = reply;
         reply["body_bytes"] = json!(body_len);
-        json(StatusCode::OK, &reply)
+        let status = StatusCode::from_u16(self.status.load(Relaxed)).unwrap_or(StatusCode::OK);
+        json(status, &reply)
     }
 }

@@ -49,7 +49,7 @@ pub fn json(status: StatusCode, body: &serde_json::Value) -> Reply {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(format!("{body}\n"))))
         .expect("static parts are valid")
 }
 

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
-use pingora::{Error, ErrorSource, ErrorType};
+use pingora::{Error, ErrorSource, ErrorType, RetryType};
 
 use crate::aliases::AliasTable;
 use crate::context_id::{self, ContextIdError};
@@ -51,14 +51,29 @@ pub struct Ctx {
     table: Option<Arc<AliasTable>>,
     primary: Option<Target>,
     fallback: Option<Target>,
-    /// Attempts made so far (0 before `upstream_peer`).
-    attempts: u8,
+    /// What `upstream_peer` tries next; set by the failure hooks.
+    next: Next,
+    /// Whether a stale pooled connection was already retried.
+    reconnected: bool,
     current: Option<Target>,
     inflight: Option<InflightGuard>,
     /// The numeric id of the HAID, forwarded as `x-hagate-context-id`.
     context_id: Option<String>,
     /// Whether this request was placed (no HAID): send the aliases upstream.
     placed: bool,
+}
+
+/// The next upstream attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The decision's first choice.
+    Primary,
+    /// The same instance on a fresh connection (a pooled connection was stale).
+    Same,
+    /// The other instance of the HAID (or the placed backup).
+    Fallback,
+    /// Nothing left: the fallback was used.
+    Done,
 }
 
 impl Ctx {
@@ -68,7 +83,7 @@ impl Ctx {
 
     /// Whether a retry on the fallback is still possible.
     fn can_fail_over(&self) -> bool {
-        self.attempts == 1 && self.fallback.is_some()
+        self.next != Next::Done && self.fallback.is_some()
     }
 
     /// Records a failure of the instance just tried (passive health).
@@ -100,7 +115,7 @@ async fn answer(
     body: serde_json::Value,
     retry_after: Option<u64>,
 ) -> Result<bool> {
-    let body = Bytes::from(body.to_string());
+    let body = Bytes::from(format!("{body}\n"));
     let mut header = ResponseHeader::build(status, Some(4))?;
     header.insert_header("content-type", "application/json")?;
     header.insert_header("content-length", body.len().to_string())?;
@@ -290,7 +305,8 @@ impl ProxyHttp for Proxy {
             table: None,
             primary: None,
             fallback: None,
-            attempts: 0,
+            next: Next::Primary,
+            reconnected: false,
             current: None,
             inflight: None,
             context_id: None,
@@ -313,12 +329,16 @@ impl ProxyHttp for Proxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let target = match ctx.attempts {
-            0 => ctx.primary,
-            _ => ctx.fallback,
+        let target = match ctx.next {
+            Next::Primary => ctx.primary,
+            Next::Same => ctx.current,
+            Next::Fallback => ctx.fallback,
+            Next::Done => None,
         }
         .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream left to try"))?;
-        ctx.attempts += 1;
+        if ctx.next == Next::Fallback {
+            ctx.next = Next::Done;
+        }
         let (Some(table), Some(settings)) = (ctx.table.as_ref(), ctx.settings.as_ref()) else {
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -396,15 +416,15 @@ impl ProxyHttp for Proxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.record_failure();
-        if ctx.can_fail_over() {
+        let fail_over = ctx.can_fail_over();
+        if fail_over {
             metrics()
                 .failovers
                 .with_label_values(&["connect_failure"])
                 .inc();
-            e.set_retry(true);
-        } else {
-            e.set_retry(false);
+            ctx.next = Next::Fallback;
         }
+        e.set_retry(fail_over);
         e
     }
 
@@ -414,11 +434,27 @@ impl ProxyHttp for Proxy {
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut Ctx,
-        _client_reused: bool,
+        reused_connection: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if *e.esource() != ErrorSource::Upstream {
+        let replayable = session.as_ref().response_written().is_none()
+            && !session.as_ref().retry_buffer_truncated();
+        if *e.esource() != ErrorSource::Upstream || !replayable {
+            if *e.esource() == ErrorSource::Upstream {
+                ctx.record_failure();
+            }
             e.set_retry(false);
+            return e;
+        }
+        // A pooled connection the upstream had already closed says nothing about its
+        // health: try the same instance once more on a fresh connection.
+        if reused_connection
+            && !ctx.reconnected
+            && matches!(e.retry, RetryType::ReusedOnly | RetryType::Decided(true))
+        {
+            ctx.reconnected = true;
+            ctx.next = Next::Same;
+            e.set_retry(true);
             return e;
         }
         ctx.record_failure();
@@ -426,11 +462,10 @@ impl ProxyHttp for Proxy {
             .settings
             .as_ref()
             .is_some_and(|s| s.config.routing.retry_in_flight)
-            && ctx.can_fail_over()
-            && session.as_ref().response_written().is_none()
-            && !session.as_ref().retry_buffer_truncated();
+            && ctx.can_fail_over();
         if replay {
             metrics().failovers.with_label_values(&["in_flight"]).inc();
+            ctx.next = Next::Fallback;
         }
         e.set_retry(replay);
         e

@@ -92,7 +92,9 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infall
         graceful_shutdown_timeout_seconds: Some(config.server.grace_period.as_secs()),
         ..ServerConf::default()
     };
-    conf.max_retries = 2;
+    // At most: the first choice, once more on a fresh connection if a pooled one was
+    // stale, then the fallback. `proxy` decides which attempts happen.
+    conf.max_retries = 3;
     let gateway = Gateway::new(config, path)?;
     let mut server = Server::new_with_opt_and_conf(None, conf);
 

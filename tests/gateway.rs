@@ -494,3 +494,34 @@ async fn admin_writes_need_the_token() {
     assert_eq!(aliases["version"], 2);
     assert_eq!(aliases["instances"]["cs_1"]["address"], a.addr.to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_5xx_eject_the_main_until_it_passes_rise_checks() {
+    let (a, _b, _c, gw) = three().await;
+    let c = client();
+    let haid = haid_for("cs_1", "cs_2", "55");
+    a.set_status(500).await;
+    // consecutive_failures = 3: three 500s reach the client (the answer is the server's own)
+    for _ in 0..3 {
+        let (s, body) = get_haid(&c, &gw, &haid).await;
+        assert_eq!((s, body["server"].as_str()), (500, Some("cs_1")));
+    }
+    assert_eq!(
+        gw.metric("hagate_passive_ejections_total", &[("alias", "cs_1")])
+            .await,
+        1.0
+    );
+    // ejected: the backup serves while the main keeps passing its /health checks
+    let (s, body) = get_haid(&c, &gw, &haid).await;
+    assert_eq!(
+        (s, body["server"].as_str(), body["role"].as_str()),
+        (200, Some("cs_2"), Some("backup"))
+    );
+    // once fixed, the main comes back after the ejection time and `rise` passing checks
+    a.set_status(200).await;
+    eventually("the main to come back", Duration::from_secs(10), || {
+        let (c, gw, haid) = (&c, &gw, &haid);
+        async move { (get_haid(c, gw, haid).await.1["server"] == "cs_1").then_some(()) }
+    })
+    .await;
+}

@@ -43,7 +43,11 @@ fn decode_resolve_route_allocates_nothing() {
         .map(|(i, a)| {
             (
                 a.to_string(),
-                InstanceSpec { address: format!("127.0.0.1:{}", 9000 + i), labels: BTreeMap::new(), weight: 1 },
+                InstanceSpec {
+                    address: format!("127.0.0.1:{}", 9000 + i),
+                    labels: BTreeMap::new(),
+                    weight: 1,
+                },
             )
         })
         .collect();
@@ -61,7 +65,9 @@ fn decode_resolve_route_allocates_nothing() {
     for input in inputs {
         let n = allocations(|| {
             let table = holder.load();
-            let raw = context_id::find(Some("x=1"), "contextID", Some(input.as_bytes())).unwrap().unwrap();
+            let raw = context_id::find(Some("x=1"), "contextID", Some(input.as_bytes()))
+                .unwrap()
+                .unwrap();
             let text = context_id::unwrap(&raw).unwrap();
             if let Ok(h) = haid::decode(&text) {
                 std::hint::black_box(route::decide(&h, &table, &LiveView::now()));

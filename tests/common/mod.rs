@@ -112,6 +112,17 @@ impl Upstream {
             .unwrap()
     }
 
+    /// Makes echo answers use `status` (e.g. 500).
+    pub async fn set_status(&self, status: u16) {
+        let r = client()
+            .put(format!("http://{}/demo/status", self.addr))
+            .body(status.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
     pub async fn set_health(&self, up: bool) {
         client()
             .put(format!("http://{}/demo/health", self.addr))

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian machine lacks to build and test hagate. Idempotent: it
+# installs only what is missing. Sourced by scripts/demo.sh, scripts/test.sh and .ci/run.
+set -euo pipefail
+
+missing=()
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)       # pingora's zlib-ng build
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+if [ "${HAGATE_LOAD_TOOLS:-0}" = 1 ]; then                  # benches/load.sh only
+  command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+  command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if command -v rustup >/dev/null 2>&1; then
+  for component in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$component" \
+      || rustup component add "$component"
+  done
+fi
