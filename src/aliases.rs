@@ -5,13 +5,14 @@
 //! valid. A request loads the current table once and keeps that `Arc` for its whole life,
 //! so it never sees a half-built table. No IO and no pingora here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::health::{InstanceState, StateRegistry};
@@ -159,7 +160,9 @@ impl TableError {
 pub struct AliasTable {
     version: u64,
     instances: Vec<Instance>,
-    index: HashMap<Alias, usize>,
+    /// FxHash: keys come from trusted config, and lookups of hostile strings cannot
+    /// create collisions among the stored keys.
+    index: FxHashMap<Alias, usize>,
 }
 
 impl AliasTable {
@@ -173,7 +176,7 @@ impl AliasTable {
             return Err(TableError::Empty);
         }
         let mut instances = Vec::with_capacity(specs.len());
-        let mut index = HashMap::with_capacity(specs.len());
+        let mut index = FxHashMap::with_capacity_and_hasher(specs.len(), Default::default());
         for (name, spec) in specs {
             let alias = Alias::try_from(name.clone()).map_err(|source| TableError::Alias {
                 alias: name.clone(),

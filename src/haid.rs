@@ -222,14 +222,43 @@ pub fn encode(main: &str, backups: &[&str], id: &str) -> Result<String, EncodeEr
 }
 
 /// `haid.split("--")` must give exactly two pieces (after Java drops trailing empties).
+///
+/// Matches are leftmost and non-overlapping, so the pieces after the second `--` are all
+/// empty exactly when the rest is an even run of `-`.
 fn split_parts(haid: &str) -> Result<(&str, &str), HaidError> {
-    let mut pieces = haid.split(PART_SEPARATOR);
-    let lengths = pieces.next().unwrap_or_default();
-    let rest = pieces.next().ok_or(HaidError::Separator)?;
-    if rest.is_empty() || pieces.any(|p| !p.is_empty()) {
+    let first = find_double_dash(haid.as_bytes()).ok_or(HaidError::Separator)?;
+    let lengths = &haid[..first];
+    let after = &haid[first + 2..];
+    let rest = match find_double_dash(after.as_bytes()) {
+        None => after,
+        Some(second) => {
+            let tail = &after[second + 2..];
+            if !(tail.len() % 2 == 0 && tail.bytes().all(|b| b == b'-')) {
+                return Err(HaidError::Separator);
+            }
+            &after[..second]
+        }
+    };
+    if rest.is_empty() {
         return Err(HaidError::Separator);
     }
     Ok((lengths, rest))
+}
+
+/// Byte offset of the first `--` in `b`.
+#[inline]
+fn find_double_dash(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < b.len() {
+        if b[i + 1] != b'-' {
+            i += 2;
+        } else if b[i] == b'-' {
+            return Some(i);
+        } else {
+            i += 1;
+        }
+    }
+    None
 }
 
 /// Java `Integer.parseInt(s)` restricted to what can reach it here (no `-`): an optional
@@ -364,6 +393,21 @@ mod tests {
         assert_eq!(decode("1-1--ab\u{1D7CE}"), Err(HaidError::NotNumeric));
         assert_eq!(decode("   "), Err(HaidError::Empty));
         assert_eq!(decode("-1--ab7"), Err(HaidError::BadLength { index: 0 }));
+    }
+
+    #[test]
+    fn split_matches_java_for_runs_of_dashes() {
+        // Java: "1-1--ab7".split("--") and friends; pieces after the 2nd must be empty
+        assert_eq!(split_parts("1-1--ab7"), Ok(("1-1", "ab7")));
+        assert_eq!(split_parts("1-1--ab7--"), Ok(("1-1", "ab7")));
+        assert_eq!(split_parts("1-1--ab7----"), Ok(("1-1", "ab7")));
+        assert_eq!(split_parts("1-1--ab7---"), Err(HaidError::Separator));
+        assert_eq!(split_parts("1-1--ab7--x"), Err(HaidError::Separator));
+        assert_eq!(split_parts("1-1----"), Err(HaidError::Separator));
+        assert_eq!(split_parts("--ab7"), Ok(("", "ab7")));
+        assert_eq!(split_parts("1-1-ab7"), Err(HaidError::Separator));
+        assert_eq!(split_parts("1-1---ab7"), Ok(("1-1", "-ab7")));
+        assert_eq!(split_parts("1-1x--ab"), Ok(("1-1x", "ab")));
     }
 
     #[test]

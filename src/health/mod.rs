@@ -29,22 +29,30 @@ pub trait HealthView {
     fn is_live(&self, instance: &Instance) -> bool;
 }
 
-/// The production view: reads each instance's atomics at one instant.
-#[derive(Debug, Clone, Copy)]
+/// The production view: reads each instance's atomics at one instant. The clock is read
+/// only if an instance has an ejection deadline, and then once.
+#[derive(Debug, Default)]
 pub struct LiveView {
-    now_ms: u64,
+    now_ms: std::cell::OnceCell<u64>,
 }
 
 impl LiveView {
     /// A view at the current instant.
     pub fn now() -> Self {
-        LiveView { now_ms: now_ms() }
+        LiveView::default()
     }
 }
 
 impl HealthView for LiveView {
     fn is_live(&self, instance: &Instance) -> bool {
-        instance.state.is_live(self.now_ms)
+        let s = &instance.state;
+        if !s.active_up.load(Relaxed) {
+            return false;
+        }
+        match s.ejected_until.load(Relaxed) {
+            0 => true,
+            until => *self.now_ms.get_or_init(now_ms) >= until,
+        }
     }
 }
 
