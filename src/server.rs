@@ -88,6 +88,7 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infall
 
     let mut conf = ServerConf {
         threads: config.server.threads,
+        work_stealing: config.server.work_stealing,
         grace_period_seconds: Some(config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(config.server.grace_period.as_secs()),
         ..ServerConf::default()
