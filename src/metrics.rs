@@ -50,16 +50,33 @@ pub struct Metrics {
     pub table_swaps: IntCounterVec,
 }
 
+/// Registers `metric` in `r` and hands it back.
+fn register<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, metric: M) -> M {
+    r.register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("registered once");
-    c
+    register(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("registered once");
-    g
+    register(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    register(r, IntCounter::new(name, help).expect("valid metric"))
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    register(r, IntGauge::new(name, help).expect("valid metric"))
 }
 
 impl Metrics {
@@ -82,8 +99,7 @@ impl Metrics {
             &["role"],
         )
         .expect("valid metric");
-        r.register(Box::new(request_duration.clone()))
-            .expect("registered once");
+        let request_duration = register(&r, request_duration);
         let failovers = counter_vec(
             &r,
             "hagate_failovers_total",
@@ -105,20 +121,16 @@ impl Metrics {
         for reason in ["main_down", "connect_failure", "in_flight"] {
             failovers.with_label_values(&[reason]);
         }
-        let unknown_alias = IntCounter::new(
+        let unknown_alias = counter(
+            &r,
             "hagate_unknown_alias_total",
             "Requests whose HAID names no alias the table knows.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(unknown_alias.clone()))
-            .expect("registered once");
-        let no_live = IntCounter::new(
+        );
+        let no_live = counter(
+            &r,
             "hagate_no_live_instance_total",
             "Requests answered 503 because no instance was live.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(no_live.clone()))
-            .expect("registered once");
+        );
         let placements = counter_vec(
             &r,
             "hagate_placements_total",
@@ -155,17 +167,12 @@ impl Metrics {
             "Passive ejections after consecutive failures.",
             &["alias"],
         );
-        let table_version = IntGauge::new(
+        let table_version = gauge(
+            &r,
             "hagate_alias_table_version",
             "Version of the alias table in use.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(table_version.clone()))
-            .expect("registered once");
-        let table_size = IntGauge::new("hagate_alias_table_size", "Aliases in the table.")
-            .expect("valid metric");
-        r.register(Box::new(table_size.clone()))
-            .expect("registered once");
+        );
+        let table_size = gauge(&r, "hagate_alias_table_size", "Aliases in the table.");
         let table_swaps = counter_vec(
             &r,
             "hagate_alias_table_swaps_total",

@@ -8,6 +8,15 @@ use std::process::{Command, Stdio};
 use common::{repo_path, BIN};
 use serde_json::Value;
 
+fn check(path: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn every_shipped_config_passes_check() {
     let mut checked = 0;
@@ -16,12 +25,7 @@ fn every_shipped_config_passes_check() {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        let out = Command::new(BIN)
-            .arg("check")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = check(&path);
         assert!(
             out.status.success(),
             "{}: {}",
@@ -52,12 +56,7 @@ fn check_names_the_bad_field_and_fails() {
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(BIN)
-            .arg("check")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = check(&path);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
         assert!(stderr.contains(field), "expected {field:?} in {stderr}");

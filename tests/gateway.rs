@@ -41,33 +41,25 @@ async fn routes_to_the_main_from_header_query_and_wrapped_json() {
 
     // the query parameter wins over the header, and is percent-decoded
     let wrapped = json!({"type": "HAWorkFlowContextID", "value": json!({"contextId": haid_for("cs_3", "cs_1", "7")}).to_string()}).to_string();
-    let r: Value = c
-        .get(gw.url("/x"))
-        .query(&[("contextID", wrapped.as_str())])
-        .header("contextID", &haid)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = json_of(
+        c.get(gw.url("/x"))
+            .query(&[("contextID", wrapped.as_str())])
+            .header("contextID", &haid),
+    )
+    .await;
     assert_eq!(
         (r["server"].as_str(), r["context_id"].as_str()),
         (Some("cs_3"), Some("7"))
     );
 
     // client-sent x-hagate-* headers are stripped before ours are added
-    let r: Value = c
-        .get(gw.url("/x"))
-        .header("contextID", &haid)
-        .header("x-hagate-role", "forged")
-        .header("x-hagate-main-alias", "forged")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = json_of(
+        c.get(gw.url("/x"))
+            .header("contextID", &haid)
+            .header("x-hagate-role", "forged")
+            .header("x-hagate-main-alias", "forged"),
+    )
+    .await;
     assert_eq!(r["role"], "main");
     assert_eq!(r["main_alias"], Value::Null);
 
@@ -276,14 +268,7 @@ async fn every_error_answer_is_json_and_clear() {
 async fn requests_without_a_haid_are_placed_and_the_minted_haid_routes_back() {
     let (_a, _b, _c, gw) = three().await;
     let c = client();
-    let r: Value = c
-        .post(gw.url("/api/rest_j/v1/contextservice/createContextID"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = json_of(c.post(gw.url("/api/rest_j/v1/contextservice/createContextID"))).await;
     let main = r["main_alias"].as_str().unwrap().to_string();
     let backup = r["backup_alias"].as_str().unwrap();
     assert_ne!(main, backup);
@@ -393,31 +378,16 @@ async fn config_file_edits_and_sighup_swap_the_table_and_bad_ones_are_refused() 
     let a_addr = a.addr.to_string();
     let c3_addr = c3.addr.to_string();
     gw.rewrite(|old| old.replacen(&a_addr, &c3_addr, 1));
-    eventually(
-        "the file edit to take effect",
-        Duration::from_secs(10),
-        || {
-            let (c, gw, haid) = (&c, &gw, &haid);
-            async move { (get_haid(c, gw, haid).await.1["server"] == "cs_3").then_some(()) }
-        },
-    )
-    .await;
+    gw.wait_served_by(&haid, "cs_3").await;
 
     // a broken edit is refused and the old table keeps serving
     let before = gw.metric("hagate_alias_table_version", &[]).await;
     gw.rewrite(|old| old.replace("rise = 2", "rise = 0"));
-    eventually("the refusal to be counted", Duration::from_secs(10), || {
-        let gw = &gw;
-        async move {
-            (gw.metric(
-                "hagate_alias_table_swaps_total",
-                &[("source", "config"), ("result", "error")],
-            )
-            .await
-                >= 1.0)
-                .then_some(())
-        }
-    })
+    gw.wait_metric(
+        "hagate_alias_table_swaps_total",
+        &[("source", "config"), ("result", "error")],
+        1.0,
+    )
     .await;
     assert!(
         gw.log().contains("health.active.rise: must be at least 1"),
@@ -437,30 +407,11 @@ async fn config_file_edits_and_sighup_swap_the_table_and_bad_ones_are_refused() 
         .status()
         .unwrap();
     assert!(status.success());
-    eventually(
-        "the fixed file to take effect",
-        Duration::from_secs(10),
-        || {
-            let (c, gw, haid) = (&c, &gw, &haid);
-            async move { (get_haid(c, gw, haid).await.1["server"] == "cs_1").then_some(()) }
-        },
-    )
-    .await;
-    eventually(
-        "the SIGHUP reload to be counted",
-        Duration::from_secs(10),
-        || {
-            let gw = &gw;
-            async move {
-                (gw.metric(
-                    "hagate_alias_table_swaps_total",
-                    &[("source", "sighup"), ("result", "ok")],
-                )
-                .await
-                    >= 1.0)
-                    .then_some(())
-            }
-        },
+    gw.wait_served_by(&haid, "cs_1").await;
+    gw.wait_metric(
+        "hagate_alias_table_swaps_total",
+        &[("source", "sighup"), ("result", "ok")],
+        1.0,
     )
     .await;
 }
@@ -483,14 +434,7 @@ async fn admin_writes_need_the_token() {
     assert_eq!(put(None).await.unwrap().status(), 401);
     assert_eq!(put(Some("Bearer wrong")).await.unwrap().status(), 403);
     assert_eq!(put(Some("Bearer s3cret")).await.unwrap().status(), 200);
-    let aliases: Value = c
-        .get(gw.admin_url("/v1/aliases"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let aliases: Value = json_of(c.get(gw.admin_url("/v1/aliases"))).await;
     assert_eq!(aliases["version"], 2);
     assert_eq!(aliases["instances"]["cs_1"]["address"], a.addr.to_string());
 }
@@ -519,9 +463,5 @@ async fn consecutive_5xx_eject_the_main_until_it_passes_rise_checks() {
     );
     // once fixed, the main comes back after the ejection time and `rise` passing checks
     a.set_status(200).await;
-    eventually("the main to come back", Duration::from_secs(10), || {
-        let (c, gw, haid) = (&c, &gw, &haid);
-        async move { (get_haid(c, gw, haid).await.1["server"] == "cs_1").then_some(()) }
-    })
-    .await;
+    gw.wait_served_by(&haid, "cs_1").await;
 }

@@ -255,6 +255,26 @@ impl Gateway {
             .unwrap_or(0.0)
     }
 
+    /// Waits until the series reaches at least `min`.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], min: f64) {
+        let what = format!("{name}{labels:?} >= {min}");
+        eventually(&what, Duration::from_secs(10), || async move {
+            (self.metric(name, labels).await >= min).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until a request for `haid` is answered by the server named `server`.
+    pub async fn wait_served_by(&self, haid: &str, server: &str) {
+        let c = client();
+        let what = format!("{haid} to be served by {server}");
+        eventually(&what, Duration::from_secs(15), || {
+            let c = &c;
+            async move { (get_haid(c, self, haid).await.1["server"] == server).then_some(()) }
+        })
+        .await
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("hagate.log")).unwrap_or_default()
     }
@@ -292,6 +312,11 @@ pub async fn get_haid(c: &reqwest::Client, gw: &Gateway, haid: &str) -> (u16, Va
         .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Sends `req` and parses the JSON answer.
+pub async fn json_of(req: reqwest::RequestBuilder) -> Value {
+    req.send().await.unwrap().json().await.unwrap()
 }
 
 pub fn repo_path(rel: &str) -> PathBuf {
