@@ -184,7 +184,7 @@ pub struct HealthConfig {
 }
 
 /// `[health.active]`: an HTTP GET to every instance, all in parallel.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActiveHealthConfig {
     /// `enabled = true`

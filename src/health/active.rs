@@ -26,8 +26,7 @@ pub async fn supervise(gateway: Arc<Gateway>) {
         let settings = gateway.settings();
         let cfg = settings.config.health.active.clone();
         let table = gateway.table();
-        let cfg_changed = last_cfg.as_ref().map(|c| format!("{c:?}")) != Some(format!("{cfg:?}"));
-        if cfg_changed {
+        if last_cfg.as_ref() != Some(&cfg) {
             for (_, (_, task)) in running.drain() {
                 task.abort();
             }
