@@ -465,3 +465,24 @@ async fn consecutive_5xx_eject_the_main_until_it_passes_rise_checks() {
     a.set_status(200).await;
     gw.wait_served_by(&haid, "cs_1").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_health_config_restarts_the_checks() {
+    let (a, _b, _c, gw) = three().await;
+    let haid = haid_for("cs_1", "cs_2", "8");
+    gw.wait_served_by(&haid, "cs_1").await;
+    // cs_1 answers 500 on every path but /health; point the checks at another path
+    a.set_status(500).await;
+    gw.rewrite(|old| old.replace("path = \"/health\"", "path = \"/status\""));
+    gw.wait_metric(
+        "hagate_health_transitions_total",
+        &[("alias", "cs_1"), ("to", "down")],
+        1.0,
+    )
+    .await;
+    let (s, body) = get_haid(&client(), &gw, &haid).await;
+    assert_eq!((s, body["server"].as_str()), (200, Some("cs_2")));
+    // and back: the checks follow the config again
+    gw.rewrite(|old| old.replace("path = \"/status\"", "path = \"/health\""));
+    gw.wait_served_by(&haid, "cs_1").await;
+}
