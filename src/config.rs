@@ -309,8 +309,8 @@ impl Config {
 
     /// Checks every field; the error names the TOML path of the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        parse_addr("server.listen", &self.server.listen)?;
-        parse_addr("admin.listen", &self.admin.listen)?;
+        self.listen_addr()?;
+        self.admin_addr()?;
         if self.server.threads == 0 {
             return Err(invalid("server.threads", "must be at least 1"));
         }
@@ -391,14 +391,14 @@ impl Config {
         Ok(())
     }
 
-    /// The proxy listen address (validated).
-    pub fn listen_addr(&self) -> SocketAddr {
-        parse_addr("server.listen", &self.server.listen).expect("validated")
+    /// The proxy listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_addr("server.listen", &self.server.listen)
     }
 
-    /// The admin listen address (validated).
-    pub fn admin_addr(&self) -> SocketAddr {
-        parse_addr("admin.listen", &self.admin.listen).expect("validated")
+    /// The admin listen address.
+    pub fn admin_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_addr("admin.listen", &self.admin.listen)
     }
 }
 

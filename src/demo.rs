@@ -113,7 +113,7 @@ impl DemoServer {
             }
             _ => None,
         };
-        let reply = json!({
+        let mut reply = json!({
             "server": self.name,
             "method": req.method().as_str(),
             "path": req.uri().path(),
@@ -124,7 +124,6 @@ impl DemoServer {
             "haid": minted,
         });
         let body_len = read_body(req, 1 << 20).await.map(|b| b.len()).unwrap_or(0);
-        let mut reply = reply;
         reply["body_bytes"] = json!(body_len);
         let status = StatusCode::from_u16(self.status.load(Relaxed)).unwrap_or(StatusCode::OK);
         json(status, &reply)

@@ -89,8 +89,10 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway state from a validated config.
-    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, TableError> {
+    /// Validates `config` and builds the gateway state from it. Everything downstream
+    /// (`Settings`, the listen addresses) relies on this validation.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, ConfigError> {
+        config.validate()?;
         let tables = TableHolder::new(&config.instances)?;
         metrics().observe_table(&tables.load());
         let (changes, _) = watch::channel(1);

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::{Error, ErrorSource, ErrorType, RetryType};
@@ -21,7 +22,7 @@ use crate::aliases::AliasTable;
 use crate::context_id::{self, ContextIdError};
 use crate::gateway::{Gateway, Settings};
 use crate::haid::{self, HaidError};
-use crate::health::{now_ms, InflightGuard, LiveView};
+use crate::health::{now_ms, HealthView, InflightGuard, LiveView};
 use crate::metrics::metrics;
 use crate::placement::{Candidate, PlacementRequest};
 use crate::route::{decide, Decision, Role, Target};
@@ -58,7 +59,7 @@ pub struct Ctx {
     current: Option<Target>,
     inflight: Option<InflightGuard>,
     /// The numeric id of the HAID, forwarded as `x-hagate-context-id`.
-    context_id: Option<String>,
+    context_id: Option<HeaderValue>,
     /// Whether this request was placed (no HAID): send the aliases upstream.
     placed: bool,
 }
@@ -108,39 +109,74 @@ impl Ctx {
     }
 }
 
-/// Writes a JSON error answer and ends the request.
-async fn answer(
-    session: &mut Session,
+/// A JSON error answer that ends the request in `request_filter`.
+struct Answer {
     status: u16,
     body: serde_json::Value,
+    /// `Retry-After` seconds, sent with 503s.
     retry_after: Option<u64>,
-) -> Result<bool> {
-    let body = Bytes::from(format!("{body}\n"));
-    let mut header = ResponseHeader::build(status, Some(4))?;
-    header.insert_header("content-type", "application/json")?;
-    header.insert_header("content-length", body.len().to_string())?;
-    if let Some(secs) = retry_after {
-        header.insert_header("retry-after", secs.to_string())?;
-    }
-    session.set_keepalive(None);
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(true)
 }
 
-fn invalid_haid(reason: &'static str, detail: String) -> (u16, serde_json::Value) {
-    metrics().haid_errors.with_label_values(&[reason]).inc();
-    (
-        400,
-        serde_json::json!({"error": "invalid_haid", "reason": reason, "detail": detail}),
-    )
+impl Answer {
+    fn invalid_haid(reason: &'static str, detail: String) -> Self {
+        metrics().haid_errors.with_label_values(&[reason]).inc();
+        Answer {
+            status: 400,
+            body: serde_json::json!({"error": "invalid_haid", "reason": reason, "detail": detail}),
+            retry_after: None,
+        }
+    }
+
+    fn unknown_alias(alias: &str) -> Self {
+        metrics().unknown_alias.inc();
+        Answer {
+            status: 404,
+            body: serde_json::json!({
+                "error": "unknown_alias",
+                "alias": alias,
+                "detail": format!("no instance has alias {alias:?}"),
+            }),
+            retry_after: None,
+        }
+    }
+
+    /// The 503 for a HAID whose instances are all down, or a placement with none live.
+    fn no_live_instance(settings: &Settings, detail: String, unknown: Option<&str>) -> Self {
+        metrics().no_live.inc();
+        let secs = settings.config.routing.retry_after.as_secs();
+        Answer {
+            status: 503,
+            body: serde_json::json!({
+                "error": "no_live_instance",
+                "detail": detail,
+                "unknown_alias": unknown,
+                "retry_after": secs,
+            }),
+            retry_after: Some(secs),
+        }
+    }
+
+    /// Writes the answer and ends the request.
+    async fn send(self, session: &mut Session) -> Result<bool> {
+        let body = Bytes::from(format!("{}\n", self.body));
+        let mut header = ResponseHeader::build(self.status, Some(4))?;
+        header.insert_header("content-type", "application/json")?;
+        header.insert_header("content-length", body.len().to_string())?;
+        if let Some(secs) = self.retry_after {
+            header.insert_header("retry-after", secs.to_string())?;
+        }
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(true)
+    }
 }
 
 impl Proxy {
     /// Decides where a request goes, or returns the error answer.
-    fn plan(&self, session: &Session, ctx: &mut Ctx) -> Option<(u16, serde_json::Value)> {
+    fn plan(&self, session: &Session, ctx: &mut Ctx) -> Option<Answer> {
         let settings = self.gateway.settings();
         let table = self.gateway.table();
         let req = session.req_header();
@@ -163,19 +199,20 @@ impl Proxy {
             Ok(None)
         };
         let outcome = match raw {
-            Err(ContextIdError::NotUtf8) => Some(invalid_haid(
+            Err(ContextIdError::NotUtf8) => Some(Answer::invalid_haid(
                 "not_utf8",
                 ContextIdError::NotUtf8.to_string(),
             )),
-            Err(e) => Some(invalid_haid("bad_wrapper", e.to_string())),
+            Err(e) => Some(Answer::invalid_haid("bad_wrapper", e.to_string())),
             Ok(None) => self.place(session, &settings, &table, ctx),
             Ok(Some(value)) => match context_id::unwrap(&value) {
-                Err(e) => Some(invalid_haid("bad_wrapper", e.to_string())),
+                Err(e) => Some(Answer::invalid_haid("bad_wrapper", e.to_string())),
                 Ok(text) => match haid::decode(&text) {
                     Err(e) => Some(Self::haid_error(e, &text)),
                     Ok(h) => {
                         let decision = decide(&h, &table, &LiveView::now());
-                        ctx.context_id = Some(h.id.to_string());
+                        // Built once; Nd digits are valid header bytes.
+                        ctx.context_id = HeaderValue::from_bytes(h.id.as_bytes()).ok();
                         Self::apply(decision, &settings, ctx)
                     }
                 },
@@ -186,16 +223,12 @@ impl Proxy {
         outcome
     }
 
-    fn haid_error(e: HaidError, text: &str) -> (u16, serde_json::Value) {
+    fn haid_error(e: HaidError, text: &str) -> Answer {
         let shown: String = text.chars().take(256).collect();
-        invalid_haid(e.reason(), format!("{e}: {shown:?}"))
+        Answer::invalid_haid(e.reason(), format!("{e}: {shown:?}"))
     }
 
-    fn apply(
-        decision: Decision<'_>,
-        settings: &Settings,
-        ctx: &mut Ctx,
-    ) -> Option<(u16, serde_json::Value)> {
+    fn apply(decision: Decision<'_>, settings: &Settings, ctx: &mut Ctx) -> Option<Answer> {
         match decision {
             Decision::Forward { primary, fallback } => {
                 if primary.role == Role::Backup {
@@ -205,31 +238,15 @@ impl Proxy {
                 ctx.fallback = fallback;
                 None
             }
-            Decision::UnknownAlias { alias } => {
-                metrics().unknown_alias.inc();
-                Some((
-                    404,
-                    serde_json::json!({
-                        "error": "unknown_alias",
-                        "alias": alias,
-                        "detail": format!("no instance has alias {alias:?}"),
-                    }),
-                ))
-            }
+            Decision::UnknownAlias { alias } => Some(Answer::unknown_alias(alias)),
             Decision::NoLiveInstance { unknown } => {
-                metrics().no_live.inc();
                 if unknown.is_some() {
                     metrics().unknown_alias.inc();
                 }
-                let retry_after = settings.config.routing.retry_after.as_secs();
-                Some((
-                    503,
-                    serde_json::json!({
-                        "error": "no_live_instance",
-                        "detail": "neither the main nor the backup instance is live",
-                        "unknown_alias": unknown,
-                        "retry_after": retry_after,
-                    }),
+                Some(Answer::no_live_instance(
+                    settings,
+                    "neither the main nor the backup instance is live".into(),
+                    unknown,
                 ))
             }
         }
@@ -242,7 +259,7 @@ impl Proxy {
         settings: &Settings,
         table: &AliasTable,
         ctx: &mut Ctx,
-    ) -> Option<(u16, serde_json::Value)> {
+    ) -> Option<Answer> {
         let req = session.req_header();
         let view = LiveView::now();
         let candidates: Vec<Candidate<'_>> = table
@@ -250,7 +267,7 @@ impl Proxy {
             .iter()
             .map(|i| Candidate {
                 alias: i.alias.as_str(),
-                live: crate::health::HealthView::is_live(&view, i),
+                live: view.is_live(i),
                 inflight: i.state.inflight(),
                 weight: i.weight,
                 labels: &i.labels,
@@ -283,12 +300,7 @@ impl Proxy {
                     .placements
                     .with_label_values(&["no_live_instance"])
                     .inc();
-                metrics().no_live.inc();
-                let retry_after = settings.config.routing.retry_after.as_secs();
-                Some((
-                    503,
-                    serde_json::json!({"error": "no_live_instance", "detail": e.to_string(), "retry_after": retry_after}),
-                ))
+                Some(Answer::no_live_instance(settings, e.to_string(), None))
             }
         }
     }
@@ -317,14 +329,7 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         match self.plan(session, ctx) {
             None => Ok(false),
-            Some((status, body)) => {
-                let retry_after = (status == 503).then(|| {
-                    ctx.settings
-                        .as_ref()
-                        .map_or(5, |s| s.config.routing.retry_after.as_secs())
-                });
-                answer(session, status, body, retry_after).await
-            }
+            Some(answer) => answer.send(session).await,
         }
     }
 
@@ -376,12 +381,7 @@ impl ProxyHttp for Proxy {
             upstream.insert_header(ROLE, cur.role.as_str())?;
         }
         if let Some(id) = &ctx.context_id {
-            upstream.insert_header(
-                CONTEXT_ID,
-                http::HeaderValue::from_bytes(id.as_bytes()).map_err(|e| {
-                    Error::because(ErrorType::InternalError, "context id header", e)
-                })?,
-            )?;
+            upstream.insert_header(CONTEXT_ID, id.clone())?;
         }
         if ctx.placed {
             if let (Some(table), Some(p)) = (ctx.table.as_ref(), ctx.primary) {

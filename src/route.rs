@@ -69,7 +69,8 @@ pub enum Decision<'h> {
 #[inline]
 pub fn decide<'h>(haid: &Haid<'h>, table: &AliasTable, health: &impl HealthView) -> Decision<'h> {
     let main = table.resolve(haid.main);
-    let backup = table.resolve(haid.backup).filter(|b| Some(*b) != main);
+    let backup_idx = table.resolve(haid.backup);
+    let backup = backup_idx.filter(|b| Some(*b) != main);
     let live = |i: Option<usize>| i.filter(|&i| health.is_live(table.get(i)));
     let target = |instance, role| Target { instance, role };
 
@@ -85,8 +86,7 @@ pub fn decide<'h>(haid: &Haid<'h>, table: &AliasTable, health: &impl HealthView)
             fallback: main.map(|m| target(m, Role::Main)),
         };
     }
-    let backup_known = table.resolve(haid.backup).is_some();
-    match (main.is_some(), backup_known) {
+    match (main.is_some(), backup_idx.is_some()) {
         (false, false) => Decision::UnknownAlias { alias: haid.main },
         (false, true) => Decision::NoLiveInstance {
             unknown: Some(haid.main),

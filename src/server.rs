@@ -29,9 +29,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// The alias table could not be built.
-    #[error("{0}")]
-    Table(#[from] crate::aliases::TableError),
+    /// The config is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 struct ControlPlane {
@@ -63,8 +63,12 @@ impl BackgroundService for ControlPlane {
 
 /// Starts the gateway and serves until the process is told to stop (SIGTERM, SIGINT).
 pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infallible, StartError> {
-    let admin_addr = config.admin_addr();
-    let listen = config.listen_addr();
+    let admin_addr = config.admin_addr()?;
+    let listen = config.listen_addr()?;
+    let threads = config.server.threads;
+    let work_stealing = config.server.work_stealing;
+    let grace = config.server.grace_period.as_secs();
+    let gateway = Gateway::new(config, path)?;
     let admin = std::net::TcpListener::bind(admin_addr).map_err(|source| StartError::Bind {
         field: "admin.listen",
         addr: admin_addr,
@@ -87,16 +91,15 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infall
     );
 
     let mut conf = ServerConf {
-        threads: config.server.threads,
-        work_stealing: config.server.work_stealing,
-        grace_period_seconds: Some(config.server.grace_period.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(config.server.grace_period.as_secs()),
+        threads,
+        work_stealing,
+        grace_period_seconds: Some(grace),
+        graceful_shutdown_timeout_seconds: Some(grace),
         ..ServerConf::default()
     };
     // At most: the first choice, once more on a fresh connection if a pooled one was
     // stale, then the fallback. `proxy` decides which attempts happen.
     conf.max_retries = 3;
-    let gateway = Gateway::new(config, path)?;
     let mut server = Server::new_with_opt_and_conf(None, conf);
 
     let mut proxy =

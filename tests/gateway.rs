@@ -243,12 +243,7 @@ async fn every_error_answer_is_json_and_clear() {
         eventually("a 503 once both are down", Duration::from_secs(10), || {
             let (c, gw, haid) = (&c, &gw, &haid);
             async move {
-                let r = c
-                    .get(gw.url("/x"))
-                    .header("contextID", haid)
-                    .send()
-                    .await
-                    .unwrap();
+                let r = send_haid(c, gw, haid).await;
                 if r.status() != 503 {
                     return None;
                 }

@@ -45,14 +45,9 @@ impl LiveView {
 
 impl HealthView for LiveView {
     fn is_live(&self, instance: &Instance) -> bool {
-        let s = &instance.state;
-        if !s.active_up.load(Relaxed) {
-            return false;
-        }
-        match s.ejected_until.load(Relaxed) {
-            0 => true,
-            until => *self.now_ms.get_or_init(now_ms) >= until,
-        }
+        instance
+            .state
+            .is_live_at(|| *self.now_ms.get_or_init(now_ms))
     }
 }
 
@@ -107,7 +102,19 @@ pub enum Transition {
 impl InstanceState {
     /// Live when the active verdict is up and no passive ejection is running.
     pub fn is_live(&self, now_ms: u64) -> bool {
-        self.active_up.load(Relaxed) && now_ms >= self.ejected_until.load(Relaxed)
+        self.is_live_at(|| now_ms)
+    }
+
+    /// `is_live`, reading the clock only if an ejection deadline is set.
+    #[inline]
+    pub fn is_live_at(&self, now_ms: impl FnOnce() -> u64) -> bool {
+        if !self.active_up.load(Relaxed) {
+            return false;
+        }
+        match self.ejected_until.load(Relaxed) {
+            0 => true,
+            until => now_ms() >= until,
+        }
     }
 
     /// Whether the active checks currently say up.

@@ -302,14 +302,18 @@ impl Drop for Gateway {
     }
 }
 
-/// Sends a request with `contextID: haid` and returns (status, JSON body).
-pub async fn get_haid(c: &reqwest::Client, gw: &Gateway, haid: &str) -> (u16, Value) {
-    let r = c
-        .get(gw.url("/api/rest_j/v1/contextservice/getContextValue"))
+/// Sends a request with `contextID: haid` and returns the response.
+pub async fn send_haid(c: &reqwest::Client, gw: &Gateway, haid: &str) -> reqwest::Response {
+    c.get(gw.url("/api/rest_j/v1/contextservice/getContextValue"))
         .header("contextID", haid)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Sends a request with `contextID: haid` and returns (status, JSON body).
+pub async fn get_haid(c: &reqwest::Client, gw: &Gateway, haid: &str) -> (u16, Value) {
+    let r = send_haid(c, gw, haid).await;
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
