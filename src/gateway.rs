@@ -29,8 +29,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Derives settings from a config that passed `validate()`.
-    pub fn new(config: Config) -> Self {
+    /// Derives settings from a config that passed `validate()`; private so that only
+    /// `Gateway::new` and `reload` (both validate first) can call it.
+    fn new(config: Config) -> Self {
         let context_header = HeaderName::from_bytes(config.context_id.header.as_bytes())
             .expect("validated by Config::validate");
         let tenant_header = HeaderName::from_bytes(config.routing.tenant_header.as_bytes())
