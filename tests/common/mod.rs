@@ -7,19 +7,34 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hagate");
 
-/// A free loopback port (bound, read and released; the gateway binds it right after).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A free loopback port for a gateway listener, below the kernel's ephemeral range
+/// (32768-60999 by default): a port from `bind(":0")` is ephemeral, and the kernel can hand
+/// it to an outgoing connection's source port between our check and the gateway's bind.
+/// Ports are taken in turn from a per-process offset, so two tests never pick the same one.
+pub fn gateway_port() -> u16 {
+    static SEED: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        std::process::id().wrapping_mul(7919) ^ nanos
+    });
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout`.
@@ -179,9 +194,20 @@ impl Gateway {
     }
 
     pub async fn start_with_admin(body: &str, admin_extra: &str) -> Self {
+        // Another process may still take a port first; then start again on new ones.
+        for _ in 0..5 {
+            if let Some(gw) = Self::try_start(body, admin_extra).await {
+                return gw;
+            }
+        }
+        panic!("the gateway could not bind its ports in 5 tries");
+    }
+
+    /// Starts a gateway; `None` if it exited because a port was taken.
+    async fn try_start(body: &str, admin_extra: &str) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let proxy: SocketAddr = format!("127.0.0.1:{}", gateway_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", gateway_port()).parse().unwrap();
         let config = format!(
             "[server]\nlisten = \"{proxy}\"\nthreads = 2\ngrace_period = \"1s\"\n\n[admin]\nlisten = \"{admin}\"\n{admin_extra}\n{body}"
         );
@@ -196,7 +222,7 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn hagate run");
-        let gw = Gateway {
+        let mut gw = Gateway {
             proxy,
             admin,
             dir,
@@ -204,16 +230,27 @@ impl Gateway {
         };
         let c = client();
         let url = gw.admin_url("/healthz");
-        eventually("the gateway to start", Duration::from_secs(20), || {
-            let c = c.clone();
-            let url = url.clone();
-            async move {
-                let admin_up = c.get(&url).send().await.is_ok_and(|r| r.status() == 200);
-                (admin_up && tokio::net::TcpStream::connect(proxy).await.is_ok()).then_some(())
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if let Some(status) = gw.child.try_wait().unwrap() {
+                let log = gw.log();
+                if log.contains("cannot listen") {
+                    return None;
+                }
+                panic!("the gateway exited with {status}:\n{log}");
             }
-        })
-        .await;
-        gw
+            let admin_up = c.get(&url).send().await.is_ok_and(|r| r.status() == 200);
+            if admin_up && tokio::net::TcpStream::connect(proxy).await.is_ok() {
+                return Some(gw);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not start in 20s:\n{}",
+                gw.log()
+            );
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
