@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, and the alias table at `/v1/aliases`.
+//! The admin listener: `/metrics`, `/healthz`, the alias table at `/v1/aliases`, and the
+//! HAID generator at `POST /v1/placements` (placement plus the Linkis encoder).
 //!
 //! Writes need `Authorization: Bearer <admin.token>` when a token is configured:
 //! no header gives 401, a wrong token 403. Every answer is JSON except `/metrics`.
@@ -13,7 +14,9 @@ use serde_json::json;
 
 use crate::aliases::InstanceSpec;
 use crate::gateway::Gateway;
-use crate::health::now_ms;
+use crate::haid;
+use crate::health::{now_ms, LiveView};
+use crate::placement::{Candidates, Placement, PlacementError, PlacementRequest};
 use crate::http_server::{json, read_body, text, Reply};
 use crate::metrics::metrics;
 
@@ -41,7 +44,8 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
             }
             put_aliases(&gateway, req).await
         }
-        (_, "/metrics" | "/healthz" | "/v1/aliases") => json(
+        (Method::POST, "/v1/placements") => placements(&gateway, req).await,
+        (_, "/metrics" | "/healthz" | "/v1/aliases" | "/v1/placements") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": "method_not_allowed"}),
         ),
@@ -103,6 +107,97 @@ async fn put_aliases(gateway: &Gateway, req: Request<Incoming>) -> Reply {
             StatusCode::BAD_REQUEST,
             &json!({"error": "invalid_alias_table", "field": e.field(), "detail": e.to_string()}),
         ),
+    }
+}
+
+/// The body of `POST /v1/placements`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementAsk {
+    /// The numeric context id to mint a HAID for: `"1024"`.
+    pub context_id: String,
+    /// The tenant, as the tenant header would carry it.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// The path plugins match on (default `/v1/placements`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Aliases that must not be chosen.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// Places a context with the gateway's placement (plugins and fail policies included)
+/// and answers `{"main", "backup", "haid"}`.
+async fn placements(gateway: &Gateway, req: Request<Incoming>) -> Reply {
+    let bad = |detail: String| {
+        json(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "invalid_request", "detail": detail}),
+        )
+    };
+    let body = match read_body(req, 64 << 10).await {
+        Ok(b) => b,
+        Err(e) => return bad(e),
+    };
+    let ask: PlacementAsk = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return bad(e.to_string()),
+    };
+    let table = gateway.table();
+    let mut exclude = Vec::with_capacity(ask.exclude.len());
+    for alias in &ask.exclude {
+        match table.resolve(alias) {
+            Some(i) => exclude.push(i),
+            None => {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": "unknown_alias", "alias": alias,
+                            "detail": format!("no instance has alias {alias:?}")}),
+                )
+            }
+        }
+    }
+    let request = PlacementRequest {
+        tenant: ask.tenant.as_deref(),
+        path: ask.path.as_deref().unwrap_or("/v1/placements"),
+        context_id: Some(&ask.context_id),
+        exclude: &exclude,
+    };
+    let candidates = Candidates::of(&table, &LiveView::now());
+    let unavailable = |error: &str, detail: String| {
+        let secs = gateway.settings().config.routing.retry_after.as_secs();
+        let mut reply = json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": error, "detail": detail, "retry_after": secs}),
+        );
+        reply
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, secs.into());
+        reply
+    };
+    let choice = match gateway.placement().place(&request, &candidates) {
+        Ok(c) => c,
+        Err(e @ PlacementError::NoLiveInstance) => {
+            return unavailable("no_live_instance", e.to_string())
+        }
+        Err(e @ PlacementError::Rejected { .. }) => {
+            return unavailable("placement_rejected", e.to_string())
+        }
+    };
+    let main = candidates.list[choice.main].alias;
+    let Some(backup) = choice.backup.map(|b| candidates.list[b].alias) else {
+        return unavailable(
+            "no_backup",
+            "a HAID needs a backup, and only one instance could be chosen".into(),
+        );
+    };
+    match haid::encode(main, &[backup], &ask.context_id) {
+        Ok(haid) => json(
+            StatusCode::OK,
+            &json!({"main": main, "backup": backup, "haid": haid}),
+        ),
+        Err(e) => bad(format!("context_id: {e}")),
     }
 }
 

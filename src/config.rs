@@ -85,6 +85,85 @@ pub struct Config {
     /// `[instances.<alias>]`: the alias table, e.g. `[instances.cs_1_dev] address = "10.0.0.5:9116"`.
     #[serde(default)]
     pub instances: BTreeMap<String, InstanceSpec>,
+    /// `[[plugins]]`: Wasm placement plugins, in priority order. A request without a HAID
+    /// is placed by the first plugin with a `match` entry that fits it, else natively.
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// `[[plugins]]`: one Wasm placement plugin.
+///
+/// ```toml
+/// [[plugins]]
+/// name = "tenants"
+/// path = "plugins/tenant_affinity.wasm"   # relative to this config file
+/// sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+/// deadline = "5ms"
+/// memory_limit = "16MiB"
+/// fail_policy = "fallback"                 # or "reject" (503)
+/// config = '{"fallback": "shared"}'
+/// match = [{ tenant = "acme" }, { path_prefix = "/api/rest_j/v1/contextservice/" }]
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// `name = "lowest-load"`: names the plugin in logs and metrics; unique.
+    pub name: String,
+    /// `path = "plugins/lowest_load.wasm"`: the component; relative paths are relative to
+    /// the config file's directory.
+    pub path: PathBuf,
+    /// `sha256 = "<64 hex digits>"`: the file must hash to this, or it is refused.
+    pub sha256: String,
+    /// `deadline = "5ms"`: CPU time one call may take before it is cut off.
+    #[serde(default = "default_plugin_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+    /// `memory_limit = "16MiB"`: the most linear memory one instance may grow to.
+    #[serde(default = "default_plugin_memory")]
+    pub memory_limit: bytesize::ByteSize,
+    /// `fail_policy = "fallback"`: what a failed call (trap, timeout, invalid answer)
+    /// does: `fallback` places natively, `reject` answers 503.
+    #[serde(default)]
+    pub fail_policy: FailPolicy,
+    /// `config = '{"metric": "inflight"}'`: handed to the plugin's `configure` at load.
+    #[serde(default)]
+    pub config: String,
+    /// `match = [{ tenant = "acme" }, { path_prefix = "/x" }]`: the requests this plugin
+    /// places; an entry with both fields needs both. Omitted: every request.
+    #[serde(default, rename = "match")]
+    pub matches: Vec<PluginMatch>,
+}
+
+/// One `match` entry of a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginMatch {
+    /// `path_prefix = "/api/"`: the request path starts with this.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// `tenant = "acme"`: the tenant header (`routing.tenant_header`) equals this.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+impl PluginMatch {
+    /// Whether a request with this path and tenant fits.
+    pub fn fits(&self, path: &str, tenant: Option<&str>) -> bool {
+        self.path_prefix
+            .as_deref()
+            .is_none_or(|p| path.starts_with(p))
+            && self.tenant.as_deref().is_none_or(|t| tenant == Some(t))
+    }
+}
+
+/// What a failed plugin call does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailPolicy {
+    /// Place with the native least-loaded policy.
+    #[default]
+    Fallback,
+    /// Answer 503.
+    Reject,
 }
 
 /// `[server]`
@@ -246,6 +325,12 @@ fn default_tenant_header() -> String {
 fn default_health_path() -> String {
     "/health".into()
 }
+fn default_plugin_deadline() -> Duration {
+    Duration::from_millis(5)
+}
+fn default_plugin_memory() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(16)
+}
 fn secs<const N: u64>() -> Duration {
     Duration::from_secs(N)
 }
@@ -288,13 +373,19 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text).map_err(|e| match e {
+        let mut config = Config::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
             },
             other => other,
-        })
+        })?;
+        if let Some(dir) = path.parent() {
+            for p in &mut config.plugins {
+                p.path = dir.join(&p.path);
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates TOML text.
@@ -386,8 +477,64 @@ impl Config {
         if self.instances.is_empty() {
             return Err(invalid("instances", "at least one instance is required"));
         }
+        self.validate_plugins()?;
         // Building the table is where aliases and addresses are validated.
         AliasTable::build(&self.instances, 0, &StateRegistry::default())?;
+        Ok(())
+    }
+
+    /// Checks `[[plugins]]` fields (the file itself is checked by `plugin::PluginSet::load`).
+    fn validate_plugins(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in self.plugins.iter().enumerate() {
+            let field = |f: &str| format!("plugins[{i}].{f}");
+            let ok_name = !p.name.is_empty()
+                && p.name.len() <= 64
+                && p.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok_name {
+                return Err(invalid(
+                    &field("name"),
+                    format!("{:?} must be 1-64 of [A-Za-z0-9_-]", p.name),
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(invalid(
+                    &field("name"),
+                    format!("{:?} is used by an earlier plugin", p.name),
+                ));
+            }
+            if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    &field("sha256"),
+                    "must be 64 hex digits (run `sha256sum` on the .wasm file)",
+                ));
+            }
+            if p.deadline < Duration::from_millis(1) || p.deadline > Duration::from_secs(10) {
+                return Err(invalid(&field("deadline"), "must be between 1ms and 10s"));
+            }
+            if p.memory_limit < bytesize::ByteSize::mib(1)
+                || p.memory_limit > bytesize::ByteSize::gib(4)
+            {
+                return Err(invalid(
+                    &field("memory_limit"),
+                    "must be between 1MiB and 4GiB",
+                ));
+            }
+            for (j, m) in p.matches.iter().enumerate() {
+                let f = format!("plugins[{i}].match[{j}]");
+                if m.path_prefix.is_none() && m.tenant.is_none() {
+                    return Err(invalid(
+                        &f,
+                        "needs `path_prefix` or `tenant` (omit `match` to place every request)",
+                    ));
+                }
+                if m.path_prefix.as_deref().is_some_and(|p| !p.starts_with('/')) {
+                    return Err(invalid(&format!("{f}.path_prefix"), "must start with `/`"));
+                }
+            }
+        }
         Ok(())
     }
 

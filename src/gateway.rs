@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::aliases::{AliasTable, InstanceSpec, TableError, TableHolder};
 use crate::config::{Config, ConfigError};
 use crate::metrics::metrics;
-use crate::placement::{LeastLoaded, Placement};
+use crate::plugin::PluginSet;
 
 /// A validated config plus what request handling derives from it once.
 #[derive(Debug)]
@@ -83,7 +83,7 @@ pub enum ReloadError {
 pub struct Gateway {
     settings: ArcSwap<Settings>,
     tables: TableHolder,
-    placement: Arc<dyn Placement>,
+    placement: ArcSwap<PluginSet>,
     config_path: Option<PathBuf>,
     /// Bumped after every successful swap; the health checker watches it.
     changes: watch::Sender<u64>,
@@ -94,13 +94,14 @@ impl Gateway {
     /// (`Settings`, the listen addresses) relies on this validation.
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, ConfigError> {
         config.validate()?;
+        let placement = PluginSet::load(&config.plugins, None)?;
         let tables = TableHolder::new(&config.instances)?;
         metrics().observe_table(&tables.load());
         let (changes, _) = watch::channel(1);
         Ok(Arc::new(Gateway {
             settings: ArcSwap::from_pointee(Settings::new(config)),
             tables,
-            placement: Arc::new(LeastLoaded::default()),
+            placement: ArcSwap::from_pointee(placement),
             config_path,
             changes,
         }))
@@ -118,9 +119,10 @@ impl Gateway {
         self.tables.load()
     }
 
-    /// The placement policy for requests without a HAID.
-    pub fn placement(&self) -> &dyn Placement {
-        &*self.placement
+    /// The placement policy for requests without a HAID (plugins and the native
+    /// fallback). Keep the `Arc` for the whole request: a reload does not touch it.
+    pub fn placement(&self) -> Arc<PluginSet> {
+        self.placement.load_full()
     }
 
     /// The config file this gateway reloads from.
@@ -189,7 +191,10 @@ impl Gateway {
                 );
             }
         }
+        // Plugins first: a plugin that fails to load refuses the whole reload.
+        let placement = PluginSet::load(&config.plugins, Some(&self.placement.load()))?;
         let table = self.tables.publish(&config.instances)?;
+        self.placement.store(Arc::new(placement));
         self.settings.store(Arc::new(Settings::new(config)));
         Ok(table)
     }

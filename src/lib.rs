@@ -29,6 +29,7 @@ pub mod health;
 pub mod http_server;
 pub mod metrics;
 pub mod placement;
+pub mod plugin;
 pub mod proxy;
 pub mod reload;
 pub mod route;

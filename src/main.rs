@@ -44,9 +44,19 @@ enum Cmd {
         #[command(subcommand)]
         command: HaidCmd,
     },
-    /// Start the gateway on the embedded demo config with three demo context servers,
-    /// and print curl lines to try it.
-    Demo,
+    /// Work with Wasm placement plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCmd,
+    },
+    /// Start the gateway on the embedded demo config with three demo context servers
+    /// and the example plugins, and print curl lines to try it.
+    Demo {
+        /// Where the example plugins were built (`lowest_load.wasm`, `tenant_affinity.wasm`);
+        /// without them the demo places natively.
+        #[arg(long, default_value = "plugins/target/wasm32-wasip2/release")]
+        plugins: PathBuf,
+    },
     /// Run one demo context server (echoes what hagate forwards; serves /health).
     DemoServer {
         /// Its name, reported in every answer.
@@ -56,6 +66,48 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
     },
+}
+
+#[derive(Subcommand)]
+enum PluginCmd {
+    /// Run a plugin offline on a candidates file and print its choice.
+    Test(PluginTest),
+}
+
+/// The arguments of `hagate plugin test`.
+#[derive(clap::Args)]
+struct PluginTest {
+    /// The plugin's `.wasm` component.
+    #[arg(value_name = "PATH")]
+    wasm: PathBuf,
+    /// A file whose text is the plugin's config string (as `config = '...'` gives it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A JSON array of candidates: `[{"alias": "cs_1", "live": true, "inflight": 3,
+    /// "latency_ewma_us": 900, "reported_load": 0.5, "weight": 1, "labels": {"zone": "a"}}]`.
+    #[arg(long)]
+    candidates: PathBuf,
+    /// The request's tenant.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The request's path.
+    #[arg(long = "path", default_value = "/")]
+    request_path: String,
+    /// The request's context id.
+    #[arg(long)]
+    context_id: Option<String>,
+    /// Aliases that must not be chosen (repeat for more).
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Place this many times and print how often each (main, backup) pair came out.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// The call deadline.
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+    deadline: std::time::Duration,
+    /// The memory cap.
+    #[arg(long, default_value = "16MiB")]
+    memory_limit: bytesize::ByteSize,
 }
 
 #[derive(Subcommand)]
@@ -103,15 +155,22 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
+            // Loads every plugin as a reload would: file, hash, compile, limits, configure.
+            let plugins = hagate::plugin::PluginSet::load(&cfg.plugins, None)
+                .with_context(|| config.display().to_string())?;
             println!(
-                "{}: ok ({} instances, proxy on {}, admin on {})",
+                "{}: ok ({} instances, {} plugins, proxy on {}, admin on {})",
                 config.display(),
                 cfg.instances.len(),
+                plugins.plugins().len(),
                 cfg.server.listen,
                 cfg.admin.listen
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Plugin {
+            command: PluginCmd::Test(t),
+        } => plugin_test(t),
         Cmd::Haid {
             command: HaidCmd::Encode { main, backup, id },
         } => {
@@ -140,8 +199,106 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             }
         }
         Cmd::DemoServer { name, listen } => demo_server(&name, &listen),
-        Cmd::Demo => demo(),
+        Cmd::Demo { plugins } => demo(&plugins),
     }
+}
+
+/// One candidate as `plugin test --candidates` reads it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CandidateFile {
+    alias: String,
+    #[serde(default = "yes")]
+    live: bool,
+    #[serde(default)]
+    inflight: u64,
+    #[serde(default)]
+    latency_ewma_us: u32,
+    #[serde(default)]
+    reported_load: Option<f32>,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> u32 {
+    1
+}
+
+fn plugin_test(t: PluginTest) -> Result<ExitCode> {
+    use hagate::placement::{Candidate, Candidates, PlacementRequest};
+    let bytes = std::fs::read(&t.wasm).with_context(|| t.wasm.display().to_string())?;
+    let config = match &t.config {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("--config {}", p.display()))?,
+        None => String::new(),
+    };
+    let text = std::fs::read_to_string(&t.candidates)
+        .with_context(|| format!("--candidates {}", t.candidates.display()))?;
+    let file: Vec<CandidateFile> = serde_json::from_str(&text)
+        .with_context(|| format!("--candidates {}", t.candidates.display()))?;
+    let limits = hagate::plugin::Limits {
+        deadline: t.deadline,
+        memory: usize::try_from(t.memory_limit.as_u64()).unwrap_or(usize::MAX),
+    };
+    let plugin = hagate::plugin::Plugin::load(&bytes, &config, limits)
+        .with_context(|| format!("plugin {}", t.wasm.display()))?;
+    let candidates = Candidates {
+        version: 1,
+        list: file
+            .iter()
+            .map(|c| Candidate {
+                alias: &c.alias,
+                live: c.live,
+                inflight: c.inflight,
+                latency_ewma_us: c.latency_ewma_us,
+                reported_load: c.reported_load,
+                weight: c.weight,
+                labels: &c.labels,
+            })
+            .collect(),
+    };
+    let mut exclude = Vec::new();
+    for alias in &t.exclude {
+        match file.iter().position(|c| &c.alias == alias) {
+            Some(i) => exclude.push(i),
+            None => bail!("--exclude {alias}: not among the candidates"),
+        }
+    }
+    let request = PlacementRequest {
+        tenant: t.tenant.as_deref(),
+        path: &t.request_path,
+        context_id: t.context_id.as_deref(),
+        exclude: &exclude,
+    };
+    let alias = |i: Option<usize>| i.map(|i| file[i].alias.as_str());
+    let mut counts = std::collections::BTreeMap::<(String, Option<String>), u32>::new();
+    for _ in 0..t.repeat.max(1) {
+        match plugin.place(&request, &candidates) {
+            Ok(choice) => {
+                let key = (
+                    file[choice.main].alias.clone(),
+                    alias(choice.backup).map(String::from),
+                );
+                *counts.entry(key).or_default() += 1;
+            }
+            Err(e) => {
+                println!("{}", json!({"outcome": e.outcome(), "error": e.to_string()}));
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    for ((main, backup), n) in counts {
+        let mut line = json!({"outcome": "ok", "main": main, "backup": backup});
+        if t.repeat > 1 {
+            line["count"] = n.into();
+        }
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn decode_json(value: &str) -> serde_json::Value {
@@ -171,8 +328,43 @@ fn demo_server(name: &str, listen: &str) -> Result<ExitCode> {
     })
 }
 
-fn demo() -> Result<ExitCode> {
-    let config = Config::parse(DEMO_CONFIG).context("the embedded demo config")?;
+/// Adds the example plugins found in `dir` to the demo config: `tenant-affinity` for
+/// requests with a tenant header, `lowest-load` for the rest. Their hashes are taken from
+/// the files, which the demo trusts because it just built them.
+fn demo_plugins(config: &mut Config, dir: &std::path::Path) -> Result<Vec<String>> {
+    use sha2::Digest;
+    let mut found = Vec::new();
+    for (name, file, plugin_config, tenant_only) in [
+        ("tenant-affinity", "tenant_affinity.wasm", r#"{"fallback": "shared"}"#, true),
+        ("lowest-load", "lowest_load.wasm", "", false),
+    ] {
+        let path = dir.join(file);
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let mut spec: hagate::config::PluginConfig = toml::from_str(&format!(
+            "name = {name:?}\npath = {path:?}\nsha256 = {sha:?}\nconfig = {plugin_config:?}\n",
+            path = path.display().to_string(),
+            sha = hex::encode(sha2::Sha256::digest(&bytes)),
+        ))?;
+        if tenant_only {
+            for tenant in ["acme", "globex"] {
+                spec.matches.push(hagate::config::PluginMatch {
+                    path_prefix: None,
+                    tenant: Some(tenant.into()),
+                });
+            }
+        }
+        found.push(format!("{name} ({})", path.display()));
+        config.plugins.push(spec);
+    }
+    config.validate()?;
+    Ok(found)
+}
+
+fn demo(plugins: &std::path::Path) -> Result<ExitCode> {
+    let mut config = Config::parse(DEMO_CONFIG).context("the embedded demo config")?;
+    let loaded = demo_plugins(&mut config, plugins)?;
     let exe = std::env::current_exe()?;
     let mut servers: Vec<(String, Child)> = Vec::new();
     for (alias, spec) in &config.instances {
@@ -197,9 +389,13 @@ fn demo() -> Result<ExitCode> {
         r#"
 hagate demo: gateway on http://{proxy}, admin on http://{admin}
 demo context servers: {servers}
+placement plugins: {plugins}
 
-# 1. create a context: no HAID, so placement picks a main and a backup and the server mints a HAID
+# 1. create a context: no HAID, so a placement plugin picks a main and a backup and the server mints a HAID
 curl -s -X POST http://{proxy}/api/rest_j/v1/contextservice/createContextID
+curl -s -X POST -H 'x-hagate-tenant: acme' http://{proxy}/api/rest_j/v1/contextservice/createContextID
+# ... or let the gateway mint the HAID itself
+curl -s -X POST -d '{{"tenant": "acme", "context_id": "1024"}}' http://{admin}/v1/placements
 # 2. a request for HAID {haid} lands on its main, {main_alias}
 curl -s -H 'contextID: {haid}' http://{proxy}{path}
 # 3. kill the main
@@ -209,7 +405,7 @@ curl -s -H 'contextID: {haid}' http://{proxy}{path}
 # 5. bad input gets a JSON answer
 curl -s -H 'contextID: 9-9--nope' http://{proxy}{path}
 # 6. health, failovers and the alias table
-curl -s http://{admin}/metrics | grep -E 'hagate_(instance_up|failovers_total|requests_total)'
+curl -s http://{admin}/metrics | grep -E 'hagate_(instance_up|failovers_total|requests_total|plugin_calls_total)'
 curl -s http://{admin}/v1/aliases
 "#,
         servers = servers
@@ -217,6 +413,11 @@ curl -s http://{admin}/v1/aliases
             .map(|(a, c)| format!("{a} (pid {})", c.id()))
             .collect::<Vec<_>>()
             .join(", "),
+        plugins = if loaded.is_empty() {
+            "none found (run scripts/demo.sh, which builds them); placing natively".to_string()
+        } else {
+            loaded.join(", ")
+        },
         main_alias = main.0,
         main_pid = main.1.id(),
         backup_alias = backup.0,

@@ -48,6 +48,16 @@ pub struct Metrics {
     pub table_size: IntGauge,
     /// `hagate_alias_table_swaps_total{source,result}`: source is config, sighup or api.
     pub table_swaps: IntCounterVec,
+    /// `hagate_plugin_calls_total{plugin,outcome}`: each call counts once as ok, trap,
+    /// timeout or invalid; a failed call answered by the native policy also counts as
+    /// fallback.
+    pub plugin_calls: IntCounterVec,
+    /// `hagate_plugin_call_seconds{plugin}`: time of one plugin call, including taking or
+    /// making an instance.
+    pub plugin_call_seconds: HistogramVec,
+    /// `hagate_plugin_reloads_total{plugin,result}`: loads of a plugin at start and on
+    /// reload; result is ok or error.
+    pub plugin_reloads: IntCounterVec,
 }
 
 /// Registers `metric` in `r` and hands it back.
@@ -179,8 +189,39 @@ impl Metrics {
             "Attempts to replace the alias table, by source and result.",
             &["source", "result"],
         );
+        let plugin_calls = counter_vec(
+            &r,
+            "hagate_plugin_calls_total",
+            "Placement plugin calls, by outcome (ok, trap, timeout, invalid; fallback when \
+             the native policy answered for a failed call).",
+            &["plugin", "outcome"],
+        );
+        let plugin_call_seconds = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "hagate_plugin_call_seconds",
+                    "Duration of one placement plugin call.",
+                )
+                .buckets(vec![
+                    0.000_002, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25,
+                    0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05,
+                ]),
+                &["plugin"],
+            )
+            .expect("valid metric"),
+        );
+        let plugin_reloads = counter_vec(
+            &r,
+            "hagate_plugin_reloads_total",
+            "Attempts to load a placement plugin (at start and on reload), by result.",
+            &["plugin", "result"],
+        );
         Metrics {
             registry: r,
+            plugin_calls,
+            plugin_call_seconds,
+            plugin_reloads,
             requests,
             request_duration,
             failovers,

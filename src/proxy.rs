@@ -22,9 +22,9 @@ use crate::aliases::AliasTable;
 use crate::context_id::{self, ContextIdError};
 use crate::gateway::{Gateway, Settings};
 use crate::haid::{self, HaidError};
-use crate::health::{now_ms, HealthView, InflightGuard, LiveView};
+use crate::health::{now_ms, InflightGuard, LiveView};
 use crate::metrics::metrics;
-use crate::placement::{Candidate, PlacementRequest};
+use crate::placement::{Candidates, Placement, PlacementError, PlacementRequest};
 use crate::route::{decide, Decision, Role, Target};
 
 const ROLE: &str = "x-hagate-role";
@@ -32,6 +32,8 @@ const CONTEXT_ID: &str = "x-hagate-context-id";
 const MAIN_ALIAS: &str = "x-hagate-main-alias";
 const BACKUP_ALIAS: &str = "x-hagate-backup-alias";
 const PREFIX: &str = "x-hagate-";
+/// Response header an instance may send to report its own load to placement.
+const LOAD: &str = "x-hagate-load";
 
 /// The proxy service.
 pub struct Proxy {
@@ -143,17 +145,33 @@ impl Answer {
     /// The 503 for a HAID whose instances are all down, or a placement with none live.
     fn no_live_instance(settings: &Settings, detail: String, unknown: Option<&str>) -> Self {
         metrics().no_live.inc();
-        let secs = settings.config.routing.retry_after.as_secs();
-        Answer {
-            status: 503,
-            body: serde_json::json!({
+        Self::unavailable(
+            settings,
+            serde_json::json!({
                 "error": "no_live_instance",
                 "detail": detail,
                 "unknown_alias": unknown,
-                "retry_after": secs,
             }),
+        )
+    }
+
+    /// A 503 with `Retry-After` (`routing.retry_after`), also given in the body.
+    fn unavailable(settings: &Settings, mut body: serde_json::Value) -> Self {
+        let secs = settings.config.routing.retry_after.as_secs();
+        body["retry_after"] = secs.into();
+        Answer {
+            status: 503,
+            body,
             retry_after: Some(secs),
         }
+    }
+
+    /// The 503 for a placement plugin that failed with fail policy `reject`.
+    fn placement_rejected(settings: &Settings, detail: String) -> Self {
+        Self::unavailable(
+            settings,
+            serde_json::json!({"error": "placement_rejected", "detail": detail}),
+        )
     }
 
     /// Writes the answer and ends the request.
@@ -261,18 +279,7 @@ impl Proxy {
         ctx: &mut Ctx,
     ) -> Option<Answer> {
         let req = session.req_header();
-        let view = LiveView::now();
-        let candidates: Vec<Candidate<'_>> = table
-            .instances()
-            .iter()
-            .map(|i| Candidate {
-                alias: i.alias.as_str(),
-                live: view.is_live(i),
-                inflight: i.state.inflight(),
-                weight: i.weight,
-                labels: &i.labels,
-            })
-            .collect();
+        let candidates = Candidates::of(table, &LiveView::now());
         let request = PlacementRequest {
             tenant: req
                 .headers
@@ -280,6 +287,7 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok()),
             path: req.uri.path(),
             context_id: None,
+            exclude: &[],
         };
         match self.gateway.placement().place(&request, &candidates) {
             Ok(choice) => {
@@ -295,12 +303,17 @@ impl Proxy {
                 });
                 None
             }
-            Err(e) => {
+            Err(PlacementError::NoLiveInstance) => {
                 metrics()
                     .placements
                     .with_label_values(&["no_live_instance"])
                     .inc();
-                Some(Answer::no_live_instance(settings, e.to_string(), None))
+                let detail = PlacementError::NoLiveInstance.to_string();
+                Some(Answer::no_live_instance(settings, detail, None))
+            }
+            Err(e @ PlacementError::Rejected { .. }) => {
+                metrics().placements.with_label_values(&["rejected"]).inc();
+                Some(Answer::placement_rejected(settings, e.to_string()))
             }
         }
     }
@@ -400,6 +413,19 @@ impl ProxyHttp for Proxy {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let (Some(table), Some(cur)) = (ctx.table(), ctx.current) {
+            let state = &table.get(cur.instance).state;
+            state.record_latency(ctx.started.elapsed());
+            if let Some(load) = response
+                .headers
+                .get(LOAD)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f32>().ok())
+            {
+                state.set_reported_load(load);
+            }
+            response.remove_header(LOAD);
+        }
         if response.status.is_server_error() {
             ctx.record_failure();
         } else if let (Some(table), Some(cur)) = (ctx.table(), ctx.current) {

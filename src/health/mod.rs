@@ -70,7 +70,14 @@ pub struct InstanceState {
     last_ejection: AtomicU64,
     /// Requests in flight to this instance through this gateway.
     inflight: AtomicI64,
+    /// Time-to-response-header EWMA in microseconds; 0 before the first sample.
+    latency_ewma_us: AtomicU32,
+    /// The `f32` bits of the load the instance reported (`x-hagate-load`); `NO_LOAD` if none.
+    reported_load: AtomicU32,
 }
+
+/// `reported_load` before any report (a NaN bit pattern).
+const NO_LOAD: u32 = u32::MAX;
 
 impl Default for InstanceState {
     fn default() -> Self {
@@ -84,6 +91,8 @@ impl Default for InstanceState {
             ejections: AtomicU32::new(0),
             last_ejection: AtomicU64::new(0),
             inflight: AtomicI64::new(0),
+            latency_ewma_us: AtomicU32::new(0),
+            reported_load: AtomicU32::new(NO_LOAD),
         }
     }
 }
@@ -198,6 +207,35 @@ impl InstanceState {
             self.active_up.store(false, Relaxed);
         }
         Some(time)
+    }
+
+    /// Feeds one response time into the EWMA (weight 1/8 for the new sample).
+    pub fn record_latency(&self, latency: Duration) {
+        let sample = latency.as_micros().min(u128::from(u32::MAX)) as u32;
+        let old = self.latency_ewma_us.load(Relaxed);
+        let new = if old == 0 {
+            sample.max(1)
+        } else {
+            (i64::from(old) + (i64::from(sample) - i64::from(old)) / 8).max(1) as u32
+        };
+        // A racing update may be lost; the average stays an average.
+        self.latency_ewma_us.store(new, Relaxed);
+    }
+
+    /// The response-time EWMA in microseconds (0 before the first response).
+    pub fn latency_ewma_us(&self) -> u32 {
+        self.latency_ewma_us.load(Relaxed)
+    }
+
+    /// Stores the load the instance reported; a non-finite value clears it.
+    pub fn set_reported_load(&self, load: f32) {
+        let bits = if load.is_finite() { load.to_bits() } else { NO_LOAD };
+        self.reported_load.store(bits, Relaxed);
+    }
+
+    /// The load the instance last reported, if any.
+    pub fn reported_load(&self) -> Option<f32> {
+        Some(f32::from_bits(self.reported_load.load(Relaxed))).filter(|l| l.is_finite())
     }
 
     /// Requests in flight to this instance.

@@ -1,0 +1,63 @@
+//! `lowest-load`: the main is the least-loaded live instance, and the backup the
+//! lowest-load live instance among the rest, preferring another `zone` label. Ties are
+//! broken uniformly at random, as the Linkis design asks.
+//!
+//! Config (JSON, every field optional): `{"metric": "inflight" | "latency" | "reported"}`.
+
+use std::cell::RefCell;
+
+use placement_kit::{choose, parse_config, Known, Metric, Rng};
+
+wit_bindgen::generate!({ path: "../../wit", world: "placement" });
+
+
+placement_kit::conversions!();
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    metric: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    metric: Metric,
+    known: Known,
+    rng: Rng,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::default();
+}
+
+struct LowestLoad;
+
+impl Guest for LowestLoad {
+    fn configure(config: String) -> Result<(), String> {
+        let c: Config = parse_config(&config)?;
+        let metric = Metric::parse(c.metric.as_deref().unwrap_or("inflight"))?;
+        STATE.with_borrow_mut(|s| s.metric = metric);
+        Ok(())
+    }
+
+    fn set_instances(instances: Vec<Instance>) {
+        let known = known(instances);
+        STATE.with_borrow_mut(|s| s.known = known);
+    }
+
+    fn place(_request: Request, loads: Vec<Load>, exclude: Vec<u32>) -> Result<Choice, String> {
+        STATE.with_borrow_mut(|s| {
+            let nodes = s.known.nodes(facts(&loads), &exclude);
+            let all = |_| true;
+            let (main, backup) = choose(&nodes, s.metric, &mut s.rng, all, all)
+                .ok_or("no live instance can take a new context")?;
+            Ok(Choice {
+                main: main as u32,
+                backup: backup.map(|b| b as u32),
+            })
+        })
+    }
+}
+
+export!(LowestLoad);

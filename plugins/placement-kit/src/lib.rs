@@ -1,0 +1,261 @@
+//! Plain-Rust placement helpers shared by hagate's example plugins.
+//!
+//! Nothing here knows the WIT types: each plugin converts its generated bindings into
+//! `Node`s (a few lines) and calls `choose`. That keeps the policy logic testable with
+//! `cargo test` on the host, and the same in every plugin.
+
+pub use fastrand::Rng;
+
+/// The per-call facts about one instance, as the WIT `load` record carries them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadFacts {
+    /// Live according to the gateway.
+    pub live: bool,
+    /// Requests in flight.
+    pub inflight: u32,
+    /// Response-time EWMA in microseconds.
+    pub latency_us: u32,
+    /// Self-reported load.
+    pub reported: Option<f32>,
+}
+
+/// The static facts a plugin keeps from `set-instances`: weights and labels, by index.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    weights: Vec<u32>,
+    labels: Vec<Vec<(String, String)>>,
+}
+
+impl Known {
+    /// Builds from `(weight, labels)` pairs in instance order.
+    pub fn new(instances: impl Iterator<Item = (u32, Vec<(String, String)>)>) -> Known {
+        let (weights, labels) = instances.unzip();
+        Known { weights, labels }
+    }
+
+    /// The value of label `key` of instance `i`.
+    pub fn label(&self, i: usize, key: &str) -> Option<&str> {
+        self.labels
+            .get(i)?
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// One `Node` per load record (an index past the known instances gets weight 0).
+    pub fn nodes(&self, loads: impl Iterator<Item = LoadFacts>, exclude: &[u32]) -> Vec<Node<'_>> {
+        loads
+            .enumerate()
+            .map(|(i, l)| Node {
+                live: l.live,
+                weight: self.weights.get(i).copied().unwrap_or(0),
+                inflight: l.inflight,
+                latency_us: l.latency_us,
+                reported: l.reported,
+                zone: self.label(i, "zone"),
+                excluded: exclude.contains(&(i as u32)),
+            })
+            .collect()
+    }
+}
+
+/// Reads a plugin's JSON config; blank text gives the defaults.
+pub fn parse_config<T: Default + for<'de> serde::Deserialize<'de>>(text: &str) -> Result<T, String> {
+    if text.trim().is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_str(text).map_err(|e| format!("config: {e}"))
+}
+
+/// What a policy needs to know about one instance for one call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Node<'a> {
+    /// Live according to the gateway's health checks.
+    pub live: bool,
+    /// Relative capacity; 0 takes no new contexts.
+    pub weight: u32,
+    /// Requests in flight through the gateway.
+    pub inflight: u32,
+    /// Response-time EWMA in microseconds.
+    pub latency_us: u32,
+    /// Load the instance reported itself.
+    pub reported: Option<f32>,
+    /// Its `zone` label.
+    pub zone: Option<&'a str>,
+    /// In the call's exclude set.
+    pub excluded: bool,
+}
+
+/// Which load figure ranks instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Metric {
+    /// In-flight requests divided by weight (the default).
+    #[default]
+    Inflight,
+    /// Response-time EWMA divided by weight.
+    Latency,
+    /// The instance's own reported load; instances that reported nothing rank by inflight
+    /// after every instance that did.
+    Reported,
+}
+
+impl Metric {
+    /// Parses `"inflight"`, `"latency"` or `"reported"`.
+    pub fn parse(s: &str) -> Result<Metric, String> {
+        match s {
+            "inflight" => Ok(Metric::Inflight),
+            "latency" => Ok(Metric::Latency),
+            "reported" => Ok(Metric::Reported),
+            other => Err(format!(
+                "unknown metric {other:?}: use \"inflight\", \"latency\" or \"reported\""
+            )),
+        }
+    }
+
+    /// The load of `n` (lower is better), as a pair compared in order.
+    pub fn score(self, n: &Node) -> (f64, f64) {
+        let w = f64::from(n.weight.max(1));
+        let inflight = f64::from(n.inflight) / w;
+        match self {
+            Metric::Inflight => (inflight, 0.0),
+            Metric::Latency => (f64::from(n.latency_us) / w, inflight),
+            Metric::Reported => match n.reported {
+                Some(r) if r.is_finite() => (0.0, f64::from(r)),
+                _ => (1.0, inflight),
+            },
+        }
+    }
+}
+
+/// Whether `n` may be a main: live, weighted, not excluded.
+pub fn can_take(n: &Node) -> bool {
+    n.live && n.weight > 0 && !n.excluded
+}
+
+/// The index of the lowest-load node among those `eligible` accepts. Ties are broken
+/// uniformly at random (reservoir sampling over the tied nodes, in one pass).
+pub fn lowest(
+    nodes: &[Node],
+    metric: Metric,
+    rng: &mut fastrand::Rng,
+    eligible: impl Fn(usize, &Node) -> bool,
+) -> Option<usize> {
+    let mut best: Option<((f64, f64), usize)> = None;
+    let mut ties = 0u32;
+    for (i, n) in nodes.iter().enumerate() {
+        if !eligible(i, n) {
+            continue;
+        }
+        let s = metric.score(n);
+        match best {
+            Some((b, _)) if s > b => {}
+            Some((b, _)) if s == b => {
+                ties += 1;
+                if rng.u32(0..ties) == 0 {
+                    best = Some((s, i));
+                }
+            }
+            _ => {
+                best = Some((s, i));
+                ties = 1;
+            }
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// The main from `pool`, and the backup from the rest: the lowest-load node of `pool`
+/// in another zone if there is one, else of `pool`, else of `spill` (a wider pool, live
+/// nodes), else any other node that is not excluded (so a HAID can still be minted).
+pub fn choose(
+    nodes: &[Node],
+    metric: Metric,
+    rng: &mut fastrand::Rng,
+    pool: impl Fn(usize) -> bool,
+    spill: impl Fn(usize) -> bool,
+) -> Option<(usize, Option<usize>)> {
+    let main = lowest(nodes, metric, rng, |i, n| pool(i) && can_take(n))?;
+    let zone = nodes[main].zone;
+    let other = |i: usize, n: &Node| i != main && can_take(n);
+    let backup = lowest(nodes, metric, rng, |i, n| {
+        other(i, n) && pool(i) && zone.is_some() && n.zone != zone
+    })
+    .or_else(|| lowest(nodes, metric, rng, |i, n| other(i, n) && pool(i)))
+    .or_else(|| lowest(nodes, metric, rng, |i, n| other(i, n) && spill(i)))
+    .or_else(|| lowest(nodes, metric, rng, |i, n| i != main && n.live && !n.excluded))
+    .or_else(|| lowest(nodes, metric, rng, |i, n| i != main && !n.excluded));
+    Some((main, backup))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(inflight: u32, zone: &'static str) -> Node<'static> {
+        Node {
+            live: true,
+            weight: 1,
+            inflight,
+            latency_us: 0,
+            reported: None,
+            zone: Some(zone),
+            excluded: false,
+        }
+    }
+
+    #[test]
+    fn ties_are_uniform() {
+        let nodes = [node(1, "a"), node(1, "a"), node(1, "b"), node(2, "b")];
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut counts = [0u32; 4];
+        for _ in 0..3000 {
+            counts[lowest(&nodes, Metric::Inflight, &mut rng, |_, _| true).unwrap()] += 1;
+        }
+        assert_eq!(counts[3], 0);
+        for c in &counts[..3] {
+            assert!((850..=1150).contains(c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn backup_prefers_another_zone_then_spills() {
+        let nodes = [node(0, "a"), node(1, "a"), node(5, "b")];
+        let mut rng = fastrand::Rng::with_seed(1);
+        let all = |_| true;
+        assert_eq!(choose(&nodes, Metric::Inflight, &mut rng, all, all), Some((0, Some(2))));
+        // pool {0}: nothing else in the pool, so the backup spills to the wider pool
+        let only0 = |i| i == 0;
+        assert_eq!(choose(&nodes, Metric::Inflight, &mut rng, only0, all), Some((0, Some(1))));
+        let mut dead = nodes;
+        dead[1].live = false;
+        dead[2].live = false;
+        assert_eq!(choose(&dead, Metric::Inflight, &mut rng, all, all).unwrap().0, 0);
+        dead[0].excluded = true;
+        assert_eq!(choose(&dead, Metric::Inflight, &mut rng, all, all), None);
+    }
+}
+
+/// Expands, inside a plugin crate (after `wit_bindgen::generate!`), to two conversions
+/// from the generated types: `known(instances) -> Known` and `facts(&loads)`.
+#[macro_export]
+macro_rules! conversions {
+    () => {
+        fn known(instances: Vec<hagate::policy::types::Instance>) -> $crate::Known {
+            $crate::Known::new(instances.into_iter().map(|i| {
+                let labels = i.labels.into_iter().map(|l| (l.key, l.value)).collect();
+                (i.weight, labels)
+            }))
+        }
+
+        fn facts(
+            loads: &[hagate::policy::types::Load],
+        ) -> impl Iterator<Item = $crate::LoadFacts> + '_ {
+            loads.iter().map(|l| $crate::LoadFacts {
+                live: l.live,
+                inflight: l.inflight,
+                latency_us: l.latency_ewma_us,
+                reported: l.reported,
+            })
+        }
+    };
+}

@@ -1,0 +1,292 @@
+//! The wasmtime host for placement plugins, wrapped narrowly.
+//!
+//! - One `Engine` per process, configured here only: component model, epoch interruption,
+//!   and a 1 ms epoch ticker thread that enforces per-call deadlines.
+//! - A plugin is compiled and pre-linked once (`PlacementPre`). Its instances are kept in
+//!   a small pool and reused call after call, so a call never pays for an instantiation;
+//!   an instance that trapped or timed out is dropped, and the next call makes a new one.
+//! - Every instance runs in its own `Store` with `StoreLimits` (a memory cap that traps on
+//!   growth) and a WASI context that grants nothing: no files, no environment, no args,
+//!   no sockets, no name lookup, no stdio.
+//!
+//! No pingora here; the only domain type that leaves is `placement::Choice`.
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{self, Label, PlacementPre};
+use crate::placement::{check_choice, Candidates, Choice, PlacementRequest};
+
+/// The epoch tick: deadlines are whole ticks, so a call is cut between `deadline - TICK`
+/// and `deadline` after it starts.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// Idle instances kept per plugin; more concurrent calls make more, then drop the excess.
+const MAX_IDLE: usize = 32;
+
+/// The process's engine, with its epoch ticker running.
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        // Backtraces cost time on every trap and only name anonymous functions.
+        config.wasm_backtrace_max_frames(None);
+        let engine = Engine::new(&config).expect("a fixed, valid engine config");
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("hagate-wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .expect("spawn the epoch ticker");
+        engine
+    })
+}
+
+/// The WASI imports every Rust guest links against, granting nothing.
+fn linker() -> &'static Linker<HostState> {
+    static LINKER: OnceLock<Linker<HostState>> = OnceLock::new();
+    LINKER.get_or_init(|| {
+        let mut linker = Linker::new(engine());
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).expect("WASI links once");
+        linker
+    })
+}
+
+/// What one store holds.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Why a plugin call did not give a usable placement.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The guest trapped (a panic, an out-of-bounds access, or the memory cap).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The call ran past its deadline.
+    #[error("ran past its deadline")]
+    Timeout,
+    /// The answer broke the rules (`placement::check_choice`).
+    #[error("invalid answer: {0}")]
+    Invalid(String),
+    /// The plugin returned an error.
+    #[error("declined: {0}")]
+    Declined(String),
+}
+
+impl CallError {
+    /// The `outcome` label of `hagate_plugin_calls_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            CallError::Trap(_) => "trap",
+            CallError::Timeout => "timeout",
+            CallError::Invalid(_) => "invalid",
+            CallError::Declined(_) => "declined",
+        }
+    }
+
+    fn from_wasm(e: wasmtime::Error) -> Self {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallError::Timeout,
+            Some(trap) => CallError::Trap(trap.to_string()),
+            None => CallError::Trap(e.root_cause().to_string()),
+        }
+    }
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// Not a component implementing `hagate:policy/placement@0.1.0`.
+    #[error("not a hagate:policy@0.1.0 placement component: {0}")]
+    Component(String),
+    /// Making the first instance failed (a trap or the limits).
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+    /// `configure` returned an error.
+    #[error("configure refused the config: {0}")]
+    Configure(String),
+}
+
+/// The limits one plugin runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU time per call.
+    pub deadline: Duration,
+    /// Linear-memory cap per instance, in bytes.
+    pub memory: usize,
+}
+
+impl Limits {
+    fn ticks(&self) -> u64 {
+        (self.deadline.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1)
+    }
+}
+
+/// One instance and the alias-table version it was last told about.
+struct Slot {
+    store: Store<HostState>,
+    guest: bindings::Placement,
+    seen: Option<u64>,
+}
+
+/// A compiled, configured plugin with its pool of instances.
+pub struct Plugin {
+    pre: PlacementPre<HostState>,
+    config: String,
+    limits: Limits,
+    idle: Mutex<Vec<Slot>>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("limits", &self.limits).finish()
+    }
+}
+
+impl Plugin {
+    /// Compiles `bytes`, makes a first instance and runs `configure(config)` on it.
+    pub fn load(bytes: &[u8], config: &str, limits: Limits) -> Result<Plugin, LoadError> {
+        let component =
+            Component::new(engine(), bytes).map_err(|e| LoadError::Component(format!("{e:#}")))?;
+        let pre = linker()
+            .instantiate_pre(&component)
+            .and_then(PlacementPre::new)
+            .map_err(|e| LoadError::Component(format!("{e:#}")))?;
+        let plugin = Plugin {
+            pre,
+            config: config.to_string(),
+            limits,
+            idle: Mutex::new(Vec::new()),
+        };
+        let slot = plugin.instantiate().map_err(|e| match e {
+            SlotError::Instantiate(m) => LoadError::Instantiate(m),
+            SlotError::Configure(m) => LoadError::Configure(m),
+        })?;
+        plugin.put(slot);
+        Ok(plugin)
+    }
+
+    /// A new instance, configured: what replacing a trapped instance costs.
+    fn instantiate(&self) -> Result<Slot, SlotError> {
+        let wasi = WasiCtx::builder()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            engine(),
+            HostState {
+                wasi,
+                table: ResourceTable::new(),
+                limits,
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(self.limits.ticks());
+        let guest = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| SlotError::Instantiate(format!("{e:#}")))?;
+        store.set_epoch_deadline(self.limits.ticks());
+        guest
+            .call_configure(&mut store, &self.config)
+            .map_err(|e| SlotError::Instantiate(CallError::from_wasm(e).to_string()))?
+            .map_err(SlotError::Configure)?;
+        Ok(Slot {
+            store,
+            guest,
+            seen: None,
+        })
+    }
+
+    /// Makes and drops one fresh instance (for benchmarks of the replacement cost).
+    pub fn replace_once(&self) -> Result<(), String> {
+        self.instantiate().map(drop).map_err(|e| e.to_string())
+    }
+
+    fn take(&self) -> Option<Slot> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put(&self, slot: Slot) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(slot);
+        }
+    }
+
+    /// Asks the plugin for a placement and checks the answer. An instance that traps or
+    /// times out is dropped; the others go back to the pool.
+    pub fn place(
+        &self,
+        request: &PlacementRequest<'_>,
+        candidates: &Candidates<'_>,
+    ) -> Result<Choice, CallError> {
+        let mut slot = match self.take() {
+            Some(slot) => slot,
+            None => self.instantiate().map_err(|e| CallError::Trap(e.to_string()))?,
+        };
+        slot.store.set_epoch_deadline(self.limits.ticks());
+        if slot.seen != Some(candidates.version) {
+            let labels: Vec<Vec<Label<'_>>> = candidates
+                .list
+                .iter()
+                .map(|c| bindings::labels(c.labels))
+                .collect();
+            let instances = bindings::instances(&candidates.list, &labels);
+            slot.guest
+                .call_set_instances(&mut slot.store, &instances)
+                .map_err(CallError::from_wasm)?;
+            slot.seen = Some(candidates.version);
+        }
+        let loads: Vec<_> = candidates.list.iter().map(bindings::load).collect();
+        let answer = slot
+            .guest
+            .call_place(
+                &mut slot.store,
+                bindings::request(request),
+                &loads,
+                &bindings::exclude(request.exclude),
+            )
+            .map_err(CallError::from_wasm)?;
+        self.put(slot);
+        let choice = answer.map_err(CallError::Declined)?;
+        check_choice(choice.main, choice.backup, &candidates.list, request.exclude)
+            .map_err(CallError::Invalid)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SlotError {
+    #[error("{0}")]
+    Instantiate(String),
+    #[error("configure failed: {0}")]
+    Configure(String),
+}
