@@ -24,4 +24,7 @@ if command -v rustup >/dev/null 2>&1; then
     rustup component list --installed 2>/dev/null | grep -q "^$component" \
       || rustup component add "$component"
   done
+  # The placement plugins (plugins/) build for this target.
+  rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 \
+    || rustup target add wasm32-wasip2
 fi

@@ -16,7 +16,7 @@ use crate::aliases::InstanceSpec;
 use crate::gateway::Gateway;
 use crate::haid;
 use crate::health::{now_ms, LiveView};
-use crate::placement::{Candidates, Placement, PlacementError, PlacementRequest};
+use crate::placement::{Candidates, PlacementError, PlacementRequest};
 use crate::http_server::{json, read_body, text, Reply};
 use crate::metrics::metrics;
 
@@ -176,7 +176,7 @@ async fn placements(gateway: &Gateway, req: Request<Incoming>) -> Reply {
             .insert(hyper::header::RETRY_AFTER, secs.into());
         reply
     };
-    let choice = match gateway.placement().place(&request, &candidates) {
+    let choice = match gateway.placement().place(&request, &candidates).await {
         Ok(c) => c,
         Err(e @ PlacementError::NoLiveInstance) => {
             return unavailable("no_live_instance", e.to_string())

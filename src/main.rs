@@ -244,7 +244,11 @@ fn plugin_test(t: PluginTest) -> Result<ExitCode> {
         deadline: t.deadline,
         memory: usize::try_from(t.memory_limit.as_u64()).unwrap_or(usize::MAX),
     };
-    let plugin = hagate::plugin::Plugin::load(&bytes, &config, limits)
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let plugin = rt
+        .block_on(hagate::plugin::Plugin::load(&bytes, &config, limits))
         .with_context(|| format!("plugin {}", t.wasm.display()))?;
     let candidates = Candidates {
         version: 1,
@@ -277,7 +281,7 @@ fn plugin_test(t: PluginTest) -> Result<ExitCode> {
     let alias = |i: Option<usize>| i.map(|i| file[i].alias.as_str());
     let mut counts = std::collections::BTreeMap::<(String, Option<String>), u32>::new();
     for _ in 0..t.repeat.max(1) {
-        match plugin.place(&request, &candidates) {
+        match rt.block_on(plugin.place(&request, &candidates)) {
             Ok(choice) => {
                 let key = (
                     file[choice.main].alias.clone(),

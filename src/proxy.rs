@@ -24,7 +24,7 @@ use crate::gateway::{Gateway, Settings};
 use crate::haid::{self, HaidError};
 use crate::health::{now_ms, InflightGuard, LiveView};
 use crate::metrics::metrics;
-use crate::placement::{Candidates, Placement, PlacementError, PlacementRequest};
+use crate::placement::{Candidates, PlacementError, PlacementRequest};
 use crate::route::{decide, Decision, Role, Target};
 
 const ROLE: &str = "x-hagate-role";
@@ -194,7 +194,7 @@ impl Answer {
 
 impl Proxy {
     /// Decides where a request goes, or returns the error answer.
-    fn plan(&self, session: &Session, ctx: &mut Ctx) -> Option<Answer> {
+    async fn plan(&self, session: &Session, ctx: &mut Ctx) -> Option<Answer> {
         let settings = self.gateway.settings();
         let table = self.gateway.table();
         let req = session.req_header();
@@ -222,7 +222,7 @@ impl Proxy {
                 ContextIdError::NotUtf8.to_string(),
             )),
             Err(e) => Some(Answer::invalid_haid("bad_wrapper", e.to_string())),
-            Ok(None) => self.place(session, &settings, &table, ctx),
+            Ok(None) => self.place(session, &settings, &table, ctx).await,
             Ok(Some(value)) => match context_id::unwrap(&value) {
                 Err(e) => Some(Answer::invalid_haid("bad_wrapper", e.to_string())),
                 Ok(text) => match haid::decode(&text) {
@@ -271,7 +271,7 @@ impl Proxy {
     }
 
     /// Chooses a main and backup for a request without a HAID.
-    fn place(
+    async fn place(
         &self,
         session: &Session,
         settings: &Settings,
@@ -289,7 +289,7 @@ impl Proxy {
             context_id: None,
             exclude: &[],
         };
-        match self.gateway.placement().place(&request, &candidates) {
+        match self.gateway.placement().place(&request, &candidates).await {
             Ok(choice) => {
                 metrics().placements.with_label_values(&["ok"]).inc();
                 ctx.placed = true;
@@ -340,7 +340,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        match self.plan(session, ctx) {
+        match self.plan(session, ctx).await {
             None => Ok(false),
             Some(answer) => answer.send(session).await,
         }

@@ -1,8 +1,10 @@
-//! Hot reload triggers: the config file changing on disk (`notify`, watching the parent
-//! directory so editors' rename-into-place is seen), and SIGHUP. Both call
-//! `Gateway::reload`, which validates before it swaps.
+//! Hot reload triggers: the config file or a plugin's `.wasm` file changing on disk
+//! (`notify`, watching their parent directories so editors' rename-into-place is seen),
+//! and SIGHUP. Both call `Gateway::reload`, which validates (and loads plugins) before it
+//! swaps.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,50 +16,81 @@ use crate::gateway::{Gateway, SwapSource};
 /// How long to wait for a burst of file events to settle before reloading.
 const SETTLE: Duration = Duration::from_millis(150);
 
-/// Watches the config file and reloads on change, until the process ends.
+/// `path` with its directory made canonical (the file itself may not exist yet).
+fn canonical(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
+        .map(|d| d.join(name))
+        .unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// The files whose change triggers a reload: the config file and every plugin file.
+fn watched_files(gateway: &Gateway, config: &Path) -> BTreeSet<PathBuf> {
+    let mut files = BTreeSet::from([canonical(config)]);
+    for p in &gateway.settings().config.plugins {
+        files.insert(canonical(&p.path));
+    }
+    files
+}
+
+/// The contents of `files`, to tell a real change from a touch.
+fn fingerprint(files: &BTreeSet<PathBuf>) -> Vec<Option<Vec<u8>>> {
+    files.iter().map(|f| std::fs::read(f).ok()).collect()
+}
+
+/// Watches the config and plugin files and reloads on change, until the process ends.
 pub async fn watch_config(gateway: Arc<Gateway>) {
-    let Some(path) = gateway.config_path().map(PathBuf::from) else {
+    let Some(config) = gateway.config_path().map(PathBuf::from) else {
         return;
     };
-    let path = std::fs::canonicalize(&path).unwrap_or(path);
-    let Some(dir) = path.parent().map(PathBuf::from) else {
-        return;
-    };
-    let (tx, mut rx) = mpsc::channel::<()>(16);
-    let file_name = path.file_name().map(|n| n.to_os_string());
-    let mut watcher =
-        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                if event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name() == file_name.as_deref())
-                {
-                    let _ = tx.try_send(());
+    loop {
+        let files = watched_files(&gateway, &config);
+        let dirs: BTreeSet<PathBuf> = files
+            .iter()
+            .filter_map(|f| f.parent().map(PathBuf::from))
+            .collect();
+        let (tx, mut rx) = mpsc::channel::<()>(16);
+        let wanted = files.clone();
+        let mut watcher =
+            match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    if event.paths.iter().any(|p| wanted.contains(p)) {
+                        let _ = tx.try_send(());
+                    }
+                }
+            }) {
+                Ok(w) => w,
+                Err(error) => {
+                    tracing::error!(%error, "cannot watch files; use SIGHUP to reload");
+                    return;
+                }
+            };
+        for dir in &dirs {
+            if let Err(error) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::error!(%error, dir = %dir.display(), "cannot watch this directory; use SIGHUP to reload");
+            }
+        }
+        let mut last = fingerprint(&files);
+        while rx.recv().await.is_some() {
+            // Let a burst of events (truncate + write, or rename) settle into one reload.
+            while tokio::time::timeout(SETTLE, rx.recv())
+                .await
+                .is_ok_and(|e| e.is_some())
+            {}
+            let now = fingerprint(&files);
+            if now != last && config.exists() {
+                last = now;
+                let _ = gateway.reload(SwapSource::ConfigFile);
+                if watched_files(&gateway, &config) != files {
+                    break; // the plugin list changed: watch the new set
                 }
             }
-        }) {
-            Ok(w) => w,
-            Err(error) => {
-                tracing::error!(%error, "cannot watch the config file; use SIGHUP to reload");
-                return;
-            }
-        };
-    if let Err(error) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::error!(%error, dir = %dir.display(), "cannot watch the config directory; use SIGHUP to reload");
-        return;
-    }
-    let mut last = std::fs::read(&path).ok();
-    while rx.recv().await.is_some() {
-        // Let a burst of events (truncate + write, or rename) settle into one reload.
-        while tokio::time::timeout(SETTLE, rx.recv())
-            .await
-            .is_ok_and(|e| e.is_some())
-        {}
-        let now = std::fs::read(&path).ok();
-        if now.is_some() && now != last {
-            last = now;
-            let _ = gateway.reload(SwapSource::ConfigFile);
         }
     }
 }

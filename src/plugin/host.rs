@@ -1,7 +1,9 @@
 //! The wasmtime host for placement plugins, wrapped narrowly.
 //!
-//! - One `Engine` per process, configured here only: component model, epoch interruption,
-//!   and a 1 ms epoch ticker thread that enforces per-call deadlines.
+//! - One `Engine` per process, configured here only: component model, async calls (each
+//!   on a fiber whose stack the store keeps), epoch interruption, and a 1 ms epoch ticker
+//!   thread that enforces per-call deadlines inside Wasm code. A wall-clock timeout of
+//!   twice the deadline also bounds time spent waiting in WASI host calls.
 //! - A plugin is compiled and pre-linked once (`PlacementPre`). Its instances are kept in
 //!   a small pool and reused call after call, so a call never pays for an instantiation;
 //!   an instance that trapped or timed out is dropped, and the next call makes a new one.
@@ -58,7 +60,7 @@ fn linker() -> &'static Linker<HostState> {
     static LINKER: OnceLock<Linker<HostState>> = OnceLock::new();
     LINKER.get_or_init(|| {
         let mut linker = Linker::new(engine());
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).expect("WASI links once");
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).expect("WASI links once");
         linker
     })
 }
@@ -168,7 +170,7 @@ impl std::fmt::Debug for Plugin {
 
 impl Plugin {
     /// Compiles `bytes`, makes a first instance and runs `configure(config)` on it.
-    pub fn load(bytes: &[u8], config: &str, limits: Limits) -> Result<Plugin, LoadError> {
+    pub async fn load(bytes: &[u8], config: &str, limits: Limits) -> Result<Plugin, LoadError> {
         let component =
             Component::new(engine(), bytes).map_err(|e| LoadError::Component(format!("{e:#}")))?;
         let pre = linker()
@@ -181,7 +183,7 @@ impl Plugin {
             limits,
             idle: Mutex::new(Vec::new()),
         };
-        let slot = plugin.instantiate().map_err(|e| match e {
+        let slot = plugin.instantiate().await.map_err(|e| match e {
             SlotError::Instantiate(m) => LoadError::Instantiate(m),
             SlotError::Configure(m) => LoadError::Configure(m),
         })?;
@@ -190,7 +192,7 @@ impl Plugin {
     }
 
     /// A new instance, configured: what replacing a trapped instance costs.
-    fn instantiate(&self) -> Result<Slot, SlotError> {
+    async fn instantiate(&self) -> Result<Slot, SlotError> {
         let wasi = WasiCtx::builder()
             .allow_tcp(false)
             .allow_udp(false)
@@ -212,11 +214,13 @@ impl Plugin {
         store.set_epoch_deadline(self.limits.ticks());
         let guest = self
             .pre
-            .instantiate(&mut store)
+            .instantiate_async(&mut store)
+            .await
             .map_err(|e| SlotError::Instantiate(format!("{e:#}")))?;
         store.set_epoch_deadline(self.limits.ticks());
         guest
             .call_configure(&mut store, &self.config)
+            .await
             .map_err(|e| SlotError::Instantiate(CallError::from_wasm(e).to_string()))?
             .map_err(SlotError::Configure)?;
         Ok(Slot {
@@ -227,8 +231,8 @@ impl Plugin {
     }
 
     /// Makes and drops one fresh instance (for benchmarks of the replacement cost).
-    pub fn replace_once(&self) -> Result<(), String> {
-        self.instantiate().map(drop).map_err(|e| e.to_string())
+    pub async fn replace_once(&self) -> Result<(), String> {
+        self.instantiate().await.map(drop).map_err(|e| e.to_string())
     }
 
     fn take(&self) -> Option<Slot> {
@@ -244,14 +248,33 @@ impl Plugin {
 
     /// Asks the plugin for a placement and checks the answer. An instance that traps or
     /// times out is dropped; the others go back to the pool.
-    pub fn place(
+    pub async fn place(
         &self,
         request: &PlacementRequest<'_>,
         candidates: &Candidates<'_>,
     ) -> Result<Choice, CallError> {
+        let call = self.call(request, candidates);
+        // Epochs cut Wasm code; this also cuts a guest waiting in a WASI host call. A call
+        // cut here is dropped with its instance.
+        let choice = tokio::time::timeout(self.limits.deadline * 2, call)
+            .await
+            .map_err(|_| CallError::Timeout)??;
+        check_choice(choice.main, choice.backup, &candidates.list, request.exclude)
+            .map_err(CallError::Invalid)
+    }
+
+    /// One call on a pooled (or new) instance; the raw answer as indices.
+    async fn call(
+        &self,
+        request: &PlacementRequest<'_>,
+        candidates: &Candidates<'_>,
+    ) -> Result<bindings::Choice, CallError> {
         let mut slot = match self.take() {
             Some(slot) => slot,
-            None => self.instantiate().map_err(|e| CallError::Trap(e.to_string()))?,
+            None => self
+                .instantiate()
+                .await
+                .map_err(|e| CallError::Trap(e.to_string()))?,
         };
         slot.store.set_epoch_deadline(self.limits.ticks());
         if slot.seen != Some(candidates.version) {
@@ -263,6 +286,7 @@ impl Plugin {
             let instances = bindings::instances(&candidates.list, &labels);
             slot.guest
                 .call_set_instances(&mut slot.store, &instances)
+                .await
                 .map_err(CallError::from_wasm)?;
             slot.seen = Some(candidates.version);
         }
@@ -275,11 +299,10 @@ impl Plugin {
                 &loads,
                 &bindings::exclude(request.exclude),
             )
+            .await
             .map_err(CallError::from_wasm)?;
         self.put(slot);
-        let choice = answer.map_err(CallError::Declined)?;
-        check_choice(choice.main, choice.backup, &candidates.list, request.exclude)
-            .map_err(CallError::Invalid)
+        answer.map_err(CallError::Declined)
     }
 }
 

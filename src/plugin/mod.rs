@@ -1,8 +1,8 @@
 //! Wasm placement plugins: loading them from config, choosing one per request, and
 //! applying its fail policy.
 //!
-//! `PluginSet` is what the gateway swaps in on reload. It implements `Placement`: the first
-//! plugin whose `match` fits the request places it; a failed call counts its outcome and
+//! `PluginSet` is what the gateway swaps in on reload. Its `place` is the gateway's placement
+//! policy: the first plugin whose `match` fits the request places it; a failed call counts its outcome and
 //! then falls back to the native `LeastLoaded` or rejects, as the plugin's `fail_policy`
 //! says. With no plugin matching, the native policy places.
 //!
@@ -72,9 +72,9 @@ pub fn limits(spec: &PluginConfig) -> Limits {
 }
 
 /// Loads one plugin from a checked file.
-pub fn load_one(spec: &PluginConfig, field: &str) -> Result<Plugin, ConfigError> {
+pub async fn load_one(spec: &PluginConfig, field: &str) -> Result<Plugin, ConfigError> {
     let bytes = read_checked(spec, field)?;
-    Plugin::load(&bytes, &spec.config, limits(spec)).map_err(|e| ConfigError::Invalid {
+    Plugin::load(&bytes, &spec.config, limits(spec)).await.map_err(|e| ConfigError::Invalid {
         field: match e {
             LoadError::Configure(_) => format!("{field}.config"),
             _ => format!("{field}.path"),
@@ -86,7 +86,35 @@ pub fn load_one(spec: &PluginConfig, field: &str) -> Result<Plugin, ConfigError>
 impl PluginSet {
     /// Loads every plugin of `specs`, reusing those of `previous` whose settings are
     /// unchanged and whose file still matches. Any failure refuses the whole set.
+    ///
+    /// Blocking: it runs the (async) loading on a thread of its own, so it can be called
+    /// from inside or outside a runtime. Loads are rare: at start and on reload.
     pub fn load(specs: &[PluginConfig], previous: Option<&PluginSet>) -> Result<Self, ConfigError> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| ConfigError::Invalid {
+                        field: "plugins".into(),
+                        message: format!("cannot start a runtime to load plugins: {e}"),
+                    })?;
+                rt.block_on(Self::load_async(specs, previous))
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(ConfigError::Invalid {
+                    field: "plugins".into(),
+                    message: "loading the plugins panicked".into(),
+                })
+            })
+        })
+    }
+
+    async fn load_async(
+        specs: &[PluginConfig],
+        previous: Option<&PluginSet>,
+    ) -> Result<Self, ConfigError> {
         let mut plugins = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
             let field = format!("plugins[{i}]");
@@ -101,7 +129,7 @@ impl PluginSet {
                 continue;
             }
             let started = Instant::now();
-            let result = load_one(spec, &field);
+            let result = load_one(spec, &field).await;
             let label = if result.is_ok() { "ok" } else { "error" };
             metrics()
                 .plugin_reloads
@@ -138,8 +166,9 @@ impl PluginSet {
     }
 }
 
-impl Placement for PluginSet {
-    fn place(
+impl PluginSet {
+    /// Places a new context: the matching plugin, its fail policy, or the native policy.
+    pub async fn place(
         &self,
         request: &PlacementRequest<'_>,
         candidates: &Candidates<'_>,
@@ -150,7 +179,7 @@ impl Placement for PluginSet {
         let name = loaded.spec.name.as_str();
         let m = metrics();
         let started = Instant::now();
-        let result = loaded.plugin.place(request, candidates);
+        let result = loaded.plugin.place(request, candidates).await;
         m.plugin_call_seconds
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());

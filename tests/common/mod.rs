@@ -253,6 +253,11 @@ impl Gateway {
         }
     }
 
+    /// Whether the gateway process is still running.
+    pub fn still_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("hagate.toml")
     }
@@ -362,4 +367,39 @@ pub async fn json_of(req: reqwest::RequestBuilder) -> Value {
 
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// The `.wasm` of plugin crate `name` (e.g. `lowest_load`), built from `plugins/` with the
+/// same command as `scripts/build-plugins.sh` (once per test process; cargo makes it a
+/// no-op when nothing changed).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .current_dir(repo_path("plugins"))
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+            .arg(repo_path("plugins/target"))
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .expect("run cargo for the plugins");
+        assert!(status.success(), "building plugins/ failed");
+    });
+    let path = repo_path(&format!("plugins/target/wasm32-wasip2/release/{name}.wasm"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// The sha256 of a file, in hex.
+pub fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// A `[[plugins]]` entry for `wasm` with its real hash; `extra` adds TOML lines.
+pub fn plugin_entry(name: &str, wasm: &Path, extra: &str) -> String {
+    format!(
+        "[[plugins]]\nname = {name:?}\npath = {path:?}\nsha256 = {sha:?}\n{extra}\n",
+        path = wasm.display().to_string(),
+        sha = sha256_of(wasm),
+    )
 }

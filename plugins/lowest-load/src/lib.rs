@@ -10,7 +10,6 @@ use placement_kit::{choose, parse_config, Known, Metric, Rng};
 
 wit_bindgen::generate!({ path: "../../wit", world: "placement" });
 
-
 placement_kit::conversions!();
 
 #[derive(serde::Deserialize, Default)]

@@ -15,7 +15,6 @@ use std::cell::RefCell;
 
 wit_bindgen::generate!({ path: "../../wit", world: "placement" });
 
-
 thread_local! {
     static MODE: RefCell<String> = RefCell::default();
     static HOARD: RefCell<Vec<Vec<u8>>> = RefCell::default();

@@ -60,7 +60,9 @@ impl Known {
 }
 
 /// Reads a plugin's JSON config; blank text gives the defaults.
-pub fn parse_config<T: Default + for<'de> serde::Deserialize<'de>>(text: &str) -> Result<T, String> {
+pub fn parse_config<T: Default + for<'de> serde::Deserialize<'de>>(
+    text: &str,
+) -> Result<T, String> {
     if text.trim().is_empty() {
         return Ok(T::default());
     }
@@ -165,8 +167,9 @@ pub fn lowest(
 }
 
 /// The main from `pool`, and the backup from the rest: the lowest-load node of `pool`
-/// in another zone if there is one, else of `pool`, else of `spill` (a wider pool, live
-/// nodes), else any other node that is not excluded (so a HAID can still be minted).
+/// (preferring another zone), else of `spill`, a wider pool (again preferring another
+/// zone), else any other live node, else any other node that is not excluded (so a HAID
+/// can still be minted).
 pub fn choose(
     nodes: &[Node],
     metric: Metric,
@@ -177,13 +180,17 @@ pub fn choose(
     let main = lowest(nodes, metric, rng, |i, n| pool(i) && can_take(n))?;
     let zone = nodes[main].zone;
     let other = |i: usize, n: &Node| i != main && can_take(n);
-    let backup = lowest(nodes, metric, rng, |i, n| {
-        other(i, n) && pool(i) && zone.is_some() && n.zone != zone
-    })
-    .or_else(|| lowest(nodes, metric, rng, |i, n| other(i, n) && pool(i)))
-    .or_else(|| lowest(nodes, metric, rng, |i, n| other(i, n) && spill(i)))
-    .or_else(|| lowest(nodes, metric, rng, |i, n| i != main && n.live && !n.excluded))
-    .or_else(|| lowest(nodes, metric, rng, |i, n| i != main && !n.excluded));
+    let far = |n: &Node| zone.is_some() && n.zone != zone;
+    let backup = lowest(nodes, metric, rng, |i, n| other(i, n) && pool(i) && far(n))
+        .or_else(|| lowest(nodes, metric, rng, |i, n| other(i, n) && pool(i)))
+        .or_else(|| lowest(nodes, metric, rng, |i, n| other(i, n) && spill(i) && far(n)))
+        .or_else(|| lowest(nodes, metric, rng, |i, n| other(i, n) && spill(i)))
+        .or_else(|| {
+            lowest(nodes, metric, rng, |i, n| {
+                i != main && n.live && !n.excluded
+            })
+        })
+        .or_else(|| lowest(nodes, metric, rng, |i, n| i != main && !n.excluded));
     Some((main, backup))
 }
 
@@ -222,14 +229,31 @@ mod tests {
         let nodes = [node(0, "a"), node(1, "a"), node(5, "b")];
         let mut rng = fastrand::Rng::with_seed(1);
         let all = |_| true;
-        assert_eq!(choose(&nodes, Metric::Inflight, &mut rng, all, all), Some((0, Some(2))));
-        // pool {0}: nothing else in the pool, so the backup spills to the wider pool
+        assert_eq!(
+            choose(&nodes, Metric::Inflight, &mut rng, all, all),
+            Some((0, Some(2)))
+        );
+        // pool {0}: nothing else in the pool, so the backup spills to the wider pool,
+        // still preferring another zone
         let only0 = |i| i == 0;
-        assert_eq!(choose(&nodes, Metric::Inflight, &mut rng, only0, all), Some((0, Some(1))));
+        assert_eq!(
+            choose(&nodes, Metric::Inflight, &mut rng, only0, all),
+            Some((0, Some(2)))
+        );
+        let only01 = |i| i < 2;
+        assert_eq!(
+            choose(&nodes, Metric::Inflight, &mut rng, only0, only01),
+            Some((0, Some(1)))
+        );
         let mut dead = nodes;
         dead[1].live = false;
         dead[2].live = false;
-        assert_eq!(choose(&dead, Metric::Inflight, &mut rng, all, all).unwrap().0, 0);
+        assert_eq!(
+            choose(&dead, Metric::Inflight, &mut rng, all, all)
+                .unwrap()
+                .0,
+            0
+        );
         dead[0].excluded = true;
         assert_eq!(choose(&dead, Metric::Inflight, &mut rng, all, all), None);
     }

@@ -24,7 +24,6 @@ use placement_kit::{can_take, choose, parse_config, Known, Metric, Rng};
 
 wit_bindgen::generate!({ path: "../../wit", world: "placement" });
 
-
 placement_kit::conversions!();
 
 #[derive(serde::Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -70,13 +69,24 @@ fn place_tenant(
     exclude: &[u32],
     loads: &[Load],
 ) -> Result<(usize, Option<usize>), String> {
-    let State { label, tenants, fallback, metric, known, rng } = s;
+    let State {
+        label,
+        tenants,
+        fallback,
+        metric,
+        known,
+        rng,
+    } = s;
     let nodes = known.nodes(facts(loads), exclude);
     let group = tenant.map(|t| tenants.get(t).map(String::as_str).unwrap_or(t));
     let group_of = |i: usize| known.label(i, label);
     let in_group = |i: usize| group.is_some() && group_of(i) == group;
     let shared = |i: usize| group_of(i).is_none();
-    if nodes.iter().enumerate().any(|(i, n)| in_group(i) && can_take(n)) {
+    if nodes
+        .iter()
+        .enumerate()
+        .any(|(i, n)| in_group(i) && can_take(n))
+    {
         if let Some(placed) = choose(&nodes, *metric, rng, in_group, shared) {
             return Ok(placed);
         }
@@ -87,7 +97,8 @@ fn place_tenant(
         Fallback::Any => choose(&nodes, *metric, rng, |_| true, |_| true),
         Fallback::Refuse => return Err(format!("tenant {who}: no live instance in its group")),
     };
-    placed.ok_or_else(|| format!("tenant {who}: no live instance in its group or the fallback pool"))
+    placed
+        .ok_or_else(|| format!("tenant {who}: no live instance in its group or the fallback pool"))
 }
 
 struct TenantAffinity;
