@@ -1,5 +1,6 @@
 //! The per-request decision path: decode the HAID, resolve both aliases, decide.
 //! Aim: at most 150 ns and no heap allocation (tests/no_alloc.rs checks the latter).
+//! Placement (requests without a HAID) is in `benches/placement.rs`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -7,7 +8,6 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use hagate::aliases::{InstanceSpec, TableHolder};
 use hagate::health::LiveView;
-use hagate::placement::{Candidate, LeastLoaded, Placement, PlacementRequest};
 use hagate::{context_id, haid, route};
 
 fn table(n: usize) -> TableHolder {
@@ -64,25 +64,6 @@ fn bench(c: &mut Criterion) {
             let text = context_id::unwrap(black_box(wrapped)).unwrap();
             haid::decode(&text).map(|h| h.id.len()).unwrap_or(0)
         })
-    });
-
-    let t = holder.load();
-    let cands: Vec<Candidate<'_>> = t
-        .instances()
-        .iter()
-        .take(8)
-        .enumerate()
-        .map(|(i, inst)| Candidate {
-            alias: inst.alias.as_str(),
-            live: i != 3,
-            inflight: (i as u64 * 7) % 5,
-            weight: 1,
-            labels: &inst.labels,
-        })
-        .collect();
-    let policy = LeastLoaded::default();
-    c.bench_function("native placement, 8 candidates", |b| {
-        b.iter(|| policy.place(&PlacementRequest::default(), black_box(&cands)))
     });
 }
 

@@ -16,9 +16,9 @@ use crate::aliases::InstanceSpec;
 use crate::gateway::Gateway;
 use crate::haid;
 use crate::health::{now_ms, LiveView};
-use crate::placement::{Candidates, PlacementError, PlacementRequest};
 use crate::http_server::{json, read_body, text, Reply};
 use crate::metrics::metrics;
+use crate::placement::{Candidates, PlacementError, PlacementRequest};
 
 /// The body of `PUT /v1/aliases`: the same shape as the config's `[instances]`.
 #[derive(Debug, Deserialize)]

@@ -530,7 +530,10 @@ impl Config {
                         "needs `path_prefix` or `tenant` (omit `match` to place every request)",
                     ));
                 }
-                if m.path_prefix.as_deref().is_some_and(|p| !p.starts_with('/')) {
+                if m.path_prefix
+                    .as_deref()
+                    .is_some_and(|p| !p.starts_with('/'))
+                {
                     return Err(invalid(&format!("{f}.path_prefix"), "must start with `/`"));
                 }
             }

@@ -233,7 +233,9 @@ fn plugin_test(t: PluginTest) -> Result<ExitCode> {
     use hagate::placement::{Candidate, Candidates, PlacementRequest};
     let bytes = std::fs::read(&t.wasm).with_context(|| t.wasm.display().to_string())?;
     let config = match &t.config {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("--config {}", p.display()))?,
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("--config {}", p.display()))?
+        }
         None => String::new(),
     };
     let text = std::fs::read_to_string(&t.candidates)
@@ -290,7 +292,10 @@ fn plugin_test(t: PluginTest) -> Result<ExitCode> {
                 *counts.entry(key).or_default() += 1;
             }
             Err(e) => {
-                println!("{}", json!({"outcome": e.outcome(), "error": e.to_string()}));
+                println!(
+                    "{}",
+                    json!({"outcome": e.outcome(), "error": e.to_string()})
+                );
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -339,7 +344,12 @@ fn demo_plugins(config: &mut Config, dir: &std::path::Path) -> Result<Vec<String
     use sha2::Digest;
     let mut found = Vec::new();
     for (name, file, plugin_config, tenant_only) in [
-        ("tenant-affinity", "tenant_affinity.wasm", r#"{"fallback": "shared"}"#, true),
+        (
+            "tenant-affinity",
+            "tenant_affinity.wasm",
+            r#"{"fallback": "shared"}"#,
+            true,
+        ),
         ("lowest-load", "lowest_load.wasm", "", false),
     ] {
         let path = dir.join(file);

@@ -225,7 +225,9 @@ impl Placement for LeastLoaded {
         let ex = request.exclude;
         let candidates = &candidates.list;
         let main = self
-            .lowest(candidates, |i, c| c.live && c.weight > 0 && !ex.contains(&i))
+            .lowest(candidates, |i, c| {
+                c.live && c.weight > 0 && !ex.contains(&i)
+            })
             .ok_or(PlacementError::NoLiveInstance)?;
         let zone = candidates[main].labels.get("zone");
         let other_zone = |c: &Candidate| zone.is_none() || c.labels.get("zone") != zone;
@@ -279,25 +281,37 @@ mod tests {
             &none,
         );
         let r = p.place(&Default::default(), &c).unwrap();
-        assert_eq!((c.list[r.main].alias, c.list[r.backup.unwrap()].alias), ("b", "c"));
+        assert_eq!(
+            (c.list[r.main].alias, c.list[r.backup.unwrap()].alias),
+            ("b", "c")
+        );
         // weight scales load; weight 0 is never chosen while another is live
         let c = cands(
             &[("a", true, 4, 4), ("b", true, 2, 1), ("c", true, 0, 0)],
             &none,
         );
         let r = p.place(&Default::default(), &c).unwrap();
-        assert_eq!((c.list[r.main].alias, c.list[r.backup.unwrap()].alias), ("a", "b"));
+        assert_eq!(
+            (c.list[r.main].alias, c.list[r.backup.unwrap()].alias),
+            ("a", "b")
+        );
         // only one live: it is main, the backup is a dead one (so a HAID can still be minted)
         let c = cands(&[("a", false, 0, 1), ("b", true, 9, 1)], &none);
         let r = p.place(&Default::default(), &c).unwrap();
-        assert_eq!((c.list[r.main].alias, c.list[r.backup.unwrap()].alias), ("b", "a"));
+        assert_eq!(
+            (c.list[r.main].alias, c.list[r.backup.unwrap()].alias),
+            ("b", "a")
+        );
         let c = cands(&[("a", false, 0, 1)], &none);
         assert_eq!(
             p.place(&Default::default(), &c),
             Err(PlacementError::NoLiveInstance)
         );
         // excluded instances are never chosen
-        let c = cands(&[("a", true, 0, 1), ("b", true, 5, 1), ("c", true, 9, 1)], &none);
+        let c = cands(
+            &[("a", true, 0, 1), ("b", true, 5, 1), ("c", true, 9, 1)],
+            &none,
+        );
         let req = PlacementRequest {
             exclude: &[0],
             ..Default::default()
@@ -309,25 +323,44 @@ mod tests {
     #[test]
     fn plugin_answers_are_checked() {
         let none = vec![BTreeMap::new(); 3];
-        let c = cands(&[("a", true, 0, 1), ("b", false, 0, 1), ("c", true, 0, 0)], &none);
+        let c = cands(
+            &[("a", true, 0, 1), ("b", false, 0, 1), ("c", true, 0, 0)],
+            &none,
+        );
         let ok = |m, b| check_choice(m, b, &c.list, &[]);
-        assert_eq!(ok(0, Some(2)), Ok(Choice { main: 0, backup: Some(2) }));
+        assert_eq!(
+            ok(0, Some(2)),
+            Ok(Choice {
+                main: 0,
+                backup: Some(2)
+            })
+        );
         assert!(ok(9, None).unwrap_err().contains("unknown alias"));
         assert!(ok(1, None).unwrap_err().contains("not live"));
         assert!(ok(2, Some(0)).unwrap_err().contains("weight 0"));
         assert!(ok(0, Some(0)).unwrap_err().contains("also the main"));
-        assert!(ok(0, Some(1)).unwrap_err().contains("not live while another"));
+        assert!(ok(0, Some(1))
+            .unwrap_err()
+            .contains("not live while another"));
         assert!(ok(0, None).unwrap_err().contains("no backup"));
-        assert!(check_choice(0, Some(2), &c.list, &[2]).unwrap_err().contains("excluded"));
+        assert!(check_choice(0, Some(2), &c.list, &[2])
+            .unwrap_err()
+            .contains("excluded"));
         // a dead backup is accepted when no other candidate is live
         assert_eq!(
             check_choice(0, Some(1), &c.list, &[2]),
-            Ok(Choice { main: 0, backup: Some(1) })
+            Ok(Choice {
+                main: 0,
+                backup: Some(1)
+            })
         );
         let one = cands(&[("a", true, 0, 1)], &none[..1]);
         assert_eq!(
             check_choice(0, None, &one.list, &[]),
-            Ok(Choice { main: 0, backup: None })
+            Ok(Choice {
+                main: 0,
+                backup: None
+            })
         );
     }
 

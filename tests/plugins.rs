@@ -21,6 +21,8 @@ const LIMITS: Limits = Limits {
 
 /// One candidate: (alias, live, inflight, weight, labels "k=v,k=v").
 type Spec<'a> = (&'a str, bool, u64, u32, &'a str);
+/// (main, backup) alias pairs a scenario allows.
+type Allowed<'a> = &'a [(&'a str, &'a str)];
 
 fn labels(spec: &[Spec]) -> Vec<BTreeMap<String, String>> {
     spec.iter()
@@ -104,28 +106,45 @@ fn pairs(seen: &BTreeMap<(String, String), usize>) -> BTreeSet<(&str, &str)> {
 fn lowest_load_picks_the_least_loaded_main_and_lowest_load_backup() {
     let p = load("lowest_load", "");
     // (scenario, candidates, exclude, the (main, backup) pairs allowed)
-    let table: &[(&str, &[Spec], &[usize], &[(&str, &str)])] = &[
+    let table: &[(&str, &[Spec], &[usize], Allowed)] = &[
         (
             "least loaded main, lowest-load live backup",
-            &[("a", true, 5, 1, ""), ("b", true, 1, 1, ""), ("c", true, 3, 1, ""), ("d", false, 0, 1, "")],
+            &[
+                ("a", true, 5, 1, ""),
+                ("b", true, 1, 1, ""),
+                ("c", true, 3, 1, ""),
+                ("d", false, 0, 1, ""),
+            ],
             &[],
             &[("b", "c")],
         ),
         (
             "the backup prefers another zone over a lower load",
-            &[("a", true, 0, 1, "zone=x"), ("b", true, 1, 1, "zone=x"), ("c", true, 7, 1, "zone=y")],
+            &[
+                ("a", true, 0, 1, "zone=x"),
+                ("b", true, 1, 1, "zone=x"),
+                ("c", true, 7, 1, "zone=y"),
+            ],
             &[],
             &[("a", "c")],
         ),
         (
             "load is relative to weight; weight 0 takes no new context",
-            &[("a", true, 4, 4, ""), ("b", true, 2, 1, ""), ("c", true, 0, 0, "")],
+            &[
+                ("a", true, 4, 4, ""),
+                ("b", true, 2, 1, ""),
+                ("c", true, 0, 0, ""),
+            ],
             &[],
             &[("a", "b")],
         ),
         (
             "excluded instances are never chosen",
-            &[("a", true, 0, 1, ""), ("b", true, 2, 1, ""), ("c", true, 3, 1, "")],
+            &[
+                ("a", true, 0, 1, ""),
+                ("b", true, 2, 1, ""),
+                ("c", true, 3, 1, ""),
+            ],
             &[0],
             &[("b", "c")],
         ),
@@ -137,7 +156,11 @@ fn lowest_load_picks_the_least_loaded_main_and_lowest_load_backup() {
         ),
         (
             "ties are broken at random, with the backup in the other zone",
-            &[("a", true, 1, 1, "zone=x"), ("b", true, 1, 1, "zone=x"), ("c", true, 1, 1, "zone=y")],
+            &[
+                ("a", true, 1, 1, "zone=x"),
+                ("b", true, 1, 1, "zone=x"),
+                ("c", true, 1, 1, "zone=y"),
+            ],
             &[],
             &[("a", "c"), ("b", "c"), ("c", "a"), ("c", "b")],
         ),
@@ -157,7 +180,12 @@ fn lowest_load_picks_the_least_loaded_main_and_lowest_load_backup() {
 #[test]
 fn lowest_load_breaks_ties_uniformly_and_can_rank_by_reported_load() {
     let p = load("lowest_load", "");
-    let spec: &[Spec] = &[("a", true, 2, 1, ""), ("b", true, 2, 1, ""), ("c", true, 2, 1, ""), ("d", true, 3, 1, "")];
+    let spec: &[Spec] = &[
+        ("a", true, 2, 1, ""),
+        ("b", true, 2, 1, ""),
+        ("c", true, 2, 1, ""),
+        ("d", true, 3, 1, ""),
+    ];
     let l = labels(spec);
     let cands = candidates(spec, &l);
     let mut mains = BTreeMap::<String, usize>::new();
@@ -166,18 +194,27 @@ fn lowest_load_breaks_ties_uniformly_and_can_rank_by_reported_load() {
     }
     assert_eq!(mains.len(), 3, "d is never the main: {mains:?}");
     // each of three equal choices: 300 expected; 200..400 is over 7 standard deviations
-    assert!(mains.values().all(|&n| (200..=400).contains(&n)), "{mains:?}");
+    assert!(
+        mains.values().all(|&n| (200..=400).contains(&n)),
+        "{mains:?}"
+    );
 
     let p = load("lowest_load", r#"{"metric": "reported"}"#);
     let mut cands = candidates(spec, &l);
     cands.list[3].reported_load = Some(0.1);
     cands.list[1].reported_load = Some(0.7);
     let seen = place_n(&p, None, &[], &cands, 50);
-    assert!(pairs(&seen).iter().all(|&(m, b)| m == "d" && b == "b"), "{seen:?}");
+    assert!(
+        pairs(&seen).iter().all(|&(m, b)| m == "d" && b == "b"),
+        "{seen:?}"
+    );
 
     let bytes = std::fs::read(plugin_wasm("lowest_load")).unwrap();
     let err = block_on(Plugin::load(&bytes, r#"{"metric": "vibes"}"#, LIMITS)).unwrap_err();
-    assert!(matches!(&err, LoadError::Configure(m) if m.contains("vibes")), "{err}");
+    assert!(
+        matches!(&err, LoadError::Configure(m) if m.contains("vibes")),
+        "{err}"
+    );
     // nothing live: the plugin declines, and the gateway applies the fail policy
     let dead: &[Spec] = &[("a", false, 0, 1, "")];
     let l = labels(dead);
@@ -199,10 +236,14 @@ fn tenant_affinity_keeps_tenants_in_their_groups_and_falls_back() {
     let l = labels(spec);
     let cands = candidates(spec, &l);
     let p = load("tenant_affinity", r#"{"tenants": {"umbrella": "acme"}}"#);
-    let cases: &[(&str, Option<&str>, &[(&str, &str)])] = &[
+    let cases: &[(&str, Option<&str>, Allowed)] = &[
         // main is the least loaded of the group, backup in the group's other zone
         ("group, zones", Some("acme"), &[("g1", "g2"), ("g3", "g2")]),
-        ("mapped to a group", Some("umbrella"), &[("g1", "g2"), ("g3", "g2")]),
+        (
+            "mapped to a group",
+            Some("umbrella"),
+            &[("g1", "g2"), ("g3", "g2")],
+        ),
         // a one-instance group takes its backup from the shared pool, other zone first
         ("one-instance group", Some("globex"), &[("h1", "s2")]),
         ("no group: shared pool", Some("initech"), &[("s1", "s2")]),
@@ -231,7 +272,10 @@ fn tenant_affinity_keeps_tenants_in_their_groups_and_falls_back() {
         ..Default::default()
     };
     let err = block_on(strict.place(&req, &dead)).unwrap_err();
-    assert!(matches!(&err, CallError::Declined(m) if m.contains("acme")), "{err}");
+    assert!(
+        matches!(&err, CallError::Declined(m) if m.contains("acme")),
+        "{err}"
+    );
     // `any` uses every instance, the other group included
     let any = load("tenant_affinity", r#"{"fallback": "any"}"#);
     let seen = place_n(&any, Some("acme"), &[], &dead, 20);
@@ -251,7 +295,10 @@ fn tenant_affinity_keeps_tenants_in_their_groups_and_falls_back() {
 
 /// Three upstreams, and one `misbehave` plugin per mode, each on its own path prefix.
 async fn misbehaving_gateway() -> (Vec<Upstream>, Gateway) {
-    let ups: Vec<Upstream> = ["cs_1", "cs_2", "cs_3"].iter().map(|n| Upstream::start(n)).collect();
+    let ups: Vec<Upstream> = ["cs_1", "cs_2", "cs_3"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
     let wasm = plugin_wasm("misbehave");
     let mut body = String::from(FAST_HEALTH);
     body += &instances(&[("cs_1", &ups[0]), ("cs_2", &ups[1]), ("cs_3", &ups[2])]);
@@ -262,13 +309,19 @@ async fn misbehaving_gateway() -> (Vec<Upstream>, Gateway) {
         ("unknown-alias", ""),
         ("error", "fail_policy = \"reject\""),
     ] {
-        let extra = format!("config = {mode:?}\nmatch = [{{ path_prefix = \"/{mode}/\" }}]\n{extra}");
+        let extra =
+            format!("config = {mode:?}\nmatch = [{{ path_prefix = \"/{mode}/\" }}]\n{extra}");
         body += &plugin_entry(mode, &wasm, &extra);
     }
     (ups, Gateway::start(&body).await)
 }
 
-async fn create(c: &reqwest::Client, gw: &Gateway, path: &str, tenant: &str) -> (u16, Value, Option<String>) {
+async fn create(
+    c: &reqwest::Client,
+    gw: &Gateway,
+    path: &str,
+    tenant: &str,
+) -> (u16, Value, Option<String>) {
     let r = c
         .post(gw.url(path))
         .header("x-hagate-tenant", tenant)
@@ -297,11 +350,17 @@ async fn misbehaving_plugins_are_contained_and_counted() {
         // the misbehaving call fails, and the native fallback still serves the request
         let (status, body, _) = create(&c, &gw, &path, "misbehave").await;
         assert_eq!(status, 200, "{mode}: {body}");
-        assert!(body["main_alias"].is_string(), "{mode}: placed anyway: {body}");
+        assert!(
+            body["main_alias"].is_string(),
+            "{mode}: placed anyway: {body}"
+        );
         let gw_ref = &gw;
         let calls = |o: &'static str| async move {
             gw_ref
-                .metric("hagate_plugin_calls_total", &[("plugin", mode), ("outcome", o)])
+                .metric(
+                    "hagate_plugin_calls_total",
+                    &[("plugin", mode), ("outcome", o)],
+                )
                 .await
         };
         assert_eq!(calls(outcome).await, 1.0, "{mode} counted as {outcome}");
@@ -309,62 +368,131 @@ async fn misbehaving_plugins_are_contained_and_counted() {
         // the next call is normal: a fresh instance replaced a trapped one
         let (status, body, _) = create(&c, &gw, &path, "someone").await;
         assert_eq!(status, 200, "{mode}: {body}");
-        assert_eq!(calls("ok").await, 1.0, "{mode}: the next call is answered by the plugin");
-        assert_eq!(body["main_alias"], "cs_1", "{mode}: the fixture's own placement");
+        assert_eq!(
+            calls("ok").await,
+            1.0,
+            "{mode}: the next call is answered by the plugin"
+        );
+        assert_eq!(
+            body["main_alias"], "cs_1",
+            "{mode}: the fixture's own placement"
+        );
     }
     let log = gw.log();
-    assert!(log.contains("forcing trap when growing memory"), "the bomb hit the memory cap:\n{log}");
+    assert!(
+        log.contains("forcing trap when growing memory"),
+        "the bomb hit the memory cap:\n{log}"
+    );
     // fail policy `reject`: a 503 with Retry-After, naming the plugin
     let (status, body, retry) = create(&c, &gw, "/error/createContextID", "misbehave").await;
-    assert_eq!((status, body["error"].as_str()), (503, Some("placement_rejected")), "{body}");
-    assert!(body["detail"].as_str().unwrap().contains("`error`"), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("placement_rejected")),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().unwrap().contains("`error`"),
+        "{body}"
+    );
     assert_eq!(retry.as_deref(), Some("5"));
-    assert_eq!(gw.metric("hagate_plugin_calls_total", &[("plugin", "error"), ("outcome", "declined")]).await, 1.0);
+    assert_eq!(
+        gw.metric(
+            "hagate_plugin_calls_total",
+            &[("plugin", "error"), ("outcome", "declined")]
+        )
+        .await,
+        1.0
+    );
     // other paths match no plugin and are placed natively
     let (status, _, _) = create(&c, &gw, "/createContextID", "misbehave").await;
     assert_eq!(status, 200);
     // through all of it the gateway process stayed up
     assert!(gw.still_running(), "the gateway exited");
-    assert!(gw.metric("hagate_plugin_call_seconds_count", &[("plugin", "spin")]).await >= 2.0);
+    assert!(
+        gw.metric("hagate_plugin_call_seconds_count", &[("plugin", "spin")])
+            .await
+            >= 2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_mints_haids_with_the_same_placement() {
-    let ups: Vec<Upstream> = ["g1", "g2", "s1"].iter().map(|n| Upstream::start(n)).collect();
+    let ups: Vec<Upstream> = ["g1", "g2", "s1"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
     let mut body = String::from(FAST_HEALTH);
     for (alias, u, labels) in [
         ("g1", &ups[0], "{ tenant = \"acme\", zone = \"a\" }"),
         ("g2", &ups[1], "{ tenant = \"acme\", zone = \"b\" }"),
         ("s1", &ups[2], "{ zone = \"a\" }"),
     ] {
-        body += &format!("[instances.{alias}]\naddress = \"{}\"\nlabels = {labels}\n", u.addr);
+        body += &format!(
+            "[instances.{alias}]\naddress = \"{}\"\nlabels = {labels}\n",
+            u.addr
+        );
     }
-    body += &plugin_entry("tenants", &plugin_wasm("tenant_affinity"), "match = [{ tenant = \"acme\" }]");
+    body += &plugin_entry(
+        "tenants",
+        &plugin_wasm("tenant_affinity"),
+        "match = [{ tenant = \"acme\" }]",
+    );
     let gw = Gateway::start(&body).await;
     let c = client();
     let post = |v: Value| c.post(gw.admin_url("/v1/placements")).json(&v).send();
-    let r = post(serde_json::json!({"tenant": "acme", "context_id": "1024"})).await.unwrap();
+    let r = post(serde_json::json!({"tenant": "acme", "context_id": "1024"}))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     let (main, backup) = (v["main"].as_str().unwrap(), v["backup"].as_str().unwrap());
-    assert_eq!(BTreeSet::from([main, backup]), BTreeSet::from(["g1", "g2"]), "{v}");
-    assert_eq!(v["haid"], hagate::haid::encode(main, &[backup], "1024").unwrap());
+    assert_eq!(
+        BTreeSet::from([main, backup]),
+        BTreeSet::from(["g1", "g2"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["haid"],
+        hagate::haid::encode(main, &[backup], "1024").unwrap()
+    );
     // the minted HAID routes to its main
     let (s, served) = get_haid(&c, &gw, v["haid"].as_str().unwrap()).await;
     assert_eq!((s, served["server"].as_str()), (200, Some(main)));
     // excluding an instance re-places around it
-    let v: Value = post(serde_json::json!({"tenant": "acme", "context_id": "7", "exclude": ["g1"]}))
-        .await.unwrap().json().await.unwrap();
+    let v: Value =
+        post(serde_json::json!({"tenant": "acme", "context_id": "7", "exclude": ["g1"]}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
     assert_eq!(v["main"], "g2", "{v}");
     // bad input: a JSON 4xx naming the problem
-    let r = post(serde_json::json!({"context_id": "12ab"})).await.unwrap();
+    let r = post(serde_json::json!({"context_id": "12ab"}))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("context_id"));
-    let r = post(serde_json::json!({"context_id": "1", "exclude": ["nope"]})).await.unwrap();
+    let r = post(serde_json::json!({"context_id": "1", "exclude": ["nope"]}))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.json::<Value>().await.unwrap()["alias"], "nope");
-    assert_eq!(post(serde_json::json!({"tenant": 5})).await.unwrap().status(), 400);
-    assert_eq!(gw.metric("hagate_plugin_calls_total", &[("plugin", "tenants"), ("outcome", "ok")]).await, 2.0);
+    assert_eq!(
+        post(serde_json::json!({"tenant": 5}))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        gw.metric(
+            "hagate_plugin_calls_total",
+            &[("plugin", "tenants"), ("outcome", "ok")]
+        )
+        .await,
+        2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,21 +507,39 @@ async fn a_plugin_whose_file_does_not_match_its_sha256_is_refused() {
     let path = dir.path().join("hagate.toml");
     std::fs::write(&path, &config).unwrap();
     for cmd in ["check", "run"] {
-        let out = std::process::Command::new(BIN).args([cmd, "--config"]).arg(&path).output().unwrap();
+        let out = std::process::Command::new(BIN)
+            .args([cmd, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{cmd} accepted a mismatching plugin");
-        assert!(err.contains("plugins[0].sha256") && err.contains(&sha256_of(&wasm)), "{cmd}: {err}");
+        assert!(
+            err.contains("plugins[0].sha256") && err.contains(&sha256_of(&wasm)),
+            "{cmd}: {err}"
+        );
     }
     // with the right hash, check compiles and configures it
     std::fs::write(&path, config.replace(&wrong, &sha256_of(&wasm))).unwrap();
-    let out = std::process::Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 plugins"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_under_concurrent_creations_costs_no_errors() {
-    let ups: Vec<Upstream> = ["cs_1", "cs_2", "cs_3"].iter().map(|n| Upstream::start(n)).collect();
+    let ups: Vec<Upstream> = ["cs_1", "cs_2", "cs_3"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
     let inst = instances(&[("cs_1", &ups[0]), ("cs_2", &ups[1]), ("cs_3", &ups[2])]);
     let dir = tempfile::tempdir().unwrap();
     // the plugin files live beside the config, so replacing one on disk is seen too
@@ -401,13 +547,22 @@ async fn hot_reload_under_concurrent_creations_costs_no_errors() {
     std::fs::copy(plugin_wasm("lowest_load"), &lowest).unwrap();
     let tenant = dir.path().join("tenant.wasm");
     std::fs::copy(plugin_wasm("tenant_affinity"), &tenant).unwrap();
-    let gw = Gateway::start(&format!("{FAST_HEALTH}{inst}{}", plugin_entry("policy", &lowest, ""))).await;
+    let gw = Gateway::start(&format!(
+        "{FAST_HEALTH}{inst}{}",
+        plugin_entry("policy", &lowest, "")
+    ))
+    .await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut loops = Vec::new();
     for _ in 0..6 {
-        let (stop, ok, errors, url) = (stop.clone(), ok.clone(), errors.clone(), gw.url("/createContextID"));
+        let (stop, ok, errors, url) = (
+            stop.clone(),
+            ok.clone(),
+            errors.clone(),
+            gw.url("/createContextID"),
+        );
         loops.push(tokio::spawn(async move {
             let c = client();
             while !stop.load(Ordering::Relaxed) {
@@ -420,31 +575,92 @@ async fn hot_reload_under_concurrent_creations_costs_no_errors() {
     }
     let calls = |plugin: &'static str| {
         let gw = &gw;
-        async move { gw.metric("hagate_plugin_calls_total", &[("plugin", plugin), ("outcome", "ok")]).await }
+        async move {
+            gw.metric(
+                "hagate_plugin_calls_total",
+                &[("plugin", plugin), ("outcome", "ok")],
+            )
+            .await
+        }
     };
-    eventually("calls to the first plugin", Duration::from_secs(20), || async { (calls("policy").await > 20.0).then_some(()) }).await;
+    eventually(
+        "calls to the first plugin",
+        Duration::from_secs(20),
+        || async { (calls("policy").await > 20.0).then_some(()) },
+    )
+    .await;
 
     // 1. swap in a different plugin by editing the config
-    gw.rewrite(|old| old.replace(&plugin_entry("policy", &lowest, ""), &plugin_entry("tenants", &tenant, "")));
-    gw.wait_metric("hagate_plugin_reloads_total", &[("plugin", "tenants"), ("result", "ok")], 1.0).await;
-    eventually("calls to the new plugin", Duration::from_secs(20), || async { (calls("tenants").await > 20.0).then_some(()) }).await;
+    gw.rewrite(|old| {
+        old.replace(
+            &plugin_entry("policy", &lowest, ""),
+            &plugin_entry("tenants", &tenant, ""),
+        )
+    });
+    gw.wait_metric(
+        "hagate_plugin_reloads_total",
+        &[("plugin", "tenants"), ("result", "ok")],
+        1.0,
+    )
+    .await;
+    eventually(
+        "calls to the new plugin",
+        Duration::from_secs(20),
+        || async { (calls("tenants").await > 20.0).then_some(()) },
+    )
+    .await;
 
     // 2. a broken plugin (not a component, but with its true hash) refuses the whole reload
     let junk = dir.path().join("junk.wasm");
     std::fs::write(&junk, b"\0asm but not really").unwrap();
-    gw.rewrite(|old| format!("{old}{}", plugin_entry("junk", &junk, "match = [{ tenant = \"x\" }]")));
-    gw.wait_metric("hagate_plugin_reloads_total", &[("plugin", "junk"), ("result", "error")], 1.0).await;
-    gw.wait_metric("hagate_alias_table_swaps_total", &[("source", "config"), ("result", "error")], 1.0).await;
+    gw.rewrite(|old| {
+        format!(
+            "{old}{}",
+            plugin_entry("junk", &junk, "match = [{ tenant = \"x\" }]")
+        )
+    });
+    gw.wait_metric(
+        "hagate_plugin_reloads_total",
+        &[("plugin", "junk"), ("result", "error")],
+        1.0,
+    )
+    .await;
+    gw.wait_metric(
+        "hagate_alias_table_swaps_total",
+        &[("source", "config"), ("result", "error")],
+        1.0,
+    )
+    .await;
 
     // 3. the running plugin's file replaced on disk without a new hash: refused as well
-    gw.rewrite(|old| old.replace(&plugin_entry("junk", &junk, "match = [{ tenant = \"x\" }]"), ""));
-    gw.wait_metric("hagate_alias_table_swaps_total", &[("source", "config"), ("result", "ok")], 2.0).await;
+    gw.rewrite(|old| {
+        old.replace(
+            &plugin_entry("junk", &junk, "match = [{ tenant = \"x\" }]"),
+            "",
+        )
+    });
+    gw.wait_metric(
+        "hagate_alias_table_swaps_total",
+        &[("source", "config"), ("result", "ok")],
+        2.0,
+    )
+    .await;
     std::fs::copy(&lowest, &tenant).unwrap();
-    gw.wait_metric("hagate_alias_table_swaps_total", &[("source", "config"), ("result", "error")], 2.0).await;
+    gw.wait_metric(
+        "hagate_alias_table_swaps_total",
+        &[("source", "config"), ("result", "error")],
+        2.0,
+    )
+    .await;
 
     // the old plugin keeps serving through the refusals
     let before = calls("tenants").await;
-    eventually("the old plugin to keep serving", Duration::from_secs(20), || async { (calls("tenants").await > before + 20.0).then_some(()) }).await;
+    eventually(
+        "the old plugin to keep serving",
+        Duration::from_secs(20),
+        || async { (calls("tenants").await > before + 20.0).then_some(()) },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for l in loops {
         l.await.unwrap();
@@ -453,5 +669,8 @@ async fn hot_reload_under_concurrent_creations_costs_no_errors() {
     eprintln!("hot reload under load: {ok} creations, {errors} errors");
     assert_eq!(errors, 0, "{ok} ok");
     let log = gw.log();
-    assert!(log.contains("plugins[1].path") && log.contains("plugins[0].sha256"), "refusals name the field:\n{log}");
+    assert!(
+        log.contains("plugins[1].path") && log.contains("plugins[0].sha256"),
+        "refusals name the field:\n{log}"
+    );
 }

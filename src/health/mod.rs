@@ -229,7 +229,11 @@ impl InstanceState {
 
     /// Stores the load the instance reported; a non-finite value clears it.
     pub fn set_reported_load(&self, load: f32) {
-        let bits = if load.is_finite() { load.to_bits() } else { NO_LOAD };
+        let bits = if load.is_finite() {
+            load.to_bits()
+        } else {
+            NO_LOAD
+        };
         self.reported_load.store(bits, Relaxed);
     }
 

@@ -32,7 +32,10 @@ pub fn labels(labels: &BTreeMap<String, String>) -> Vec<Label<'_>> {
 }
 
 /// The static facts of `candidates`, borrowing `labels` (one entry per candidate).
-pub fn instances<'a>(candidates: &[Candidate<'a>], labels: &'a [Vec<Label<'a>>]) -> Vec<Instance<'a>> {
+pub fn instances<'a>(
+    candidates: &[Candidate<'a>],
+    labels: &'a [Vec<Label<'a>>],
+) -> Vec<Instance<'a>> {
     candidates
         .iter()
         .zip(labels)
@@ -61,9 +64,4 @@ pub fn request<'a>(r: &PlacementRequest<'a>) -> Request<'a> {
         path: r.path,
         context_id: r.context_id,
     }
-}
-
-/// The exclude set as WIT indices.
-pub fn exclude(exclude: &[usize]) -> Vec<u32> {
-    exclude.iter().map(|&i| i as u32).collect()
 }

@@ -147,11 +147,14 @@ impl Limits {
     }
 }
 
-/// One instance and the alias-table version it was last told about.
+/// One instance, the alias-table version it was last told about, and buffers reused
+/// from call to call.
 struct Slot {
     store: Store<HostState>,
     guest: bindings::Placement,
     seen: Option<u64>,
+    loads: Vec<bindings::Load>,
+    exclude: Vec<u32>,
 }
 
 /// A compiled, configured plugin with its pool of instances.
@@ -164,7 +167,9 @@ pub struct Plugin {
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("limits", &self.limits).finish()
+        f.debug_struct("Plugin")
+            .field("limits", &self.limits)
+            .finish()
     }
 }
 
@@ -227,12 +232,17 @@ impl Plugin {
             store,
             guest,
             seen: None,
+            loads: Vec::new(),
+            exclude: Vec::new(),
         })
     }
 
     /// Makes and drops one fresh instance (for benchmarks of the replacement cost).
     pub async fn replace_once(&self) -> Result<(), String> {
-        self.instantiate().await.map(drop).map_err(|e| e.to_string())
+        self.instantiate()
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 
     fn take(&self) -> Option<Slot> {
@@ -259,8 +269,13 @@ impl Plugin {
         let choice = tokio::time::timeout(self.limits.deadline * 2, call)
             .await
             .map_err(|_| CallError::Timeout)??;
-        check_choice(choice.main, choice.backup, &candidates.list, request.exclude)
-            .map_err(CallError::Invalid)
+        check_choice(
+            choice.main,
+            choice.backup,
+            &candidates.list,
+            request.exclude,
+        )
+        .map_err(CallError::Invalid)
     }
 
     /// One call on a pooled (or new) instance; the raw answer as indices.
@@ -290,14 +305,19 @@ impl Plugin {
                 .map_err(CallError::from_wasm)?;
             slot.seen = Some(candidates.version);
         }
-        let loads: Vec<_> = candidates.list.iter().map(bindings::load).collect();
+        slot.loads.clear();
+        slot.loads
+            .extend(candidates.list.iter().map(bindings::load));
+        slot.exclude.clear();
+        slot.exclude
+            .extend(request.exclude.iter().map(|&i| i as u32));
         let answer = slot
             .guest
             .call_place(
                 &mut slot.store,
                 bindings::request(request),
-                &loads,
-                &bindings::exclude(request.exclude),
+                &slot.loads,
+                &slot.exclude,
             )
             .await
             .map_err(CallError::from_wasm)?;

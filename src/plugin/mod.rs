@@ -74,13 +74,15 @@ pub fn limits(spec: &PluginConfig) -> Limits {
 /// Loads one plugin from a checked file.
 pub async fn load_one(spec: &PluginConfig, field: &str) -> Result<Plugin, ConfigError> {
     let bytes = read_checked(spec, field)?;
-    Plugin::load(&bytes, &spec.config, limits(spec)).await.map_err(|e| ConfigError::Invalid {
-        field: match e {
-            LoadError::Configure(_) => format!("{field}.config"),
-            _ => format!("{field}.path"),
-        },
-        message: format!("plugin `{}` ({}) {e}", spec.name, spec.path.display()),
-    })
+    Plugin::load(&bytes, &spec.config, limits(spec))
+        .await
+        .map_err(|e| ConfigError::Invalid {
+            field: match e {
+                LoadError::Configure(_) => format!("{field}.config"),
+                _ => format!("{field}.path"),
+            },
+            message: format!("plugin `{}` ({}) {e}", spec.name, spec.path.display()),
+        })
 }
 
 impl PluginSet {

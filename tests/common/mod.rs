@@ -377,7 +377,13 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
             .current_dir(repo_path("plugins"))
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--target-dir",
+            ])
             .arg(repo_path("plugins/target"))
             .env_remove("CARGO_TARGET_DIR")
             .status()

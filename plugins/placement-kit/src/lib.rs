@@ -24,13 +24,23 @@ pub struct LoadFacts {
 pub struct Known {
     weights: Vec<u32>,
     labels: Vec<Vec<(String, String)>>,
+    /// Each instance's `zone` label, looked up once per table, not once per call.
+    zones: Vec<Option<String>>,
 }
 
 impl Known {
     /// Builds from `(weight, labels)` pairs in instance order.
     pub fn new(instances: impl Iterator<Item = (u32, Vec<(String, String)>)>) -> Known {
-        let (weights, labels) = instances.unzip();
-        Known { weights, labels }
+        let (weights, labels): (Vec<u32>, Vec<Vec<(String, String)>>) = instances.unzip();
+        let zones = labels
+            .iter()
+            .map(|l| l.iter().find(|(k, _)| k == "zone").map(|(_, v)| v.clone()))
+            .collect();
+        Known {
+            weights,
+            labels,
+            zones,
+        }
     }
 
     /// The value of label `key` of instance `i`.
@@ -52,7 +62,7 @@ impl Known {
                 inflight: l.inflight,
                 latency_us: l.latency_us,
                 reported: l.reported,
-                zone: self.label(i, "zone"),
+                zone: self.zones.get(i).and_then(|z| z.as_deref()),
                 excluded: exclude.contains(&(i as u32)),
             })
             .collect()
@@ -194,6 +204,31 @@ pub fn choose(
     Some((main, backup))
 }
 
+/// Expands, inside a plugin crate (after `wit_bindgen::generate!`), to two conversions
+/// from the generated types: `known(instances) -> Known` and `facts(&loads)`.
+#[macro_export]
+macro_rules! conversions {
+    () => {
+        fn known(instances: Vec<hagate::policy::types::Instance>) -> $crate::Known {
+            $crate::Known::new(instances.into_iter().map(|i| {
+                let labels = i.labels.into_iter().map(|l| (l.key, l.value)).collect();
+                (i.weight, labels)
+            }))
+        }
+
+        fn facts(
+            loads: &[hagate::policy::types::Load],
+        ) -> impl Iterator<Item = $crate::LoadFacts> + '_ {
+            loads.iter().map(|l| $crate::LoadFacts {
+                live: l.live,
+                inflight: l.inflight,
+                latency_us: l.latency_ewma_us,
+                reported: l.reported,
+            })
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,29 +292,4 @@ mod tests {
         dead[0].excluded = true;
         assert_eq!(choose(&dead, Metric::Inflight, &mut rng, all, all), None);
     }
-}
-
-/// Expands, inside a plugin crate (after `wit_bindgen::generate!`), to two conversions
-/// from the generated types: `known(instances) -> Known` and `facts(&loads)`.
-#[macro_export]
-macro_rules! conversions {
-    () => {
-        fn known(instances: Vec<hagate::policy::types::Instance>) -> $crate::Known {
-            $crate::Known::new(instances.into_iter().map(|i| {
-                let labels = i.labels.into_iter().map(|l| (l.key, l.value)).collect();
-                (i.weight, labels)
-            }))
-        }
-
-        fn facts(
-            loads: &[hagate::policy::types::Load],
-        ) -> impl Iterator<Item = $crate::LoadFacts> + '_ {
-            loads.iter().map(|l| $crate::LoadFacts {
-                live: l.live,
-                inflight: l.inflight,
-                latency_us: l.latency_ewma_us,
-                reported: l.reported,
-            })
-        }
-    };
 }
