@@ -1,0 +1,147 @@
+//! The membership store: one heartbeat entry per alias, read and written with the two
+//! operations of the hpcpack HA algorithm, `UpdateHeartBeat` and `GetPrimary`.
+//!
+//! `MembershipStore` is the seam. `embedded::EmbeddedStore` (the default) keeps entries in
+//! the gateway's memory. An etcd store maps onto the same trait directly:
+//!
+//! | here | etcd v3 |
+//! |---|---|
+//! | one entry per alias | key `/hagate/membership/<alias>`, value `{uuid, address}` |
+//! | `Revision` token | the key's `mod_revision` (0: no key) |
+//! | `update_heartbeat` CAS on `last_seen` | `txn(compare mod_revision == last_seen).then(put key with a lease of T)` |
+//! | "fresh" (`now − ts ≤ T`) | the key exists (its lease has not expired) |
+//! | the store's clock | etcd's lease clock |
+//!
+//! Time is always the store's clock, never the caller's. No pingora and no HTTP here.
+
+pub mod embedded;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::aliases::Alias;
+
+/// A compare-and-set token: the revision of the entry the caller last saw, or 0 for
+/// "there was no entry". Revisions only grow, and never repeat across restarts.
+pub type Revision = u64;
+
+/// One heartbeat entry: the holder of an alias.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The holder's instance uuid (a fresh one each time an agent starts).
+    pub uuid: String,
+    /// The alias held (the role, `utype` in hpcpack).
+    pub alias: Alias,
+    /// Where the holder serves (`uname` in hpcpack), `ip:port`.
+    pub address: String,
+    /// When the store accepted the last heartbeat, in the store's milliseconds.
+    pub timestamp_ms: u64,
+    /// The entry's revision: the token for the next compare-and-set.
+    pub revision: Revision,
+}
+
+/// A heartbeat: `UpdateHeartBeat(uuid, alias, address, last_seen)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The sender's uuid.
+    pub uuid: String,
+    /// The alias it holds or claims.
+    pub alias: Alias,
+    /// Where it serves, `ip:port`.
+    pub address: String,
+    /// The revision of the entry it last saw (from `GetPrimary`), 0 if none.
+    pub last_seen: Revision,
+}
+
+/// What a heartbeat did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeartbeatOutcome {
+    /// Written. `took_over` is set when it replaced an expired entry of another uuid.
+    Accepted {
+        /// The entry as written (its revision is the next token).
+        entry: Entry,
+        /// The uuid it replaced, if this was a takeover.
+        took_over: Option<String>,
+    },
+    /// The entry changed since the sender read it: a concurrent update won. Discarded.
+    Stale {
+        /// The entry now, if any.
+        current: Option<Entry>,
+    },
+    /// The token is current, but another uuid holds the alias and its heartbeat is not yet
+    /// older than T. Discarded.
+    Rejected {
+        /// The holder.
+        current: Entry,
+    },
+}
+
+impl HeartbeatOutcome {
+    /// The `result` label of `hagate_membership_heartbeats_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HeartbeatOutcome::Accepted { .. } => "accepted",
+            HeartbeatOutcome::Stale { .. } => "stale",
+            HeartbeatOutcome::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// What `GetPrimary` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Primary {
+    /// The holder while its heartbeat is fresh (`now − ts ≤ T`), else `None`.
+    pub holder: Option<Entry>,
+    /// The token a candidate passes as `last_seen` to claim or renew.
+    pub token: Revision,
+}
+
+/// An entry with its age, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The entry.
+    pub entry: Entry,
+    /// `now − timestamp` on the store's clock.
+    pub age: Duration,
+    /// Whether the age is at most T.
+    pub fresh: bool,
+}
+
+/// Why the store could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The backing store is unreachable (never for the embedded store).
+    #[error("membership store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The heartbeat table.
+#[async_trait]
+pub trait MembershipStore: Send + Sync {
+    /// `UpdateHeartBeat`: writes the entry only if `hb.last_seen` is still the entry's
+    /// revision, and, when another uuid holds the alias, only if that holder's heartbeat
+    /// is older than T.
+    async fn update_heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatOutcome, StoreError>;
+
+    /// `GetPrimary`: the holder while fresh, and the token for a compare-and-set.
+    async fn get_primary(&self, alias: &str) -> Result<Primary, StoreError>;
+
+    /// Every entry, fresh or not, with its age.
+    async fn list(&self) -> Result<Vec<Listed>, StoreError>;
+
+    /// The fresh holders, for alias resolution.
+    async fn holders(&self) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|l| l.fresh)
+            .map(|l| l.entry)
+            .collect())
+    }
+
+    /// T, the heartbeat timeout.
+    fn timeout(&self) -> Duration;
+}
