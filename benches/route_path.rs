@@ -19,6 +19,7 @@ fn table(n: usize) -> TableHolder {
                     address: format!("10.0.{}.{}:9116", i / 250, i % 250 + 1),
                     labels: BTreeMap::new(),
                     weight: 1,
+                    prefer: None,
                 },
             )
         })

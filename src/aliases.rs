@@ -98,6 +98,9 @@ pub struct InstanceSpec {
     /// (existing HAIDs still route to it).
     #[serde(default = "one")]
     pub weight: u32,
+    /// `prefer = "static"`: overrides `membership.prefer` for this alias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefer: Option<crate::config::Prefer>,
 }
 
 fn one() -> u32 {
@@ -245,6 +248,7 @@ impl AliasTable {
                         address: i.address.to_string(),
                         labels: i.labels.clone(),
                         weight: i.weight,
+                        prefer: None,
                     },
                 )
             })
@@ -307,6 +311,7 @@ mod tests {
                         address: addr.to_string(),
                         labels: BTreeMap::new(),
                         weight: 1,
+                        prefer: None,
                     },
                 )
             })

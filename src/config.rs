@@ -85,6 +85,9 @@ pub struct Config {
     /// `[instances.<alias>]`: the alias table, e.g. `[instances.cs_1_dev] address = "10.0.0.5:9116"`.
     #[serde(default)]
     pub instances: BTreeMap<String, InstanceSpec>,
+    /// `[membership]`: heartbeat leases and alias takeover by standbys.
+    #[serde(default)]
+    pub membership: MembershipConfig,
     /// `[[plugins]]`: Wasm placement plugins, in priority order. A request without a HAID
     /// is placed by the first plugin with a `match` entry that fits it, else natively.
     #[serde(default)]
@@ -230,6 +233,47 @@ pub struct RoutingConfig {
     /// Header that carries the tenant for placement: `tenant_header = "x-hagate-tenant"`.
     #[serde(default = "default_tenant_header")]
     pub tenant_header: String,
+    /// When both instances of a HAID are dead (and no standby holds either alias), send
+    /// the request to a replacement chosen by a consistent-hash ring over the live
+    /// instances, keyed by the context id: `replacement = false`.
+    #[serde(default)]
+    pub replacement: bool,
+}
+
+/// `[membership]`: the embedded membership store and the heartbeat API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipConfig {
+    /// `enabled = false`: serve `/v1/membership/*` and resolve aliases through holders.
+    #[serde(default)]
+    pub enabled: bool,
+    /// I, the interval agents heartbeat at: `interval = "1s"`.
+    #[serde(default = "secs::<1>", with = "humantime_serde")]
+    pub interval: Duration,
+    /// T, after which a standby may take over a silent holder's alias: `timeout = "3s"`.
+    /// Must be more than twice `interval`.
+    #[serde(default = "secs::<3>", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Bearer token heartbeat writers must send: `token = "s3cret"`. Required when
+    /// membership is enabled.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Which address wins for an alias that has both a static `[instances]` entry and a
+    /// live holder: `prefer = "membership"` (the holder) or `"static"`. Each instance can
+    /// override it with its own `prefer`.
+    #[serde(default)]
+    pub prefer: Prefer,
+}
+
+/// Which source of an alias's address wins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefer {
+    /// The live holder from membership, else the static entry.
+    #[default]
+    Membership,
+    /// The static entry, whatever membership says.
+    Static,
 }
 
 /// `[upstream]`
@@ -363,7 +407,8 @@ default_from_serde!(
     RoutingConfig,
     UpstreamConfig,
     ActiveHealthConfig,
-    PassiveHealthConfig
+    PassiveHealthConfig,
+    MembershipConfig
 );
 
 impl Config {
@@ -478,8 +523,30 @@ impl Config {
             return Err(invalid("instances", "at least one instance is required"));
         }
         self.validate_plugins()?;
+        self.validate_membership()?;
         // Building the table is where aliases and addresses are validated.
         AliasTable::build(&self.instances, 0, &StateRegistry::default())?;
+        Ok(())
+    }
+
+    /// Checks `[membership]`: `T > 2I`, and a token when enabled.
+    fn validate_membership(&self) -> Result<(), ConfigError> {
+        let m = &self.membership;
+        crate::membership::Params::new(m.interval, m.timeout).map_err(|e| match e {
+            crate::membership::ParamsError::ZeroInterval => {
+                invalid("membership.interval", e.to_string())
+            }
+            _ => invalid("membership.timeout", e.to_string()),
+        })?;
+        if matches!(&m.token, Some(t) if t.trim().is_empty()) {
+            return Err(invalid("membership.token", "must not be empty when set"));
+        }
+        if m.enabled && m.token.is_none() {
+            return Err(invalid(
+                "membership.token",
+                "required when membership is enabled: heartbeat writers must authenticate",
+            ));
+        }
         Ok(())
     }
 

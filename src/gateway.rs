@@ -1,21 +1,29 @@
 //! The gateway's shared state: the current config, the alias table holder, the placement
-//! policy, and the reload paths (config file, SIGHUP, admin API) that replace them.
+//! policy, the membership store, and the reload paths (config file, SIGHUP, admin API,
+//! membership changes) that replace them.
+//!
+//! The published alias table is the static table (the config's `[instances]`, or what
+//! `PUT /v1/aliases` set) merged with the live holders of the membership store: for an
+//! alias with a live holder, the holder's address wins unless `prefer = "static"`.
 //!
 //! Every replacement is validate-then-swap: a bad config or table is refused with the reason
 //! and the old one keeps serving. No pingora here.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use tokio::sync::watch;
 
 use crate::aliases::{AliasTable, InstanceSpec, TableError, TableHolder};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Prefer};
 use crate::metrics::metrics;
 use crate::plugin::PluginSet;
+use crate::ring::ReplacementRing;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::Entry;
 
 /// A validated config plus what request handling derives from it once.
 #[derive(Debug)]
@@ -53,6 +61,8 @@ pub enum SwapSource {
     Sighup,
     /// `PUT /v1/aliases`.
     Api,
+    /// A membership change: a new holder, or a holder's heartbeat expired.
+    Membership,
 }
 
 impl SwapSource {
@@ -61,6 +71,7 @@ impl SwapSource {
             SwapSource::ConfigFile => "config",
             SwapSource::Sighup => "sighup",
             SwapSource::Api => "api",
+            SwapSource::Membership => "membership",
         }
     }
 }
@@ -87,6 +98,41 @@ pub struct Gateway {
     config_path: Option<PathBuf>,
     /// Bumped after every successful swap; the health checker watches it.
     changes: watch::Sender<u64>,
+    /// The static table: the config's `[instances]`, or what `PUT /v1/aliases` set.
+    static_specs: Mutex<BTreeMap<String, InstanceSpec>>,
+    /// What was last published (static merged with holders). Its lock also serialises
+    /// publishing.
+    published: Mutex<BTreeMap<String, InstanceSpec>>,
+    store: Arc<EmbeddedStore>,
+    ring: ReplacementRing,
+}
+
+/// The table to publish: `statics`, with each alias that has a live holder pointed at the
+/// holder (unless it prefers its static address), plus aliases only membership knows.
+pub fn merge(
+    statics: &BTreeMap<String, InstanceSpec>,
+    holders: &[Entry],
+    default: Prefer,
+) -> BTreeMap<String, InstanceSpec> {
+    let mut merged = statics.clone();
+    for h in holders {
+        match merged.get_mut(h.alias.as_str()) {
+            Some(spec) if spec.prefer.unwrap_or(default) == Prefer::Static => {}
+            Some(spec) => spec.address.clone_from(&h.address),
+            None => {
+                merged.insert(
+                    h.alias.to_string(),
+                    InstanceSpec {
+                        address: h.address.clone(),
+                        labels: BTreeMap::new(),
+                        weight: 1,
+                        prefer: None,
+                    },
+                );
+            }
+        }
+    }
+    merged
 }
 
 impl Gateway {
@@ -98,12 +144,17 @@ impl Gateway {
         let tables = TableHolder::new(&config.instances)?;
         metrics().observe_table(&tables.load());
         let (changes, _) = watch::channel(1);
+        let store = Arc::new(EmbeddedStore::new(config.membership.timeout));
         Ok(Arc::new(Gateway {
+            static_specs: Mutex::new(config.instances.clone()),
+            published: Mutex::new(config.instances.clone()),
             settings: ArcSwap::from_pointee(Settings::new(config)),
             tables,
             placement: ArcSwap::from_pointee(placement),
             config_path,
             changes,
+            store,
+            ring: ReplacementRing::default(),
         }))
     }
 
@@ -123,6 +174,65 @@ impl Gateway {
     /// fallback). Keep the `Arc` for the whole request: a reload does not touch it.
     pub fn placement(&self) -> Arc<PluginSet> {
         self.placement.load_full()
+    }
+
+    /// The membership store.
+    pub fn store(&self) -> &Arc<EmbeddedStore> {
+        &self.store
+    }
+
+    /// The re-placement ring.
+    pub fn ring(&self) -> &ReplacementRing {
+        &self.ring
+    }
+
+    /// The live holders, when membership is enabled.
+    fn holders(&self, config: &Config) -> Vec<Entry> {
+        if !config.membership.enabled {
+            return Vec::new();
+        }
+        self.store
+            .entries()
+            .into_iter()
+            .filter(|l| l.fresh)
+            .map(|l| l.entry)
+            .collect()
+    }
+
+    /// Publishes `statics` merged with the live holders, unless that is what is already
+    /// published (and `force` is off). The caller holds the `published` lock.
+    fn publish_locked(
+        &self,
+        published: &mut BTreeMap<String, InstanceSpec>,
+        config: &Config,
+        statics: &BTreeMap<String, InstanceSpec>,
+        force: bool,
+    ) -> Result<Option<Arc<AliasTable>>, TableError> {
+        let merged = merge(statics, &self.holders(config), config.membership.prefer);
+        if !force && *published == merged {
+            return Ok(None);
+        }
+        let table = self.tables.publish(&merged)?;
+        *published = merged;
+        Ok(Some(table))
+    }
+
+    /// Re-merges the static table with the live holders and swaps the table in if that
+    /// changed anything: after a heartbeat is accepted, and periodically to notice
+    /// heartbeats that expired.
+    pub fn sync_membership(&self) {
+        let settings = self.settings();
+        let statics = self.lock_statics().clone();
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        match self.publish_locked(&mut published, &settings.config, &statics, false) {
+            Ok(Some(t)) => self.swapped(SwapSource::Membership, &t),
+            Ok(None) => {}
+            Err(e) => self.refused(SwapSource::Membership, &format!("{}: {e}", e.field())),
+        }
+    }
+
+    fn lock_statics(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, InstanceSpec>> {
+        self.static_specs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The config file this gateway reloads from.
@@ -193,7 +303,12 @@ impl Gateway {
         }
         // Plugins first: a plugin that fails to load refuses the whole reload.
         let placement = PluginSet::load(&config.plugins, Some(&self.placement.load()))?;
-        let table = self.tables.publish(&config.instances)?;
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self
+            .publish_locked(&mut published, &config, &config.instances, true)?
+            .expect("a forced publish always publishes");
+        *self.lock_statics() = config.instances.clone();
+        self.store.set_timeout(config.membership.timeout);
         self.placement.store(Arc::new(placement));
         self.settings.store(Arc::new(Settings::new(config)));
         Ok(table)
@@ -205,8 +320,14 @@ impl Gateway {
         &self,
         specs: &BTreeMap<String, InstanceSpec>,
     ) -> Result<Arc<AliasTable>, TableError> {
-        match self.tables.publish(specs) {
+        let settings = self.settings();
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self
+            .publish_locked(&mut published, &settings.config, specs, true)
+            .map(|t| t.expect("a forced publish always publishes"));
+        match result {
             Ok(t) => {
+                *self.lock_statics() = specs.clone();
                 self.swapped(SwapSource::Api, &t);
                 Ok(t)
             }

@@ -33,6 +33,7 @@ pub mod placement;
 pub mod plugin;
 pub mod proxy;
 pub mod reload;
+pub mod ring;
 pub mod route;
 pub mod server;
 pub mod store;

@@ -44,6 +44,31 @@ enum Cmd {
         #[command(subcommand)]
         command: HaidCmd,
     },
+    /// Hold an alias for the context server beside it (heartbeats to the gateway), or
+    /// stand by to take it over. Exits with status 3 when it steps down.
+    Agent {
+        /// The alias to hold, e.g. `cs_1`.
+        #[arg(long)]
+        alias: String,
+        /// Where the local context server serves (`ip:port`), what the gateway routes to.
+        #[arg(long)]
+        address: String,
+        /// The gateway's admin URL.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        gateway: String,
+        /// The gateway's `membership.token` (or set HAGATE_TOKEN).
+        #[arg(long, env = "HAGATE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The local server's health URL.
+        #[arg(long)]
+        health_url: String,
+        /// I, the heartbeat interval.
+        #[arg(short = 'I', long = "interval", default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// T, the heartbeat timeout (more than 2 × I).
+        #[arg(short = 'T', long = "timeout", default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Work with Wasm placement plugins.
     Plugin {
         #[command(subcommand)]
@@ -171,6 +196,36 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Plugin {
             command: PluginCmd::Test(t),
         } => plugin_test(t),
+        Cmd::Agent {
+            alias,
+            address,
+            gateway,
+            token,
+            health_url,
+            interval,
+            timeout,
+        } => {
+            use hagate::membership::{agent, Params};
+            let opts = agent::AgentOptions {
+                alias: alias.try_into().context("--alias")?,
+                address: {
+                    address
+                        .parse::<std::net::SocketAddr>()
+                        .with_context(|| format!("--address {address:?}"))?;
+                    address
+                },
+                gateway,
+                token,
+                health_url,
+                params: Params::new(interval, timeout).context("-I/-T")?,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let why = rt.block_on(agent::run(opts, uuid::Uuid::new_v4().to_string()));
+            eprintln!("hagate agent: {why}");
+            Ok(ExitCode::from(3))
+        }
         Cmd::Haid {
             command: HaidCmd::Encode { main, backup, id },
         } => {

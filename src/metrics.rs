@@ -6,13 +6,14 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::aliases::AliasTable;
 use crate::haid::HaidError;
 use crate::health::now_ms;
+use crate::store::Listed;
 
 /// All metrics, registered once in their own registry.
 pub struct Metrics {
@@ -58,6 +59,15 @@ pub struct Metrics {
     /// `hagate_plugin_reloads_total{plugin,result}`: loads of a plugin at start and on
     /// reload; result is ok or error.
     pub plugin_reloads: IntCounterVec,
+    /// `hagate_membership_heartbeats_total{result}`: accepted, rejected (another holder is
+    /// fresh) or stale (the entry changed since the sender read it).
+    pub heartbeats: IntCounterVec,
+    /// `hagate_membership_takeovers_total{alias}`: an expired holder replaced by another.
+    pub takeovers: IntCounterVec,
+    /// `hagate_membership_holder_age_seconds{alias}`: age of each alias's last heartbeat.
+    pub holder_age: GaugeVec,
+    /// `hagate_replacements_total`: requests sent to a re-placement instance.
+    pub replacements: IntCounter,
 }
 
 /// Registers `metric` in `r` and hands it back.
@@ -217,8 +227,43 @@ impl Metrics {
             "Attempts to load a placement plugin (at start and on reload), by result.",
             &["plugin", "result"],
         );
+        let heartbeats = counter_vec(
+            &r,
+            "hagate_membership_heartbeats_total",
+            "Membership heartbeats, by result (accepted, rejected, stale).",
+            &["result"],
+        );
+        for result in ["accepted", "rejected", "stale"] {
+            heartbeats.with_label_values(&[result]);
+        }
+        let takeovers = counter_vec(
+            &r,
+            "hagate_membership_takeovers_total",
+            "Aliases taken over from an expired holder by another instance.",
+            &["alias"],
+        );
+        let holder_age = register(
+            &r,
+            GaugeVec::new(
+                Opts::new(
+                    "hagate_membership_holder_age_seconds",
+                    "Age of the last accepted heartbeat of each alias's entry.",
+                ),
+                &["alias"],
+            )
+            .expect("valid metric"),
+        );
+        let replacements = counter(
+            &r,
+            "hagate_replacements_total",
+            "Requests whose main and backup were both dead, sent to a re-placement instance.",
+        );
         Metrics {
             registry: r,
+            heartbeats,
+            takeovers,
+            holder_age,
+            replacements,
             plugin_calls,
             plugin_call_seconds,
             plugin_reloads,
@@ -246,9 +291,16 @@ impl Metrics {
         self.table_size.set(table.len() as i64);
     }
 
-    /// Renders the text exposition, refreshing the per-instance gauges from `table` first.
-    pub fn render(&self, table: &AliasTable) -> String {
+    /// Renders the text exposition, refreshing the per-instance gauges from `table` and
+    /// the holder ages from `members` first.
+    pub fn render(&self, table: &AliasTable, members: &[Listed]) -> String {
         self.observe_table(table);
+        self.holder_age.reset();
+        for m in members {
+            self.holder_age
+                .with_label_values(&[m.entry.alias.as_str()])
+                .set(m.age.as_secs_f64());
+        }
         self.instance_up.reset();
         self.instance_inflight.reset();
         let now = now_ms();

@@ -228,10 +228,16 @@ impl Proxy {
                 Ok(text) => match haid::decode(&text) {
                     Err(e) => Some(Self::haid_error(e, &text)),
                     Ok(h) => {
-                        let decision = decide(&h, &table, &LiveView::now());
+                        let view = LiveView::now();
+                        let decision = decide(&h, &table, &view);
                         // Built once; Nd digits are valid header bytes.
                         ctx.context_id = HeaderValue::from_bytes(h.id.as_bytes()).ok();
-                        Self::apply(decision, &settings, ctx)
+                        match decision {
+                            Decision::NoLiveInstance { .. } if cfg.routing.replacement => {
+                                self.replace(&table, &view, h.id, decision, &settings, ctx)
+                            }
+                            _ => Self::apply(decision, &settings, ctx),
+                        }
                     }
                 },
             },
@@ -267,6 +273,31 @@ impl Proxy {
                     unknown,
                 ))
             }
+        }
+    }
+
+    /// Both instances of the HAID are dead and no standby holds either alias: send the
+    /// request to the instance the re-placement ring maps its context id to.
+    fn replace(
+        &self,
+        table: &AliasTable,
+        view: &LiveView,
+        context_id: &str,
+        decision: Decision<'_>,
+        settings: &Settings,
+        ctx: &mut Ctx,
+    ) -> Option<Answer> {
+        match self.gateway.ring().pick(table, view, context_id) {
+            Some(instance) => {
+                metrics().replacements.inc();
+                ctx.primary = Some(Target {
+                    instance,
+                    role: Role::Replacement,
+                });
+                ctx.fallback = None;
+                None
+            }
+            None => Self::apply(decision, settings, ctx),
         }
     }
 

@@ -15,6 +15,8 @@ pub enum Role {
     Main,
     /// The HAID's backup instance.
     Backup,
+    /// Neither was live: an instance chosen by the re-placement ring.
+    Replacement,
 }
 
 impl Role {
@@ -23,6 +25,7 @@ impl Role {
         match self {
             Role::Main => "main",
             Role::Backup => "backup",
+            Role::Replacement => "replacement",
         }
     }
 }
@@ -122,6 +125,7 @@ mod tests {
                         address: format!("127.0.0.1:{p}"),
                         labels: BTreeMap::new(),
                         weight: 1,
+                        prefer: None,
                     },
                 )
             })

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
@@ -55,9 +56,25 @@ impl BackgroundService for ControlPlane {
             }
         }
         tokio::spawn(health::active::supervise(Arc::clone(&self.gateway)));
+        tokio::spawn(expire_holders(Arc::clone(&self.gateway)));
         tokio::spawn(reload::watch_config(Arc::clone(&self.gateway)));
         tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway)));
         let _ = shutdown.changed().await;
+    }
+}
+
+/// Notices holders whose heartbeats expired (nothing else would): re-merges the table
+/// every half interval while membership is enabled.
+async fn expire_holders(gateway: Arc<Gateway>) {
+    loop {
+        let settings = gateway.settings();
+        let period = (settings.config.membership.interval / 2).max(Duration::from_millis(20));
+        let enabled = settings.config.membership.enabled;
+        drop(settings);
+        tokio::time::sleep(period).await;
+        if enabled {
+            gateway.sync_membership();
+        }
     }
 }
 

@@ -47,6 +47,7 @@ fn decode_resolve_route_allocates_nothing() {
                     address: format!("127.0.0.1:{}", 9000 + i),
                     labels: BTreeMap::new(),
                     weight: 1,
+                    prefer: None,
                 },
             )
         })

@@ -1,1 +1,185 @@
-pub fn placeholder() {}
+//! `hagate agent`: runs beside one context server and holds (or stands by for) its alias
+//! through the gateway's heartbeat API. The IO shell around `AgentCore`: every I it checks
+//! the server's health URL, asks `GetPrimary`, and sends the heartbeat the core decides on.
+//! It returns only when the core steps down; the caller exits non-zero so that a
+//! supervisor restarts it (with a fresh uuid) as a standby.
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::{AgentCore, Decision, Params, Role, StepDown};
+use crate::aliases::Alias;
+use crate::store::{Entry, Heartbeat, HeartbeatOutcome, Primary};
+
+/// What `hagate agent` was told.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The alias to hold.
+    pub alias: Alias,
+    /// Where the local context server serves, `ip:port` (what the gateway will route to).
+    pub address: String,
+    /// The gateway's admin URL, e.g. `http://127.0.0.1:9090`.
+    pub gateway: String,
+    /// The `membership.token`.
+    pub token: String,
+    /// The local server's health URL; a non-2xx answer or none is a failure.
+    pub health_url: String,
+    /// I and T.
+    pub params: Params,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The protocol said to step down.
+    #[error("stepping down: {0}")]
+    StepDown(#[from] StepDown),
+    /// The gateway refused the token (401/403): a configuration error, not a failover.
+    #[error("the gateway refused the heartbeat: {0}")]
+    Unauthorized(String),
+    /// The HTTP client could not be built.
+    #[error("http client: {0}")]
+    Client(String),
+}
+
+#[derive(Deserialize)]
+struct PrimaryAnswer {
+    holder: Option<Entry>,
+    token: u64,
+}
+
+#[derive(Deserialize)]
+struct HeartbeatAnswer {
+    result: String,
+    entry: Option<Entry>,
+    current: Option<Entry>,
+    took_over: Option<String>,
+}
+
+struct Shell {
+    http: reqwest::Client,
+    opts: AgentOptions,
+    started: Instant,
+}
+
+impl Shell {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn healthy(&self) -> bool {
+        self.http
+            .get(&self.opts.health_url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
+    async fn primary(&self) -> Option<Primary> {
+        let url = format!(
+            "{}/v1/membership/primary/{}",
+            self.opts.gateway.trim_end_matches('/'),
+            self.opts.alias
+        );
+        let r = self.http.get(url).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let a: PrimaryAnswer = r.json().await.ok()?;
+        Some(Primary {
+            holder: a.holder,
+            token: a.token,
+        })
+    }
+
+    async fn heartbeat(&self, hb: &Heartbeat) -> Result<Option<HeartbeatOutcome>, AgentError> {
+        let url = format!(
+            "{}/v1/membership/heartbeat",
+            self.opts.gateway.trim_end_matches('/')
+        );
+        let Ok(r) = self
+            .http
+            .post(url)
+            .bearer_auth(&self.opts.token)
+            .json(hb)
+            .send()
+            .await
+        else {
+            return Ok(None);
+        };
+        let status = r.status();
+        if status == 401 || status == 403 {
+            return Err(AgentError::Unauthorized(r.text().await.unwrap_or_default()));
+        }
+        let Ok(a) = r.json::<HeartbeatAnswer>().await else {
+            return Ok(None);
+        };
+        Ok(match (a.result.as_str(), a.entry, a.current) {
+            ("accepted", Some(entry), _) => Some(HeartbeatOutcome::Accepted {
+                entry,
+                took_over: a.took_over,
+            }),
+            ("stale", _, current) => Some(HeartbeatOutcome::Stale { current }),
+            ("rejected", _, Some(current)) => Some(HeartbeatOutcome::Rejected { current }),
+            _ => None,
+        })
+    }
+}
+
+/// Runs the agent until it steps down.
+pub async fn run(opts: AgentOptions, uuid: String) -> AgentError {
+    let interval = opts.params.interval;
+    let http = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout((interval / 2).max(Duration::from_millis(50)))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return AgentError::Client(e.to_string()),
+    };
+    let shell = Shell {
+        http,
+        opts: opts.clone(),
+        started: Instant::now(),
+    };
+    let mut core = AgentCore::new(
+        uuid,
+        opts.alias.clone(),
+        opts.address.clone(),
+        opts.params,
+        0,
+    );
+    tracing::info!(uuid = core.uuid(), alias = %opts.alias, address = %opts.address, "agent started as a standby");
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut role = core.role();
+    loop {
+        tick.tick().await;
+        let healthy = shell.healthy().await;
+        let primary = shell.primary().await;
+        match core.on_primary(shell.now_ms(), healthy, primary.as_ref()) {
+            Decision::Wait => {}
+            Decision::StepDown(why) => return why.into(),
+            Decision::Heartbeat(hb) => {
+                let sent = shell.now_ms();
+                let outcome = match shell.heartbeat(&hb).await {
+                    Ok(o) => o,
+                    Err(e) => return e,
+                };
+                if let Some(why) = core.on_heartbeat(shell.now_ms(), sent, outcome.as_ref()) {
+                    return why.into();
+                }
+            }
+        }
+        if core.role() != role {
+            role = core.role();
+            let name = match role {
+                Role::Standby => "standby",
+                Role::Claiming => "claiming",
+                Role::Holder => "holder",
+            };
+            tracing::info!(alias = %opts.alias, role = name, "agent role changed");
+        }
+    }
+}

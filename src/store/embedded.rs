@@ -6,6 +6,7 @@
 //! microseconds, so a token from before the restart never matches a new entry.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,7 +43,8 @@ struct State {
 /// Entries in memory; see the module docs.
 pub struct EmbeddedStore {
     state: Mutex<State>,
-    timeout: Duration,
+    /// T in milliseconds; a config reload may change it.
+    timeout_ms: AtomicU64,
     clock: Arc<dyn Clock>,
 }
 
@@ -62,13 +64,19 @@ impl EmbeddedStore {
                 entries: BTreeMap::new(),
                 next_revision: first_revision.max(1),
             }),
-            timeout,
+            timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
             clock,
         }
     }
 
+    /// Changes T (a config reload).
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
     fn fresh(&self, entry: &Entry, now: u64) -> bool {
-        now.saturating_sub(entry.timestamp_ms) <= self.timeout.as_millis() as u64
+        now.saturating_sub(entry.timestamp_ms) <= self.timeout_ms.load(Ordering::Relaxed)
     }
 
     /// `UpdateHeartBeat`, synchronously (the trait method wraps it).
@@ -152,14 +160,13 @@ impl MembershipStore for EmbeddedStore {
     }
 
     fn timeout(&self) -> Duration {
-        self.timeout
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A clock the test moves by hand.
     #[derive(Default)]

@@ -12,6 +12,8 @@ use hyper::{Method, Request, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
+mod membership;
+
 use crate::aliases::InstanceSpec;
 use crate::gateway::Gateway;
 use crate::haid;
@@ -34,15 +36,20 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
         (Method::GET, "/metrics") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            metrics().render(&gateway.table()),
+            metrics().render(&gateway.table(), &gateway.store().entries()),
         ),
         (Method::GET, "/healthz") => json(StatusCode::OK, &json!({"status": "ok"})),
         (Method::GET, "/v1/aliases") => aliases(&gateway),
         (Method::PUT, "/v1/aliases") => {
-            if let Some(denied) = authorize(&gateway, &req) {
+            let settings = gateway.settings();
+            let token = settings.config.admin.token.as_deref();
+            if let Some(denied) = authorize(token, "admin.token", &req) {
                 return denied;
             }
             put_aliases(&gateway, req).await
+        }
+        (method, path) if path == "/v1/membership" || path.starts_with("/v1/membership/") => {
+            membership::handle(&gateway, method, req).await
         }
         (Method::POST, "/v1/placements") => placements(&gateway, req).await,
         (_, "/metrics" | "/healthz" | "/v1/aliases" | "/v1/placements") => json(
@@ -201,10 +208,10 @@ async fn placements(gateway: &Gateway, req: Request<Incoming>) -> Reply {
     }
 }
 
-/// `None` when the request may write; otherwise the 401/403 answer.
-fn authorize(gateway: &Gateway, req: &Request<Incoming>) -> Option<Reply> {
-    let settings = gateway.settings();
-    let expected = settings.config.admin.token.as_deref()?;
+/// `None` when the request may write (no token is configured, or it sent the right one);
+/// otherwise the 401/403 answer, naming the config field of the token.
+pub fn authorize(expected: Option<&str>, field: &str, req: &Request<Incoming>) -> Option<Reply> {
+    let expected = expected?;
     let given = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -213,11 +220,11 @@ fn authorize(gateway: &Gateway, req: &Request<Incoming>) -> Option<Reply> {
     match given {
         None => Some(json(
             StatusCode::UNAUTHORIZED,
-            &json!({"error": "unauthorized", "detail": "send Authorization: Bearer <admin.token>"}),
+            &json!({"error": "unauthorized", "detail": format!("send Authorization: Bearer <{field}>")}),
         )),
         Some(token) if !same(token.as_bytes(), expected.as_bytes()) => Some(json(
             StatusCode::FORBIDDEN,
-            &json!({"error": "forbidden", "detail": "wrong admin token"}),
+            &json!({"error": "forbidden", "detail": format!("wrong token (see {field})")}),
         )),
         Some(_) => None,
     }

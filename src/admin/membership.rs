@@ -1,0 +1,152 @@
+//! `/v1/membership`: the heartbeat API of the membership protocol.
+//!
+//! - `POST /v1/membership/heartbeat` (`UpdateHeartBeat`), with
+//!   `Authorization: Bearer <membership.token>`: 200 when accepted, 409 when stale or
+//!   rejected (the body says which, and shows the current entry).
+//! - `GET /v1/membership/primary/{alias}` (`GetPrimary`): the holder while fresh, and the
+//!   compare-and-set token.
+//! - `GET /v1/membership`: every entry with its age.
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde_json::json;
+
+use super::authorize;
+use crate::aliases::Alias;
+use crate::gateway::Gateway;
+use crate::http_server::{json, read_body, Reply};
+use crate::metrics::metrics;
+use crate::store::{Entry, Heartbeat, HeartbeatOutcome};
+
+fn entry_json(e: &Entry, now_ms: u64) -> serde_json::Value {
+    json!({
+        "uuid": e.uuid,
+        "alias": e.alias,
+        "address": e.address,
+        "timestamp_ms": e.timestamp_ms,
+        "age_ms": now_ms.saturating_sub(e.timestamp_ms),
+        "revision": e.revision,
+    })
+}
+
+fn bad(error: &str, detail: String) -> Reply {
+    json(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": error, "detail": detail}),
+    )
+}
+
+/// Answers a request under `/v1/membership`.
+pub async fn handle(gateway: &Gateway, method: Method, req: Request<Incoming>) -> Reply {
+    let settings = gateway.settings();
+    let m = &settings.config.membership;
+    if !m.enabled {
+        return json(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "membership_disabled", "detail": "set [membership] enabled = true"}),
+        );
+    }
+    let path = req.uri().path().to_string();
+    let now = crate::health::now_ms();
+    let store = gateway.store();
+    match (method, path.as_str()) {
+        (Method::POST, "/v1/membership/heartbeat") => {
+            if let Some(denied) = authorize(m.token.as_deref(), "membership.token", &req) {
+                return denied;
+            }
+            heartbeat(gateway, req, now).await
+        }
+        (Method::GET, "/v1/membership") => {
+            let entries: Vec<_> = store
+                .entries()
+                .iter()
+                .map(|l| {
+                    let mut v = entry_json(&l.entry, now);
+                    v["age_ms"] = (l.age.as_millis() as u64).into();
+                    v["fresh"] = l.fresh.into();
+                    v
+                })
+                .collect();
+            json(
+                StatusCode::OK,
+                &json!({
+                    "interval_ms": m.interval.as_millis() as u64,
+                    "timeout_ms": m.timeout.as_millis() as u64,
+                    "entries": entries,
+                }),
+            )
+        }
+        (Method::GET, p) if p.starts_with("/v1/membership/primary/") => {
+            let alias = &p["/v1/membership/primary/".len()..];
+            if let Err(e) = Alias::try_from(alias.to_string()) {
+                return bad("invalid_alias", e.to_string());
+            }
+            let primary = store.primary(alias);
+            json(
+                StatusCode::OK,
+                &json!({
+                    "alias": alias,
+                    "holder": primary.holder.as_ref().map(|e| entry_json(e, now)),
+                    "token": primary.token,
+                }),
+            )
+        }
+        (_, "/v1/membership" | "/v1/membership/heartbeat") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": "method_not_allowed"}),
+        ),
+        (_, p) => json(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not_found", "path": p}),
+        ),
+    }
+}
+
+async fn heartbeat(gateway: &Gateway, req: Request<Incoming>, now: u64) -> Reply {
+    let body = match read_body(req, 16 << 10).await {
+        Ok(b) => b,
+        Err(e) => return bad("invalid_heartbeat", e),
+    };
+    let hb: Heartbeat = match serde_json::from_slice(&body) {
+        Ok(h) => h,
+        Err(e) => return bad("invalid_heartbeat", e.to_string()),
+    };
+    if hb.uuid.is_empty() || hb.uuid.len() > 128 {
+        return bad("invalid_heartbeat", "uuid: must be 1-128 bytes".into());
+    }
+    if hb.address.parse::<std::net::SocketAddr>().is_err() {
+        return bad(
+            "invalid_heartbeat",
+            format!("address: invalid socket address {:?}", hb.address),
+        );
+    }
+    let outcome = gateway.store().update(&hb);
+    metrics()
+        .heartbeats
+        .with_label_values(&[outcome.label()])
+        .inc();
+    match outcome {
+        HeartbeatOutcome::Accepted { entry, took_over } => {
+            if let Some(old) = &took_over {
+                metrics()
+                    .takeovers
+                    .with_label_values(&[entry.alias.as_str()])
+                    .inc();
+                tracing::info!(alias = %entry.alias, from = %old, to = %entry.uuid, address = %entry.address, "alias taken over");
+            }
+            gateway.sync_membership();
+            json(
+                StatusCode::OK,
+                &json!({"result": "accepted", "entry": entry_json(&entry, now), "took_over": took_over}),
+            )
+        }
+        HeartbeatOutcome::Stale { current } => json(
+            StatusCode::CONFLICT,
+            &json!({"result": "stale", "current": current.as_ref().map(|e| entry_json(e, now))}),
+        ),
+        HeartbeatOutcome::Rejected { current } => json(
+            StatusCode::CONFLICT,
+            &json!({"result": "rejected", "current": entry_json(&current, now)}),
+        ),
+    }
+}
