@@ -63,8 +63,17 @@ pub struct ReplacementRing {
 
 impl ReplacementRing {
     /// The live instance of `table` that `context_id` maps to, if any is live.
-    pub fn pick(&self, table: &AliasTable, health: &impl HealthView, context_id: &str) -> Option<usize> {
-        let live: Vec<bool> = table.instances().iter().map(|i| health.is_live(i)).collect();
+    pub fn pick(
+        &self,
+        table: &AliasTable,
+        health: &impl HealthView,
+        context_id: &str,
+    ) -> Option<usize> {
+        let live: Vec<bool> = table
+            .instances()
+            .iter()
+            .map(|i| health.is_live(i))
+            .collect();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let stale = cache
             .as_ref()

@@ -167,7 +167,12 @@ impl AgentCore {
     }
 
     /// One interval: the local health, and what `GetPrimary` answered.
-    pub fn on_primary(&mut self, now_ms: u64, healthy: bool, primary: Option<&Primary>) -> Decision {
+    pub fn on_primary(
+        &mut self,
+        now_ms: u64,
+        healthy: bool,
+        primary: Option<&Primary>,
+    ) -> Decision {
         if !healthy {
             return Decision::StepDown(StepDown::Unhealthy);
         }

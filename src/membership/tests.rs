@@ -120,7 +120,11 @@ impl World {
                     Loss::Request => None,
                     _ => Some(self.store.update(&hb)),
                 };
-                let seen = if matches!(loss, Loss::Answer) { None } else { outcome.as_ref() };
+                let seen = if matches!(loss, Loss::Answer) {
+                    None
+                } else {
+                    outcome.as_ref()
+                };
                 agent.on_heartbeat(now, now, seen).is_some()
             }
         };
@@ -192,7 +196,10 @@ proptest! {
 fn params_need_t_above_2i() {
     let ms = Duration::from_millis;
     assert!(Params::new(ms(100), ms(201)).is_ok());
-    assert!(matches!(Params::new(ms(100), ms(200)), Err(ParamsError::TooShort { .. })));
+    assert!(matches!(
+        Params::new(ms(100), ms(200)),
+        Err(ParamsError::TooShort { .. })
+    ));
     assert_eq!(Params::new(ms(0), ms(200)), Err(ParamsError::ZeroInterval));
 }
 
@@ -201,8 +208,13 @@ fn a_holder_steps_down_when_another_is_named_or_health_fails() {
     let params = Params::new(Duration::from_millis(I), Duration::from_millis(T)).unwrap();
     let alias = Alias::try_from("cs_1".to_string()).unwrap();
     let mut a = AgentCore::new("a".into(), alias, "127.0.0.1:1".into(), params, 0);
-    let empty = Primary { holder: None, token: 0 };
-    let Decision::Heartbeat(hb) = a.on_primary(0, true, Some(&empty)) else { panic!() };
+    let empty = Primary {
+        holder: None,
+        token: 0,
+    };
+    let Decision::Heartbeat(hb) = a.on_primary(0, true, Some(&empty)) else {
+        panic!()
+    };
     let entry = crate::store::Entry {
         uuid: "a".into(),
         alias: hb.alias.clone(),
@@ -210,16 +222,54 @@ fn a_holder_steps_down_when_another_is_named_or_health_fails() {
         timestamp_ms: 0,
         revision: 5,
     };
-    a.on_heartbeat(0, 0, Some(&HeartbeatOutcome::Accepted { entry: entry.clone(), took_over: None }));
-    assert_eq!(a.role(), Role::Claiming, "holder only once GetPrimary names it");
-    let mine = Primary { holder: Some(entry.clone()), token: 5 };
-    assert!(matches!(a.on_primary(I, true, Some(&mine)), Decision::Heartbeat(h) if h.last_seen == 5));
+    a.on_heartbeat(
+        0,
+        0,
+        Some(&HeartbeatOutcome::Accepted {
+            entry: entry.clone(),
+            took_over: None,
+        }),
+    );
+    assert_eq!(
+        a.role(),
+        Role::Claiming,
+        "holder only once GetPrimary names it"
+    );
+    let mine = Primary {
+        holder: Some(entry.clone()),
+        token: 5,
+    };
+    assert!(
+        matches!(a.on_primary(I, true, Some(&mine)), Decision::Heartbeat(h) if h.last_seen == 5)
+    );
     assert_eq!(a.role(), Role::Holder);
-    a.on_heartbeat(I, I, Some(&HeartbeatOutcome::Accepted { entry: entry.clone(), took_over: None }));
+    a.on_heartbeat(
+        I,
+        I,
+        Some(&HeartbeatOutcome::Accepted {
+            entry: entry.clone(),
+            took_over: None,
+        }),
+    );
     assert!(a.acting_holder(I));
-    let other = Primary { holder: Some(crate::store::Entry { uuid: "b".into(), ..entry }), token: 6 };
-    assert_eq!(a.clone().on_primary(2 * I, true, Some(&other)), Decision::StepDown(StepDown::OtherHolder("b".into())));
-    assert_eq!(a.clone().on_primary(2 * I, false, Some(&mine)), Decision::StepDown(StepDown::Unhealthy));
+    let other = Primary {
+        holder: Some(crate::store::Entry {
+            uuid: "b".into(),
+            ..entry
+        }),
+        token: 6,
+    };
+    assert_eq!(
+        a.clone().on_primary(2 * I, true, Some(&other)),
+        Decision::StepDown(StepDown::OtherHolder("b".into()))
+    );
+    assert_eq!(
+        a.clone().on_primary(2 * I, false, Some(&mine)),
+        Decision::StepDown(StepDown::Unhealthy)
+    );
     // no answer for T - I since the last accepted heartbeat
-    assert_eq!(a.on_primary(I + (T - I), true, None), Decision::StepDown(StepDown::NoAnswer));
+    assert_eq!(
+        a.on_primary(I + (T - I), true, None),
+        Decision::StepDown(StepDown::NoAnswer)
+    );
 }

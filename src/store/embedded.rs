@@ -190,26 +190,50 @@ mod tests {
     fn claim_renew_reject_then_take_over_after_t() {
         let clock = Arc::new(Manual::default());
         let store = EmbeddedStore::with_clock(Duration::from_millis(300), clock.clone(), 10);
-        assert_eq!(store.primary("cs_1"), Primary { holder: None, token: 0 });
+        assert_eq!(
+            store.primary("cs_1"),
+            Primary {
+                holder: None,
+                token: 0
+            }
+        );
         let HeartbeatOutcome::Accepted { entry, took_over } = store.update(&hb("a", 0)) else {
             panic!()
         };
         assert_eq!((entry.revision, took_over), (10, None));
         // a concurrent claim with the same (old) token loses
-        assert!(matches!(store.update(&hb("b", 0)), HeartbeatOutcome::Stale { .. }));
+        assert!(matches!(
+            store.update(&hb("b", 0)),
+            HeartbeatOutcome::Stale { .. }
+        ));
         // b read the entry, but a is fresh: rejected
         clock.0.store(300, Ordering::SeqCst);
-        assert!(matches!(store.update(&hb("b", 10)), HeartbeatOutcome::Rejected { .. }));
+        assert!(matches!(
+            store.update(&hb("b", 10)),
+            HeartbeatOutcome::Rejected { .. }
+        ));
         assert_eq!(store.primary("cs_1").holder.unwrap().uuid, "a");
         // a stops; past T the entry is not returned, but its token is
         clock.0.store(301, Ordering::SeqCst);
-        assert_eq!(store.primary("cs_1"), Primary { holder: None, token: 10 });
+        assert_eq!(
+            store.primary("cs_1"),
+            Primary {
+                holder: None,
+                token: 10
+            }
+        );
         let HeartbeatOutcome::Accepted { entry, took_over } = store.update(&hb("b", 10)) else {
             panic!()
         };
-        assert_eq!((entry.uuid.as_str(), took_over.as_deref()), ("b", Some("a")));
+        assert_eq!(
+            (entry.uuid.as_str(), took_over.as_deref()),
+            ("b", Some("a"))
+        );
         // a comes back with its old token: stale
-        assert!(matches!(store.update(&hb("a", 10)), HeartbeatOutcome::Stale { .. }));
+        assert!(matches!(
+            store.update(&hb("a", 10)),
+            HeartbeatOutcome::Stale { .. }
+        ));
         assert_eq!(store.entries().len(), 1);
     }
 }

@@ -1,0 +1,414 @@
+//! Membership for real: `hagate run` with the embedded store, `hagate agent` processes
+//! beside real demo context servers, `kill -9`, and requests for HAIDs whose aliases move.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "s3cret";
+const I: Duration = Duration::from_millis(200);
+const T: Duration = Duration::from_millis(700);
+
+fn membership_config() -> String {
+    format!(
+        "[membership]\nenabled = true\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\ntoken = \"{TOKEN}\"\n",
+        I.as_millis(),
+        T.as_millis()
+    )
+}
+
+/// A `hagate agent` process, killed on drop.
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn start(gw: &Gateway, alias: &str, server: &Upstream) -> Agent {
+        let child = Command::new(BIN)
+            .args(["agent", "--alias", alias, "--address"])
+            .arg(server.addr.to_string())
+            .arg("--gateway")
+            .arg(format!("http://{}", gw.admin))
+            .args(["--token", TOKEN, "--health-url"])
+            .arg(format!("http://{}/health", server.addr))
+            .args([
+                "-I",
+                &format!("{}ms", I.as_millis()),
+                "-T",
+                &format!("{}ms", T.as_millis()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn hagate agent");
+        Agent { child }
+    }
+
+    /// `kill -9`.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The holder of `alias` as `GET /v1/membership/primary/{alias}` reports it.
+async fn holder(gw: &Gateway, alias: &str) -> Value {
+    json_of(client().get(gw.admin_url(&format!("/v1/membership/primary/{alias}")))).await["holder"]
+        .clone()
+}
+
+async fn wait_holder_at(gw: &Gateway, alias: &str, server: &Upstream) -> String {
+    let what = format!("{alias} to be held at {}", server.addr);
+    eventually(&what, Duration::from_secs(15), || async {
+        let h = holder(gw, alias).await;
+        (h["address"] == server.addr.to_string()).then(|| h["uuid"].as_str().unwrap().to_string())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_api_needs_the_token_and_follows_the_protocol() {
+    let up = Upstream::start("cs_1");
+    let gw = Gateway::start(&format!(
+        "{}{FAST_HEALTH}{}",
+        membership_config(),
+        instances(&[("cs_1", &up)])
+    ))
+    .await;
+    let c = client();
+    let url = gw.admin_url("/v1/membership/heartbeat");
+    let hb = |uuid: &str, last_seen: u64| json!({"uuid": uuid, "alias": "cs_9", "address": "127.0.0.1:9", "last_seen": last_seen});
+    assert_eq!(
+        c.post(&url)
+            .json(&hb("a", 0))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let wrong = c
+        .post(&url)
+        .bearer_auth("nope")
+        .json(&hb("a", 0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 403);
+    assert!(wrong.text().await.unwrap().contains("membership.token"));
+    let send = |body: Value| c.post(&url).bearer_auth(TOKEN).json(&body).send();
+    // claim an empty role
+    let r = send(hb("a", 0)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["result"], "accepted");
+    let rev = v["entry"]["revision"].as_u64().unwrap();
+    // a concurrent claim with the same old token loses: stale
+    let v: Value = send(hb("b", 0)).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (v["result"].as_str(), v["current"]["uuid"].as_str()),
+        (Some("stale"), Some("a"))
+    );
+    // with the current token, but a is fresh: rejected
+    let r = send(hb("b", rev)).await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json::<Value>().await.unwrap()["result"], "rejected");
+    // GetPrimary names a while fresh, with the token
+    let p = json_of(c.get(gw.admin_url("/v1/membership/primary/cs_9"))).await;
+    assert_eq!(
+        (p["holder"]["uuid"].as_str(), p["token"].as_u64()),
+        (Some("a"), Some(rev))
+    );
+    // past T: empty, but with the token a candidate needs; b takes over
+    eventually(
+        "cs_9's heartbeat to expire",
+        Duration::from_secs(5),
+        || async {
+            let p = json_of(c.get(gw.admin_url("/v1/membership/primary/cs_9"))).await;
+            (p["holder"].is_null() && p["token"] == rev).then_some(())
+        },
+    )
+    .await;
+    let v: Value = send(hb("b", rev)).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (v["result"].as_str(), v["took_over"].as_str()),
+        (Some("accepted"), Some("a"))
+    );
+    // the listing shows every entry with its age
+    let l = json_of(c.get(gw.admin_url("/v1/membership"))).await;
+    assert_eq!(l["timeout_ms"], T.as_millis() as u64);
+    assert_eq!(l["entries"][0]["uuid"], "b");
+    assert!(l["entries"][0]["age_ms"].is_u64() && l["entries"][0]["fresh"] == true);
+    // a membership-only alias is routable while it has a holder
+    let table = json_of(c.get(gw.admin_url("/v1/aliases"))).await;
+    assert_eq!(table["instances"]["cs_9"]["address"], "127.0.0.1:9");
+    // bad input is a clear 400
+    let r = send(json!({"uuid": "c", "alias": "cs_9", "address": "nowhere", "last_seen": 0}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("address"));
+    assert_eq!(send(json!({"uuid": "c"})).await.unwrap().status(), 400);
+    assert_eq!(
+        c.get(gw.admin_url("/v1/membership/primary/a--b"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    for (result, n) in [("accepted", 2.0), ("stale", 1.0), ("rejected", 1.0)] {
+        assert_eq!(
+            gw.metric("hagate_membership_heartbeats_total", &[("result", result)])
+                .await,
+            n,
+            "{result}"
+        );
+    }
+    assert_eq!(
+        gw.metric("hagate_membership_takeovers_total", &[("alias", "cs_9")])
+            .await,
+        1.0
+    );
+    assert!(
+        gw.metric("hagate_membership_holder_age_seconds", &[("alias", "cs_9")])
+            .await
+            >= 0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_agent_takes_over_a_killed_holder_within_t_plus_i() {
+    let mut a = Upstream::start("A");
+    let b = Upstream::start("B");
+    let backup = Upstream::start("C");
+    let gw = Gateway::start(&format!(
+        "{}{FAST_HEALTH}{}",
+        membership_config(),
+        instances(&[("cs_1", &a), ("cs_2", &backup)])
+    ))
+    .await;
+    let mut agent_a = Agent::start(&gw, "cs_1", &a);
+    let first = wait_holder_at(&gw, "cs_1", &a).await;
+    let _agent_b = Agent::start(&gw, "cs_1", &b);
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "1024").unwrap();
+    gw.wait_served_by(&haid, "A").await;
+
+    // Load on the old HAID all along: the backup covers the gap, so no request fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
+        let url = gw.url("/api/rest_j/v1/contextservice/getContextValue");
+        let haid = haid.clone();
+        loops.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).header("contextID", &haid).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+
+    // kill -9 the holder's agent and its server
+    agent_a.kill();
+    a.kill();
+    let killed = Instant::now();
+    let c = client();
+    let took = eventually(
+        "the standby to serve the old HAID",
+        Duration::from_secs(15),
+        || async {
+            let (s, body) = get_haid(&c, &gw, &haid).await;
+            (s == 200 && body["server"] == "B" && body["role"] == "main").then(|| killed.elapsed())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    let second = holder(&gw, "cs_1").await;
+    assert_ne!(second["uuid"].as_str(), Some(first.as_str()));
+    assert_eq!(second["address"], b.addr.to_string());
+    let (ok, errors) = (ok.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+    eprintln!(
+        "takeover: the old HAID reached the standby {took:?} after kill -9 (T + I = {:?}); {ok} requests meanwhile, {errors} errors",
+        T + I
+    );
+    // The protocol's bound is T + I; allow 1s for process scheduling on a loaded machine.
+    assert!(took <= T + I + Duration::from_secs(1), "took {took:?}");
+    assert_eq!(errors, 0);
+    assert_eq!(
+        gw.metric("hagate_membership_takeovers_total", &[("alias", "cs_1")])
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_random_kill_and_restart_costs_no_errors_while_a_holder_lives() {
+    let aliases = ["cs_1", "cs_2", "cs_3"];
+    let mut servers: Vec<Upstream> = aliases.iter().map(|a| Upstream::start(a)).collect();
+    let gw = Gateway::start(&format!(
+        "{}{FAST_HEALTH}{}",
+        membership_config(),
+        instances(&[
+            ("cs_1", &servers[0]),
+            ("cs_2", &servers[1]),
+            ("cs_3", &servers[2])
+        ])
+    ))
+    .await;
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|n| Agent::start(&gw, aliases[n], &servers[n]))
+        .collect();
+    for n in 0..3 {
+        wait_holder_at(&gw, aliases[n], &servers[n]).await;
+    }
+    // every (main, backup) pair: at most one server is down at a time, so each context
+    // always has a live holder for its main or its backup
+    let mut haids = Vec::new();
+    for m in aliases {
+        for b in aliases {
+            if m != b {
+                haids.push(hagate::haid::encode(m, &[b], "77").unwrap());
+            }
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut loops = Vec::new();
+    for w in 0..4 {
+        let (stop, ok, errors, haids) = (stop.clone(), ok.clone(), errors.clone(), haids.clone());
+        let url = gw.url("/api/rest_j/v1/contextservice/getContextValue");
+        loops.push(tokio::spawn(async move {
+            let c = client();
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let haid = &haids[i % haids.len()];
+                match c.get(&url).header("contextID", haid).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    r => {
+                        eprintln!("error for {haid}: {:?}", r.map(|r| r.status()));
+                        errors.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let mut rng = fastrand::Rng::new();
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(12) {
+        let n = rng.usize(0..3);
+        agents[n].kill();
+        servers[n].kill();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(rng.u64(800..1600))).await;
+        servers[n].restart();
+        agents[n] = Agent::start(&gw, aliases[n], &servers[n]);
+        // the restarted server's new agent holds the alias again before the next kill
+        wait_holder_at(&gw, aliases[n], &servers[n]).await;
+        let quiet = gw
+            .metric("hagate_instance_up", &[("alias", aliases[n])])
+            .await;
+        if quiet == 0.0 {
+            eventually(
+                "the restarted server to be live",
+                Duration::from_secs(10),
+                || async {
+                    (gw.metric("hagate_instance_up", &[("alias", aliases[n])])
+                        .await
+                        == 1.0)
+                        .then_some(())
+                },
+            )
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(300..900))).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    let (ok, errors) = (ok.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+    let takeovers: f64 = {
+        let mut t = 0.0;
+        for a in aliases {
+            t += gw
+                .metric("hagate_membership_takeovers_total", &[("alias", a)])
+                .await;
+        }
+        t
+    };
+    eprintln!("chaos: {kills} kill -9 + restart cycles, {ok} requests, {errors} errors, {takeovers} takeovers");
+    assert!(kills >= 4 && ok > 100, "{kills} kills, {ok} requests");
+    assert_eq!(errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_both_aliases_dead_two_gateways_pick_the_same_replacement() {
+    let mut ups: Vec<Upstream> = ["cs_1", "cs_2", "cs_3", "cs_4", "cs_5"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    let inst = instances(&[
+        ("cs_1", &ups[0]),
+        ("cs_2", &ups[1]),
+        ("cs_3", &ups[2]),
+        ("cs_4", &ups[3]),
+        ("cs_5", &ups[4]),
+    ]);
+    let body = format!(
+        "[routing]\nreplacement = true\n{}{FAST_HEALTH}{inst}",
+        membership_config()
+    );
+    let (g1, g2) = (Gateway::start(&body).await, Gateway::start(&body).await);
+    ups[0].kill();
+    ups[1].kill();
+    let c = client();
+    let ids: Vec<String> = (0..12).map(|i| (4000 + i * 37).to_string()).collect();
+    let mut chosen = std::collections::BTreeSet::new();
+    for id in &ids {
+        let haid = hagate::haid::encode("cs_1", &["cs_2"], id).unwrap();
+        let mut seen = Vec::new();
+        for gw in [&g1, &g2] {
+            let served = eventually(
+                "a replacement to answer",
+                Duration::from_secs(15),
+                || async {
+                    let (s, body) = get_haid(&c, gw, &haid).await;
+                    (s == 200 && body["role"] == "replacement")
+                        .then(|| body["server"].as_str().unwrap().to_string())
+                },
+            )
+            .await;
+            seen.push(served);
+        }
+        assert_eq!(
+            seen[0], seen[1],
+            "both gateways pick the same replacement for {id}"
+        );
+        assert!(["cs_3", "cs_4", "cs_5"].contains(&seen[0].as_str()));
+        chosen.insert(seen[0].clone());
+    }
+    assert!(chosen.len() >= 2, "the ring spreads contexts: {chosen:?}");
+    assert!(g1.metric("hagate_replacements_total", &[]).await >= ids.len() as f64);
+}
