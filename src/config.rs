@@ -666,5 +666,31 @@ mod tests {
             "[health.passive]\nbase_ejection = \"10s\"\nmax_ejection = \"1s\"\n{MINIMAL}"
         ))
         .starts_with("health.passive.max_ejection:"));
+        // membership: T > 2I, and a token when enabled
+        let m = |body: &str| err(&format!("[membership]\n{body}\n{MINIMAL}"));
+        assert!(m("interval = \"1s\"\ntimeout = \"2s\"").starts_with("membership.timeout:"));
+        assert!(m("interval = \"0s\"").starts_with("membership.interval:"));
+        assert!(m("enabled = true").starts_with("membership.token:"));
+        assert!(Config::parse(&format!(
+            "[membership]\nenabled = true\ntoken = \"t\"\ninterval = \"1s\"\ntimeout = \"2100ms\"\n{MINIMAL}"
+        ))
+        .is_ok());
+        // plugins: every field checked, named by its index
+        let plugin = |extra: &str| {
+            err(&format!(
+                "{MINIMAL}[[plugins]]\nname = \"p\"\npath = \"p.wasm\"\nsha256 = \"{}\"\n{extra}\n",
+                "a".repeat(64)
+            ))
+        };
+        assert!(plugin("deadline = \"0ms\"").starts_with("plugins[0].deadline:"));
+        assert!(plugin("memory_limit = \"1KiB\"").starts_with("plugins[0].memory_limit:"));
+        assert!(plugin("match = [{}]").starts_with("plugins[0].match[0]:"));
+        assert!(plugin("match = [{ path_prefix = \"x\" }]")
+            .starts_with("plugins[0].match[0].path_prefix:"));
+        assert!(plugin("fail_policy = \"shrug\"").contains("unknown variant `shrug`"));
+        assert!(err(&format!(
+            "{MINIMAL}[[plugins]]\nname = \"p\"\npath = \"p.wasm\"\nsha256 = \"xyz\"\n"
+        ))
+        .starts_with("plugins[0].sha256:"));
     }
 }

@@ -338,3 +338,66 @@ impl Gateway {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aliases::Alias;
+
+    fn spec(address: &str, prefer: Option<Prefer>) -> InstanceSpec {
+        InstanceSpec {
+            address: address.into(),
+            labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            weight: 2,
+            prefer,
+        }
+    }
+
+    fn holder(alias: &str, address: &str) -> Entry {
+        Entry {
+            uuid: format!("u-{alias}"),
+            alias: Alias::try_from(alias.to_string()).unwrap(),
+            address: address.into(),
+            timestamp_ms: 0,
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn holders_win_unless_the_alias_prefers_its_static_address() {
+        let statics = BTreeMap::from([
+            ("cs_1".to_string(), spec("127.0.0.1:1", None)),
+            (
+                "cs_2".to_string(),
+                spec("127.0.0.1:2", Some(Prefer::Static)),
+            ),
+            ("cs_3".to_string(), spec("127.0.0.1:3", None)),
+        ]);
+        let holders = [
+            holder("cs_1", "127.0.0.1:11"),
+            holder("cs_2", "127.0.0.1:12"),
+            holder("cs_9", "127.0.0.1:19"),
+        ];
+        let m = merge(&statics, &holders, Prefer::Membership);
+        assert_eq!(m["cs_1"].address, "127.0.0.1:11");
+        assert_eq!(m["cs_1"].labels, statics["cs_1"].labels, "labels stay");
+        assert_eq!(m["cs_2"].address, "127.0.0.1:2", "prefer = static");
+        assert_eq!(m["cs_3"].address, "127.0.0.1:3", "no holder: static");
+        assert_eq!(m["cs_9"].address, "127.0.0.1:19", "membership-only alias");
+        // the global default can prefer static, and an alias can still prefer membership
+        let mut statics = statics;
+        statics.get_mut("cs_3").unwrap().prefer = Some(Prefer::Membership);
+        let m = merge(
+            &statics,
+            &[
+                holder("cs_1", "127.0.0.1:11"),
+                holder("cs_3", "127.0.0.1:13"),
+            ],
+            Prefer::Static,
+        );
+        assert_eq!(
+            (m["cs_1"].address.as_str(), m["cs_3"].address.as_str()),
+            ("127.0.0.1:1", "127.0.0.1:13")
+        );
+    }
+}

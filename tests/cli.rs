@@ -1,4 +1,5 @@
-//! The `hagate` command line: `check` on every shipped config, `haid encode|decode`.
+//! The `hagate` command line: `check` on every shipped config, `haid encode|decode`,
+//! `plugin test`, and `agent`'s argument checks.
 
 mod common;
 
@@ -153,4 +154,80 @@ fn haid_decode_stdin_agrees_with_every_conformance_vector() {
             assert!(a["error"].as_str().is_some_and(|e| !e.is_empty()));
         }
     }
+}
+
+#[test]
+fn plugin_test_runs_a_real_plugin_offline() {
+    let wasm = common::plugin_wasm("lowest_load");
+    let dir = tempfile::tempdir().unwrap();
+    let cands = dir.path().join("candidates.json");
+    std::fs::write(
+        &cands,
+        r#"[{"alias": "cs_1", "inflight": 3, "labels": {"zone": "a"}},
+            {"alias": "cs_2", "inflight": 1, "labels": {"zone": "a"}},
+            {"alias": "cs_3", "inflight": 2, "labels": {"zone": "b"}},
+            {"alias": "cs_4", "live": false}]"#,
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["plugin", "test"])
+            .arg(&wasm)
+            .arg("--candidates")
+            .arg(&cands)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["main"].as_str(), v["backup"].as_str()),
+        (Some("cs_2"), Some("cs_3"))
+    );
+    let out = run(&["--exclude", "cs_2"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["main"].as_str(), v["backup"].as_str()),
+        (Some("cs_3"), Some("cs_1"))
+    );
+    // a bad plugin config is refused by the plugin itself
+    let bad = dir.path().join("config.json");
+    std::fs::write(&bad, r#"{"metric": "vibes"}"#).unwrap();
+    let out = run(&["--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vibes"));
+}
+
+#[test]
+fn agent_refuses_t_not_above_2i_and_bad_addresses() {
+    let agent = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args([
+                "agent",
+                "--alias",
+                "cs_1",
+                "--token",
+                "t",
+                "--health-url",
+                "http://127.0.0.1:1/health",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = agent(&["--address", "127.0.0.1:1", "-I", "1s", "-T", "2s"]);
+    assert!(
+        err.contains("-I/-T") && err.contains("more than twice"),
+        "{err}"
+    );
+    let err = agent(&["--address", "localhost", "-I", "1s", "-T", "3s"]);
+    assert!(err.contains("--address"), "{err}");
 }

@@ -50,6 +50,16 @@ impl Agent {
         Agent { child }
     }
 
+    /// Waits for the agent to exit on its own; its exit code.
+    async fn exit_code(&mut self, within: Duration) -> i32 {
+        let child = &mut self.child;
+        eventually("the agent to exit", within, || {
+            let status = child.try_wait().unwrap();
+            async move { status.map(|s| s.code().unwrap_or(-1)) }
+        })
+        .await
+    }
+
     /// `kill -9`.
     fn kill(&mut self) {
         let _ = self.child.kill();
@@ -259,6 +269,29 @@ async fn a_standby_agent_takes_over_a_killed_holder_within_t_plus_i() {
             .await,
         1.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_steps_down_when_its_server_fails_or_the_gateway_goes_quiet() {
+    let a = Upstream::start("A");
+    let b = Upstream::start("B");
+    let gw = Gateway::start(&format!(
+        "{}{FAST_HEALTH}{}",
+        membership_config(),
+        instances(&[("cs_1", &a)])
+    ))
+    .await;
+    let mut holder_a = Agent::start(&gw, "cs_1", &a);
+    wait_holder_at(&gw, "cs_1", &a).await;
+    let mut standby = Agent::start(&gw, "cs_1", &b);
+    // the local server fails its health URL: the holder exits non-zero (3)
+    a.set_health(false).await;
+    assert_eq!(holder_a.exit_code(Duration::from_secs(5)).await, 3);
+    // and the standby takes the alias over once the heartbeat is older than T
+    wait_holder_at(&gw, "cs_1", &b).await;
+    // the gateway goes away: no answer for T - I, so the new holder steps down too
+    drop(gw);
+    assert_eq!(standby.exit_code(Duration::from_secs(5)).await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
