@@ -27,6 +27,11 @@ use crate::placement::{check_choice, Candidates, Choice, PlacementRequest};
 /// and `deadline` after it starts.
 pub const TICK: Duration = Duration::from_millis(1);
 
+/// The deadline for making an instance and running `configure` (at load, and when a
+/// trapped instance is replaced): instantiation is not the plugin's per-call work, and a
+/// loaded machine must not refuse a good plugin.
+const SETUP_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Idle instances kept per plugin; more concurrent calls make more, then drop the excess.
 const MAX_IDLE: usize = 32;
 
@@ -141,10 +146,9 @@ pub struct Limits {
     pub memory: usize,
 }
 
-impl Limits {
-    fn ticks(&self) -> u64 {
-        (self.deadline.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1)
-    }
+/// A deadline in epoch ticks.
+fn ticks(deadline: Duration) -> u64 {
+    (deadline.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1)
 }
 
 /// One instance, the alias-table version it was last told about, and buffers reused
@@ -216,13 +220,12 @@ impl Plugin {
             },
         );
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(self.limits.ticks());
+        store.set_epoch_deadline(ticks(SETUP_DEADLINE));
         let guest = self
             .pre
             .instantiate_async(&mut store)
             .await
             .map_err(|e| SlotError::Instantiate(format!("{e:#}")))?;
-        store.set_epoch_deadline(self.limits.ticks());
         guest
             .call_configure(&mut store, &self.config)
             .await
@@ -291,7 +294,7 @@ impl Plugin {
                 .await
                 .map_err(|e| CallError::Trap(e.to_string()))?,
         };
-        slot.store.set_epoch_deadline(self.limits.ticks());
+        slot.store.set_epoch_deadline(ticks(self.limits.deadline));
         if slot.seen != Some(candidates.version) {
             let labels: Vec<Vec<Label<'_>>> = candidates
                 .list

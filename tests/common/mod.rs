@@ -409,3 +409,61 @@ pub fn plugin_entry(name: &str, wasm: &Path, extra: &str) -> String {
         sha = sha256_of(wasm),
     )
 }
+
+/// Concurrent request loops, until `finish`: loop `w` sends `request(&client, w, i)` for
+/// i = 0, 1, ... and counts 200 answers; anything else is kept as an error.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    loops: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    pub fn start<F>(loops: usize, request: F) -> Load
+    where
+        F: Fn(&reqwest::Client, usize, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
+    {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let request = Arc::new(request);
+        let loops = (0..loops)
+            .map(|w| {
+                let (stop, ok, request) = (stop.clone(), ok.clone(), request.clone());
+                tokio::spawn(async move {
+                    let c = client();
+                    let mut errors = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        match request(&c, w, i).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => errors.push(format!("{}: {}", r.url(), r.status())),
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                        i += 1;
+                    }
+                    errors
+                })
+            })
+            .collect();
+        Load { stop, ok, loops }
+    }
+
+    /// Requests answered 200 so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the loops; (200 answers, errors).
+    pub async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for l in self.loops {
+            errors.extend(l.await.unwrap());
+        }
+        (self.ok.load(Ordering::Relaxed), errors)
+    }
+}
