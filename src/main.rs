@@ -462,7 +462,7 @@ placement plugins: {plugins}
 
 # 1. create a context: no HAID, so a placement plugin picks a main and a backup and the server mints a HAID
 curl -s -X POST http://{proxy}/api/rest_j/v1/contextservice/createContextID
-curl -s -X POST -H 'x-hagate-tenant: acme' http://{proxy}/api/rest_j/v1/contextservice/createContextID
+curl -s -X POST -H 'x-hagate-tenant: acme' http://{proxy}/api/rest_j/v1/contextservice/createContextID   # acme's own instance, cs_3_demo
 # ... or let the gateway mint the HAID itself
 curl -s -X POST -d '{{"tenant": "acme", "context_id": "1024"}}' http://{admin}/v1/placements
 # 2. a request for HAID {haid} lands on its main, {main_alias}

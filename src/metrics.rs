@@ -202,8 +202,8 @@ impl Metrics {
         let plugin_calls = counter_vec(
             &r,
             "hagate_plugin_calls_total",
-            "Placement plugin calls, by outcome (ok, trap, timeout, invalid; fallback when \
-             the native policy answered for a failed call).",
+            "Placement plugin calls, by outcome (ok, trap, timeout, invalid, declined; \
+             fallback when the native policy answered for a failed call).",
             &["plugin", "outcome"],
         );
         let plugin_call_seconds = register(
