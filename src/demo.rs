@@ -27,6 +27,9 @@ pub struct DemoServer {
     requests: AtomicU64,
     health_checks: AtomicU64,
     next_id: AtomicU64,
+    /// The load reported in `x-hagate-load` on echo answers (`PUT /demo/load`); none
+    /// while empty.
+    load: std::sync::Mutex<Option<String>>,
 }
 
 impl DemoServer {
@@ -39,6 +42,7 @@ impl DemoServer {
             requests: AtomicU64::new(0),
             health_checks: AtomicU64::new(0),
             next_id: AtomicU64::new(1000),
+            load: std::sync::Mutex::new(None),
         })
     }
 
@@ -84,6 +88,13 @@ impl DemoServer {
                     ),
                 }
             }
+            (&Method::PUT, "/demo/load") => {
+                let body = read_body(req, 32).await.unwrap_or_default();
+                let text = String::from_utf8_lossy(&body).trim().to_string();
+                let mut load = self.load.lock().unwrap_or_else(|p| p.into_inner());
+                *load = (!text.is_empty()).then_some(text);
+                json(StatusCode::OK, &json!({"load": *load}))
+            }
             (&Method::GET, "/demo/stats") => json(
                 StatusCode::OK,
                 &json!({
@@ -126,6 +137,11 @@ impl DemoServer {
         let body_len = read_body(req, 1 << 20).await.map(|b| b.len()).unwrap_or(0);
         reply["body_bytes"] = json!(body_len);
         let status = StatusCode::from_u16(self.status.load(Relaxed)).unwrap_or(StatusCode::OK);
-        json(status, &reply)
+        let mut answer = json(status, &reply);
+        let load = self.load.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(v) = load.and_then(|l| hyper::header::HeaderValue::from_str(&l).ok()) {
+            answer.headers_mut().insert("x-hagate-load", v);
+        }
+        answer
     }
 }

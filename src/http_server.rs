@@ -70,3 +70,20 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, St
         .map(|c| c.to_bytes())
         .map_err(|e| format!("cannot read the body: {e}"))
 }
+
+/// Reads a JSON body of at most `limit` bytes into `T`; a body that is too big or does
+/// not parse gets a 400 `{"error": <error>, "detail": ...}`.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+    error: &str,
+) -> Result<T, Reply> {
+    let bad = |detail: String| {
+        json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": error, "detail": detail}),
+        )
+    };
+    let body = read_body(req, limit).await.map_err(bad)?;
+    serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))
+}

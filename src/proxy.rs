@@ -448,14 +448,11 @@ impl ProxyHttp for Proxy {
             let state = &table.get(cur.instance).state;
             state.record_latency(ctx.started.elapsed());
             if let Some(load) = response
-                .headers
-                .get(LOAD)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<f32>().ok())
+                .remove_header(LOAD)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<f32>().ok())
             {
                 state.set_reported_load(load);
             }
-            response.remove_header(LOAD);
         }
         if response.status.is_server_error() {
             ctx.record_failure();

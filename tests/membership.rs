@@ -323,6 +323,8 @@ async fn chaos_random_kill_and_restart_costs_no_errors_while_a_holder_lives() {
         agents[n].kill();
         servers[n].kill();
         kills += 1;
+        // The chaos schedule itself (how long a server stays dead), not synchronisation:
+        // what the test waits for is polled with deadlines below.
         tokio::time::sleep(Duration::from_millis(rng.u64(800..1600))).await;
         servers[n].restart();
         agents[n] = Agent::start(&gw, aliases[n], &servers[n]);

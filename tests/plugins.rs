@@ -655,3 +655,52 @@ async fn hot_reload_under_concurrent_creations_costs_no_errors() {
         "refusals name the field:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_load_and_latency_reach_the_plugin_and_the_header_is_stripped() {
+    let ups: Vec<Upstream> = ["cs_1", "cs_2", "cs_3"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    let mut body = String::from(FAST_HEALTH);
+    body += &instances(&[("cs_1", &ups[0]), ("cs_2", &ups[1]), ("cs_3", &ups[2])]);
+    body += &plugin_entry(
+        "by-report",
+        &plugin_wasm("lowest_load"),
+        "deadline = \"200ms\"\nconfig = '{\"metric\": \"reported\"}'",
+    );
+    let gw = Gateway::start(&body).await;
+    let c = client();
+    for (u, load) in ups.iter().zip(["0.9", "0.2", "0.5"]) {
+        u.set_load(load).await;
+    }
+    // one request to each instance carries its report back through the gateway
+    for alias in ["cs_1", "cs_2", "cs_3"] {
+        let haid = hagate::haid::encode(alias, &["cs_1"], "5").unwrap();
+        let r = send_haid(&c, &gw, &haid).await;
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers().get("x-hagate-load").is_none(),
+            "the report is stripped"
+        );
+    }
+    let table = json_of(c.get(gw.admin_url("/v1/aliases"))).await;
+    let reported = |a: &str| table["instances"][a]["reported_load"].as_f64().unwrap();
+    assert!((reported("cs_2") - 0.2).abs() < 1e-6, "{table}");
+    assert!(
+        table["instances"]["cs_1"]["latency_ewma_us"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // the plugin ranks by reported load: cs_2 is the main, cs_3 the backup
+    for _ in 0..5 {
+        let (status, body, _) = create(&c, &gw, "/createContextID", "t").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            (body["main_alias"].as_str(), body["backup_alias"].as_str()),
+            (Some("cs_2"), Some("cs_3")),
+            "{body}"
+        );
+    }
+}

@@ -14,7 +14,7 @@ use serde_json::json;
 use super::authorize;
 use crate::aliases::Alias;
 use crate::gateway::Gateway;
-use crate::http_server::{json, read_body, Reply};
+use crate::http_server::{json, read_json, Reply};
 use crate::metrics::metrics;
 use crate::store::{Entry, Heartbeat, HeartbeatOutcome};
 
@@ -103,13 +103,9 @@ pub async fn handle(gateway: &Gateway, method: Method, req: Request<Incoming>) -
 }
 
 async fn heartbeat(gateway: &Gateway, req: Request<Incoming>, now: u64) -> Reply {
-    let body = match read_body(req, 16 << 10).await {
-        Ok(b) => b,
-        Err(e) => return bad("invalid_heartbeat", e),
-    };
-    let hb: Heartbeat = match serde_json::from_slice(&body) {
+    let hb: Heartbeat = match read_json(req, 16 << 10, "invalid_heartbeat").await {
         Ok(h) => h,
-        Err(e) => return bad("invalid_heartbeat", e.to_string()),
+        Err(reply) => return reply,
     };
     if hb.uuid.is_empty() || hb.uuid.len() > 128 {
         return bad("invalid_heartbeat", "uuid: must be 1-128 bytes".into());

@@ -18,7 +18,7 @@ use crate::aliases::InstanceSpec;
 use crate::gateway::Gateway;
 use crate::haid;
 use crate::health::{now_ms, LiveView};
-use crate::http_server::{json, read_body, text, Reply};
+use crate::http_server::{json, read_json, text, Reply};
 use crate::metrics::metrics;
 use crate::placement::{Candidates, PlacementError, PlacementRequest};
 
@@ -80,6 +80,8 @@ fn aliases(gateway: &Gateway) -> Reply {
                     "active_up": i.state.active_up(),
                     "ejected": i.state.ejected(now),
                     "inflight": i.state.inflight(),
+                    "latency_ewma_us": i.state.latency_ewma_us(),
+                    "reported_load": i.state.reported_load(),
                 }),
             )
         })
@@ -91,19 +93,9 @@ fn aliases(gateway: &Gateway) -> Reply {
 }
 
 async fn put_aliases(gateway: &Gateway, req: Request<Incoming>) -> Reply {
-    let bad = |detail: String| {
-        json(
-            StatusCode::BAD_REQUEST,
-            &json!({"error": "invalid_alias_table", "detail": detail}),
-        )
-    };
-    let body = match read_body(req, 1 << 20).await {
-        Ok(b) => b,
-        Err(e) => return bad(e),
-    };
-    let put: PutAliases = match serde_json::from_slice(&body) {
+    let put: PutAliases = match read_json(req, 1 << 20, "invalid_alias_table").await {
         Ok(p) => p,
-        Err(e) => return bad(e.to_string()),
+        Err(reply) => return reply,
     };
     match gateway.put_aliases(&put.instances) {
         Ok(table) => json(
@@ -137,19 +129,9 @@ pub struct PlacementAsk {
 /// Places a context with the gateway's placement (plugins and fail policies included)
 /// and answers `{"main", "backup", "haid"}`.
 async fn placements(gateway: &Gateway, req: Request<Incoming>) -> Reply {
-    let bad = |detail: String| {
-        json(
-            StatusCode::BAD_REQUEST,
-            &json!({"error": "invalid_request", "detail": detail}),
-        )
-    };
-    let body = match read_body(req, 64 << 10).await {
-        Ok(b) => b,
-        Err(e) => return bad(e),
-    };
-    let ask: PlacementAsk = match serde_json::from_slice(&body) {
+    let ask: PlacementAsk = match read_json(req, 64 << 10, "invalid_request").await {
         Ok(a) => a,
-        Err(e) => return bad(e.to_string()),
+        Err(reply) => return reply,
     };
     let table = gateway.table();
     let mut exclude = Vec::with_capacity(ask.exclude.len());
@@ -204,7 +186,10 @@ async fn placements(gateway: &Gateway, req: Request<Incoming>) -> Reply {
             StatusCode::OK,
             &json!({"main": main, "backup": backup, "haid": haid}),
         ),
-        Err(e) => bad(format!("context_id: {e}")),
+        Err(e) => json(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "invalid_request", "detail": format!("context_id: {e}")}),
+        ),
     }
 }
 

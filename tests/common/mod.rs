@@ -138,6 +138,17 @@ impl Upstream {
         assert_eq!(r.status(), 200);
     }
 
+    /// Makes echo answers report `load` in `x-hagate-load` (empty: no header).
+    pub async fn set_load(&self, load: &str) {
+        let r = client()
+            .put(format!("http://{}/demo/load", self.addr))
+            .body(load.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
     pub async fn set_health(&self, up: bool) {
         client()
             .put(format!("http://{}/demo/health", self.addr))
