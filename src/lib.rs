@@ -7,13 +7,17 @@
 //! 2. `haid` decodes it exactly as Linkis does, into borrowed `main`/`backup`/`id` parts.
 //! 3. `route::decide` resolves both aliases in the current `aliases::AliasTable` (an
 //!    `ArcSwap`, replaced whole by `gateway` on reload) and reads `health` atomics: main if
-//!    live, else backup, else 503. A request without a HAID goes to `placement` instead.
+//!    live, else backup, else 503 (or, opt-in, a replacement from `ring`). A request
+//!    without a HAID is placed by `plugin::PluginSet`: the matching Wasm plugin, or the
+//!    native policy in `placement`.
 //! 4. `proxy` forwards, retrying once on the other instance if the first cannot be reached,
 //!    feeds failures to passive health, and records `metrics`.
 //!
 //! Around it: `config` (one validated TOML file), `health::active` (parallel HTTP checks),
-//! `reload` (file watch and SIGHUP), `admin` (`/metrics`, `/v1/aliases`), `server` (wires
-//! pingora), and `demo` (a demo context server).
+//! `store` (the membership heartbeat table) and `membership` (the protocol's client side and
+//! `hagate agent`), `gateway` (merges static aliases with live holders and swaps tables),
+//! `reload` (file watch and SIGHUP), `admin` (`/metrics`, `/v1/aliases`, `/v1/placements`,
+//! `/v1/membership`), `server` (wires pingora), and `demo` (a demo context server).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
