@@ -23,7 +23,7 @@ use crate::metrics::metrics;
 use crate::plugin::PluginSet;
 use crate::ring::ReplacementRing;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::Entry;
+use crate::store::{Entry, MembershipStore};
 
 /// A validated config plus what request handling derives from it once.
 #[derive(Debug)]
@@ -103,7 +103,11 @@ pub struct Gateway {
     /// What was last published (static merged with holders). Its lock also serialises
     /// publishing.
     published: Mutex<BTreeMap<String, InstanceSpec>>,
-    store: Arc<EmbeddedStore>,
+    /// The membership store, used only through its trait (so another store can replace
+    /// the embedded one).
+    store: Arc<dyn MembershipStore>,
+    /// The live holders as last read from the store; the table is merged from these.
+    holders: Mutex<Vec<Entry>>,
     ring: ReplacementRing,
 }
 
@@ -144,7 +148,8 @@ impl Gateway {
         let tables = TableHolder::new(&config.instances)?;
         metrics().observe_table(&tables.load());
         let (changes, _) = watch::channel(1);
-        let store = Arc::new(EmbeddedStore::new(config.membership.timeout));
+        let store: Arc<dyn MembershipStore> =
+            Arc::new(EmbeddedStore::new(config.membership.timeout));
         Ok(Arc::new(Gateway {
             static_specs: Mutex::new(config.instances.clone()),
             published: Mutex::new(config.instances.clone()),
@@ -154,6 +159,7 @@ impl Gateway {
             config_path,
             changes,
             store,
+            holders: Mutex::new(Vec::new()),
             ring: ReplacementRing::default(),
         }))
     }
@@ -177,8 +183,8 @@ impl Gateway {
     }
 
     /// The membership store.
-    pub fn store(&self) -> &Arc<EmbeddedStore> {
-        &self.store
+    pub fn store(&self) -> &dyn MembershipStore {
+        &*self.store
     }
 
     /// The re-placement ring.
@@ -186,17 +192,15 @@ impl Gateway {
         &self.ring
     }
 
-    /// The live holders, when membership is enabled.
+    /// The live holders as last read, when membership is enabled.
     fn holders(&self, config: &Config) -> Vec<Entry> {
         if !config.membership.enabled {
             return Vec::new();
         }
-        self.store
-            .entries()
-            .into_iter()
-            .filter(|l| l.fresh)
-            .map(|l| l.entry)
-            .collect()
+        self.holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Publishes `statics` merged with the live holders, unless that is what is already
@@ -217,10 +221,15 @@ impl Gateway {
         Ok(Some(table))
     }
 
-    /// Re-merges the static table with the live holders and swaps the table in if that
-    /// changed anything: after a heartbeat is accepted, and periodically to notice
-    /// heartbeats that expired.
-    pub fn sync_membership(&self) {
+    /// Reads the live holders from the store, re-merges them with the static table and
+    /// swaps the table in if that changed anything: after a heartbeat is accepted, and
+    /// periodically to notice heartbeats that expired. If the store cannot answer, the
+    /// last holders stay.
+    pub async fn sync_membership(&self) {
+        match self.store.holders().await {
+            Ok(h) => *self.holders.lock().unwrap_or_else(|p| p.into_inner()) = h,
+            Err(error) => tracing::warn!(%error, "membership store: keeping the last holders"),
+        }
         let settings = self.settings();
         let statics = self.lock_statics().clone();
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());

@@ -297,10 +297,7 @@ fn plugin_test(t: PluginTest) -> Result<ExitCode> {
         .with_context(|| format!("--candidates {}", t.candidates.display()))?;
     let file: Vec<CandidateFile> = serde_json::from_str(&text)
         .with_context(|| format!("--candidates {}", t.candidates.display()))?;
-    let limits = hagate::plugin::Limits {
-        deadline: t.deadline,
-        memory: usize::try_from(t.memory_limit.as_u64()).unwrap_or(usize::MAX),
-    };
+    let limits = hagate::plugin::Limits::new(t.deadline, t.memory_limit);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -73,7 +73,7 @@ async fn expire_holders(gateway: Arc<Gateway>) {
         drop(settings);
         tokio::time::sleep(period).await;
         if enabled {
-            gateway.sync_membership();
+            gateway.sync_membership().await;
         }
     }
 }

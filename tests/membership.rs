@@ -21,6 +21,16 @@ fn membership_config() -> String {
     )
 }
 
+/// A gateway with membership on, fast health checks and these static instances.
+async fn membership_gateway(ups: &[(&str, &Upstream)]) -> Gateway {
+    Gateway::start(&format!(
+        "{}{FAST_HEALTH}{}",
+        membership_config(),
+        instances(ups)
+    ))
+    .await
+}
+
 /// A `hagate agent` process, killed on drop.
 struct Agent {
     child: Child,
@@ -89,12 +99,7 @@ async fn wait_holder_at(gw: &Gateway, alias: &str, server: &Upstream) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_heartbeat_api_needs_the_token_and_follows_the_protocol() {
     let up = Upstream::start("cs_1");
-    let gw = Gateway::start(&format!(
-        "{}{FAST_HEALTH}{}",
-        membership_config(),
-        instances(&[("cs_1", &up)])
-    ))
-    .await;
+    let gw = membership_gateway(&[("cs_1", &up)]).await;
     let c = client();
     let url = gw.admin_url("/v1/membership/heartbeat");
     let hb = |uuid: &str, last_seen: u64| json!({"uuid": uuid, "alias": "cs_9", "address": "127.0.0.1:9", "last_seen": last_seen});
@@ -202,12 +207,7 @@ async fn a_standby_agent_takes_over_a_killed_holder_within_t_plus_i() {
     let mut a = Upstream::start("A");
     let b = Upstream::start("B");
     let backup = Upstream::start("C");
-    let gw = Gateway::start(&format!(
-        "{}{FAST_HEALTH}{}",
-        membership_config(),
-        instances(&[("cs_1", &a), ("cs_2", &backup)])
-    ))
-    .await;
+    let gw = membership_gateway(&[("cs_1", &a), ("cs_2", &backup)]).await;
     let mut agent_a = Agent::start(&gw, "cs_1", &a);
     let first = wait_holder_at(&gw, "cs_1", &a).await;
     let _agent_b = Agent::start(&gw, "cs_1", &b);
@@ -258,12 +258,7 @@ async fn a_standby_agent_takes_over_a_killed_holder_within_t_plus_i() {
 async fn an_agent_steps_down_when_its_server_fails_or_the_gateway_goes_quiet() {
     let a = Upstream::start("A");
     let b = Upstream::start("B");
-    let gw = Gateway::start(&format!(
-        "{}{FAST_HEALTH}{}",
-        membership_config(),
-        instances(&[("cs_1", &a)])
-    ))
-    .await;
+    let gw = membership_gateway(&[("cs_1", &a)]).await;
     let mut holder_a = Agent::start(&gw, "cs_1", &a);
     wait_holder_at(&gw, "cs_1", &a).await;
     let mut standby = Agent::start(&gw, "cs_1", &b);
@@ -281,15 +276,11 @@ async fn an_agent_steps_down_when_its_server_fails_or_the_gateway_goes_quiet() {
 async fn chaos_random_kill_and_restart_costs_no_errors_while_a_holder_lives() {
     let aliases = ["cs_1", "cs_2", "cs_3"];
     let mut servers: Vec<Upstream> = aliases.iter().map(|a| Upstream::start(a)).collect();
-    let gw = Gateway::start(&format!(
-        "{}{FAST_HEALTH}{}",
-        membership_config(),
-        instances(&[
-            ("cs_1", &servers[0]),
-            ("cs_2", &servers[1]),
-            ("cs_3", &servers[2])
-        ])
-    ))
+    let gw = membership_gateway(&[
+        ("cs_1", &servers[0]),
+        ("cs_2", &servers[1]),
+        ("cs_3", &servers[2]),
+    ])
     .await;
     let mut agents: Vec<Agent> = (0..3)
         .map(|n| Agent::start(&gw, aliases[n], &servers[n]))
@@ -318,35 +309,48 @@ async fn chaos_random_kill_and_restart_costs_no_errors_while_a_holder_lives() {
     let mut rng = fastrand::Rng::new();
     let started = Instant::now();
     let mut kills = 0;
+    // The schedule is driven by what happens, not by sleeping: a server stays dead until
+    // the gateway has seen it go down and a random amount of traffic has been served
+    // without it, and stays up for another random amount once it is live again.
+    let up = |n: usize| {
+        let gw = &gw;
+        async move {
+            gw.metric("hagate_instance_up", &[("alias", aliases[n])])
+                .await
+        }
+    };
+    let served = |more: u64| {
+        let target = load.ok() + more;
+        let load = &load;
+        eventually(
+            "traffic to be served",
+            Duration::from_secs(20),
+            move || async move { (load.ok() >= target).then_some(()) },
+        )
+    };
     while started.elapsed() < Duration::from_secs(12) {
         let n = rng.usize(0..3);
         agents[n].kill();
         servers[n].kill();
         kills += 1;
-        // The chaos schedule itself (how long a server stays dead), not synchronisation:
-        // what the test waits for is polled with deadlines below.
-        tokio::time::sleep(Duration::from_millis(rng.u64(800..1600))).await;
+        eventually(
+            "the gateway to see the kill",
+            Duration::from_secs(10),
+            || async { (up(n).await == 0.0).then_some(()) },
+        )
+        .await;
+        served(rng.u64(300..1500)).await;
         servers[n].restart();
         agents[n] = Agent::start(&gw, aliases[n], &servers[n]);
         // the restarted server's new agent holds the alias again before the next kill
         wait_holder_at(&gw, aliases[n], &servers[n]).await;
-        let quiet = gw
-            .metric("hagate_instance_up", &[("alias", aliases[n])])
-            .await;
-        if quiet == 0.0 {
-            eventually(
-                "the restarted server to be live",
-                Duration::from_secs(10),
-                || async {
-                    (gw.metric("hagate_instance_up", &[("alias", aliases[n])])
-                        .await
-                        == 1.0)
-                        .then_some(())
-                },
-            )
-            .await;
-        }
-        tokio::time::sleep(Duration::from_millis(rng.u64(300..900))).await;
+        eventually(
+            "the restarted server to be live",
+            Duration::from_secs(10),
+            || async { (up(n).await == 1.0).then_some(()) },
+        )
+        .await;
+        served(rng.u64(200..800)).await;
     }
     let (ok, errors) = load.finish().await;
     let takeovers: f64 = {

@@ -16,17 +16,25 @@ use crate::aliases::Alias;
 use crate::gateway::Gateway;
 use crate::http_server::{json, read_json, Reply};
 use crate::metrics::metrics;
-use crate::store::{Entry, Heartbeat, HeartbeatOutcome};
+use crate::store::{Entry, Heartbeat, HeartbeatOutcome, StoreError};
 
-fn entry_json(e: &Entry, now_ms: u64) -> serde_json::Value {
+/// An entry as JSON; its `timestamp_ms` is on the store's clock (ages come from `list`).
+fn entry_json(e: &Entry) -> serde_json::Value {
     json!({
         "uuid": e.uuid,
         "alias": e.alias,
         "address": e.address,
         "timestamp_ms": e.timestamp_ms,
-        "age_ms": now_ms.saturating_sub(e.timestamp_ms),
         "revision": e.revision,
     })
+}
+
+/// The store could not answer: 503, so an agent treats it as no answer.
+fn unavailable(e: StoreError) -> Reply {
+    json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({"error": "membership_store_unavailable", "detail": e.to_string()}),
+    )
 }
 
 fn bad(error: &str, detail: String) -> Reply {
@@ -47,21 +55,23 @@ pub async fn handle(gateway: &Gateway, method: Method, req: Request<Incoming>) -
         );
     }
     let path = req.uri().path().to_string();
-    let now = crate::health::now_ms();
     let store = gateway.store();
     match (method, path.as_str()) {
         (Method::POST, "/v1/membership/heartbeat") => {
             if let Some(denied) = authorize(m.token.as_deref(), "membership.token", &req) {
                 return denied;
             }
-            heartbeat(gateway, req, now).await
+            heartbeat(gateway, req).await
         }
         (Method::GET, "/v1/membership") => {
-            let entries: Vec<_> = store
-                .entries()
+            let listed = match store.list().await {
+                Ok(l) => l,
+                Err(e) => return unavailable(e),
+            };
+            let entries: Vec<_> = listed
                 .iter()
                 .map(|l| {
-                    let mut v = entry_json(&l.entry, now);
+                    let mut v = entry_json(&l.entry);
                     v["age_ms"] = (l.age.as_millis() as u64).into();
                     v["fresh"] = l.fresh.into();
                     v
@@ -81,12 +91,15 @@ pub async fn handle(gateway: &Gateway, method: Method, req: Request<Incoming>) -
             if let Err(e) = Alias::try_from(alias.to_string()) {
                 return bad("invalid_alias", e.to_string());
             }
-            let primary = store.primary(alias);
+            let primary = match store.get_primary(alias).await {
+                Ok(p) => p,
+                Err(e) => return unavailable(e),
+            };
             json(
                 StatusCode::OK,
                 &json!({
                     "alias": alias,
-                    "holder": primary.holder.as_ref().map(|e| entry_json(e, now)),
+                    "holder": primary.holder.as_ref().map(entry_json),
                     "token": primary.token,
                 }),
             )
@@ -102,7 +115,7 @@ pub async fn handle(gateway: &Gateway, method: Method, req: Request<Incoming>) -
     }
 }
 
-async fn heartbeat(gateway: &Gateway, req: Request<Incoming>, now: u64) -> Reply {
+async fn heartbeat(gateway: &Gateway, req: Request<Incoming>) -> Reply {
     let hb: Heartbeat = match read_json(req, 16 << 10, "invalid_heartbeat").await {
         Ok(h) => h,
         Err(reply) => return reply,
@@ -116,7 +129,10 @@ async fn heartbeat(gateway: &Gateway, req: Request<Incoming>, now: u64) -> Reply
             format!("address: invalid socket address {:?}", hb.address),
         );
     }
-    let outcome = gateway.store().update(&hb);
+    let outcome = match gateway.store().update_heartbeat(&hb).await {
+        Ok(o) => o,
+        Err(e) => return unavailable(e),
+    };
     metrics()
         .heartbeats
         .with_label_values(&[outcome.label()])
@@ -130,19 +146,19 @@ async fn heartbeat(gateway: &Gateway, req: Request<Incoming>, now: u64) -> Reply
                     .inc();
                 tracing::info!(alias = %entry.alias, from = %old, to = %entry.uuid, address = %entry.address, "alias taken over");
             }
-            gateway.sync_membership();
+            gateway.sync_membership().await;
             json(
                 StatusCode::OK,
-                &json!({"result": "accepted", "entry": entry_json(&entry, now), "took_over": took_over}),
+                &json!({"result": "accepted", "entry": entry_json(&entry), "took_over": took_over}),
             )
         }
         HeartbeatOutcome::Stale { current } => json(
             StatusCode::CONFLICT,
-            &json!({"result": "stale", "current": current.as_ref().map(|e| entry_json(e, now))}),
+            &json!({"result": "stale", "current": current.as_ref().map(entry_json)}),
         ),
         HeartbeatOutcome::Rejected { current } => json(
             StatusCode::CONFLICT,
-            &json!({"result": "rejected", "current": entry_json(&current, now)}),
+            &json!({"result": "rejected", "current": entry_json(&current)}),
         ),
     }
 }

@@ -33,11 +33,14 @@ pub struct PutAliases {
 /// Answers one admin request.
 pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
     match (req.method().clone(), req.uri().path()) {
-        (Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics().render(&gateway.table(), &gateway.store().entries()),
-        ),
+        (Method::GET, "/metrics") => {
+            let members = gateway.store().list().await.unwrap_or_default();
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics().render(&gateway.table(), &members),
+            )
+        }
         (Method::GET, "/healthz") => json(StatusCode::OK, &json!({"status": "ok"})),
         (Method::GET, "/v1/aliases") => aliases(&gateway),
         (Method::PUT, "/v1/aliases") => {

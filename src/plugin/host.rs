@@ -146,6 +146,16 @@ pub struct Limits {
     pub memory: usize,
 }
 
+impl Limits {
+    /// Limits from a deadline and a memory cap as config gives it.
+    pub fn new(deadline: Duration, memory: bytesize::ByteSize) -> Self {
+        Limits {
+            deadline,
+            memory: usize::try_from(memory.as_u64()).unwrap_or(usize::MAX),
+        }
+    }
+}
+
 /// A deadline in epoch ticks.
 fn ticks(deadline: Duration) -> u64 {
     (deadline.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1)

@@ -65,10 +65,7 @@ pub fn read_checked(spec: &PluginConfig, field: &str) -> Result<Vec<u8>, ConfigE
 
 /// The limits `spec` asks for.
 pub fn limits(spec: &PluginConfig) -> Limits {
-    Limits {
-        deadline: spec.deadline,
-        memory: usize::try_from(spec.memory_limit.as_u64()).unwrap_or(usize::MAX),
-    }
+    Limits::new(spec.deadline, spec.memory_limit)
 }
 
 /// Loads one plugin from a checked file.

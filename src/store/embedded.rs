@@ -69,12 +69,6 @@ impl EmbeddedStore {
         }
     }
 
-    /// Changes T (a config reload).
-    pub fn set_timeout(&self, timeout: Duration) {
-        self.timeout_ms
-            .store(timeout.as_millis() as u64, Ordering::Relaxed);
-    }
-
     fn fresh(&self, entry: &Entry, now: u64) -> bool {
         now.saturating_sub(entry.timestamp_ms) <= self.timeout_ms.load(Ordering::Relaxed)
     }
@@ -161,6 +155,11 @@ impl MembershipStore for EmbeddedStore {
 
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 }
 

@@ -144,4 +144,7 @@ pub trait MembershipStore: Send + Sync {
 
     /// T, the heartbeat timeout.
     fn timeout(&self) -> Duration;
+
+    /// Changes T (a config reload). For etcd, the lease length of the next puts.
+    fn set_timeout(&self, timeout: Duration);
 }

@@ -127,35 +127,30 @@ impl Upstream {
             .unwrap()
     }
 
-    /// Makes echo answers use `status` (e.g. 500).
-    pub async fn set_status(&self, status: u16) {
+    /// `PUT /demo/<what>` with `body` on the demo server's control API.
+    async fn put_demo(&self, what: &str, body: String) {
         let r = client()
-            .put(format!("http://{}/demo/status", self.addr))
-            .body(status.to_string())
+            .put(format!("http://{}/demo/{what}", self.addr))
+            .body(body)
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(r.status(), 200, "PUT /demo/{what}");
+    }
+
+    /// Makes echo answers use `status` (e.g. 500).
+    pub async fn set_status(&self, status: u16) {
+        self.put_demo("status", status.to_string()).await
     }
 
     /// Makes echo answers report `load` in `x-hagate-load` (empty: no header).
     pub async fn set_load(&self, load: &str) {
-        let r = client()
-            .put(format!("http://{}/demo/load", self.addr))
-            .body(load.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        self.put_demo("load", load.to_string()).await
     }
 
     pub async fn set_health(&self, up: bool) {
-        client()
-            .put(format!("http://{}/demo/health", self.addr))
-            .body(if up { "up" } else { "down" })
-            .send()
+        self.put_demo("health", if up { "up" } else { "down" }.to_string())
             .await
-            .unwrap();
     }
 }
 
