@@ -312,12 +312,19 @@ async fn chaos_random_kill_and_restart_costs_no_errors_while_a_holder_lives() {
     // The schedule is driven by what happens, not by sleeping: a server stays dead until
     // the gateway has seen it go down and a random amount of traffic has been served
     // without it, and stays up for another random amount once it is live again.
-    let up = |n: usize| {
+    // waits until the gateway reports server n as up (1) or down (0)
+    let seen = |n: usize, want: f64| {
         let gw = &gw;
-        async move {
-            gw.metric("hagate_instance_up", &[("alias", aliases[n])])
-                .await
-        }
+        eventually(
+            "the gateway to see the server's state",
+            Duration::from_secs(10),
+            move || async move {
+                let up = gw
+                    .metric("hagate_instance_up", &[("alias", aliases[n])])
+                    .await;
+                (up == want).then_some(())
+            },
+        )
     };
     let served = |more: u64| {
         let target = load.ok() + more;
@@ -333,23 +340,13 @@ async fn chaos_random_kill_and_restart_costs_no_errors_while_a_holder_lives() {
         agents[n].kill();
         servers[n].kill();
         kills += 1;
-        eventually(
-            "the gateway to see the kill",
-            Duration::from_secs(10),
-            || async { (up(n).await == 0.0).then_some(()) },
-        )
-        .await;
+        seen(n, 0.0).await;
         served(rng.u64(300..1500)).await;
         servers[n].restart();
         agents[n] = Agent::start(&gw, aliases[n], &servers[n]);
         // the restarted server's new agent holds the alias again before the next kill
         wait_holder_at(&gw, aliases[n], &servers[n]).await;
-        eventually(
-            "the restarted server to be live",
-            Duration::from_secs(10),
-            || async { (up(n).await == 1.0).then_some(()) },
-        )
-        .await;
+        seen(n, 1.0).await;
         served(rng.u64(200..800)).await;
     }
     let (ok, errors) = load.finish().await;
