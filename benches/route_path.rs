@@ -20,6 +20,7 @@ fn table(n: usize) -> TableHolder {
                     labels: BTreeMap::new(),
                     weight: 1,
                     prefer: None,
+                    epoch: None,
                 },
             )
         })

@@ -6,106 +6,15 @@
 //! so it never sees a half-built table. No IO and no pingora here.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
-use serde::{Deserialize, Serialize};
 
 use crate::health::{InstanceState, StateRegistry};
-
-/// A validated alias: non-empty, at most 255 bytes, no whitespace or control characters,
-/// no `--`, and no leading or trailing `-` (any of which would break HAID decoding).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Alias(Box<str>);
-
-/// Why a string is not an alias.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AliasError {
-    /// Empty.
-    #[error("an alias must not be empty")]
-    Empty,
-    /// Longer than 255 bytes.
-    #[error("an alias must be at most 255 bytes")]
-    TooLong,
-    /// Contains whitespace or a control character.
-    #[error("alias {0:?} contains whitespace or a control character")]
-    BadChar(String),
-    /// Would not survive HAID encoding.
-    #[error("alias {0:?} contains `--` or starts or ends with `-`, so no HAID could carry it")]
-    Dashes(String),
-}
-
-impl TryFrom<String> for Alias {
-    type Error = AliasError;
-    fn try_from(s: String) -> Result<Self, AliasError> {
-        if s.is_empty() {
-            return Err(AliasError::Empty);
-        }
-        if s.len() > 255 {
-            return Err(AliasError::TooLong);
-        }
-        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(AliasError::BadChar(s));
-        }
-        if s.contains("--") || s.starts_with('-') || s.ends_with('-') {
-            return Err(AliasError::Dashes(s));
-        }
-        Ok(Alias(s.into_boxed_str()))
-    }
-}
-
-impl From<Alias> for String {
-    fn from(a: Alias) -> String {
-        a.0.into()
-    }
-}
-
-impl Alias {
-    /// The alias text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for Alias {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Alias {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// One instance as written in config or `PUT /v1/aliases`:
-/// `[instances.cs_1_dev] address = "10.0.0.5:9116", labels = { zone = "a" }, weight = 1`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceSpec {
-    /// `address = "127.0.0.1:9116"`: an IP socket address.
-    pub address: String,
-    /// `labels = { zone = "a", tenant = "t1" }`: free-form, passed to placement.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// `weight = 1`: relative capacity for placement; `0` never receives new contexts
-    /// (existing HAIDs still route to it).
-    #[serde(default = "one")]
-    pub weight: u32,
-    /// `prefer = "static"`: overrides `membership.prefer` for this alias.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prefer: Option<crate::config::Prefer>,
-}
-
-fn one() -> u32 {
-    1
-}
+pub use crate::model::{Alias, AliasError, InstanceSpec};
 
 /// One resolved instance.
 #[derive(Debug)]
@@ -120,6 +29,9 @@ pub struct Instance {
     pub weight: u32,
     /// Health and load, shared with every table that has this address.
     pub state: Arc<InstanceState>,
+    /// The membership holder's epoch, when a holder's address is in use: forwarded as
+    /// `x-hagate-epoch` so that a context server can refuse a stale route.
+    pub epoch: Option<u64>,
 }
 
 /// Why a table could not be built. `field()` gives the TOML path of the culprit.
@@ -170,14 +82,13 @@ pub struct AliasTable {
 
 impl AliasTable {
     /// Validates `specs` and builds a table, taking each address's health from `states`.
+    /// An empty table is valid here (a gateway on etcd starts with one until it syncs);
+    /// the config and the API refuse to *set* one (`TableError::Empty`).
     pub fn build(
         specs: &BTreeMap<String, InstanceSpec>,
         version: u64,
         states: &StateRegistry,
     ) -> Result<Self, TableError> {
-        if specs.is_empty() {
-            return Err(TableError::Empty);
-        }
         let mut instances = Vec::with_capacity(specs.len());
         let mut index = FxHashMap::with_capacity_and_hasher(specs.len(), Default::default());
         for (name, spec) in specs {
@@ -196,6 +107,7 @@ impl AliasTable {
                 labels: spec.labels.clone(),
                 weight: spec.weight,
                 state: states.state_for(address),
+                epoch: spec.epoch,
             });
         }
         Ok(AliasTable {
@@ -249,6 +161,7 @@ impl AliasTable {
                         labels: i.labels.clone(),
                         weight: i.weight,
                         prefer: None,
+                        epoch: i.epoch,
                     },
                 )
             })
@@ -312,6 +225,7 @@ mod tests {
                         labels: BTreeMap::new(),
                         weight: 1,
                         prefer: None,
+                        epoch: None,
                     },
                 )
             })

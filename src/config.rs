@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::aliases::{AliasTable, InstanceSpec, TableError};
+use crate::aliases::{AliasTable, TableError};
 use crate::health::StateRegistry;
+pub use crate::model::{ActiveHealthConfig, InstanceSpec, PassiveHealthConfig, Prefer};
 
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,10 @@ pub struct Config {
     /// `[membership]`: heartbeat leases and alias takeover by standbys.
     #[serde(default)]
     pub membership: MembershipConfig,
+    /// `[store]`: where membership and the alias table live: `kind = "embedded"` (this
+    /// gateway's memory, the default) or `kind = "etcd"` (shared by several gateways).
+    #[serde(default)]
+    pub store: StoreConfig,
     /// `[[plugins]]`: Wasm placement plugins, in priority order. A request without a HAID
     /// is placed by the first plugin with a `match` entry that fits it, else natively.
     #[serde(default)]
@@ -265,15 +270,55 @@ pub struct MembershipConfig {
     pub prefer: Prefer,
 }
 
-/// Which source of an alias's address wins.
+/// Which membership store backs the gateway.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Prefer {
-    /// The live holder from membership, else the static entry.
+pub enum StoreKind {
+    /// In this gateway's memory: one gateway, nothing shared, nothing persisted.
     #[default]
-    Membership,
-    /// The static entry, whatever membership says.
-    Static,
+    Embedded,
+    /// An etcd v3 cluster shared by every gateway with the same `prefix`.
+    Etcd,
+}
+
+/// `[store]`: membership and the alias table, in this process or on etcd.
+///
+/// ```toml
+/// [store]
+/// kind = "etcd"                              # default "embedded"
+/// endpoints = ["http://127.0.0.1:2379"]
+/// prefix = "/hagate/prod"                    # every key lives under it; one per cluster
+/// snapshot = "/var/lib/hagate/state.json"    # the last applied state, for starts with etcd down
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `kind = "etcd"`; `"embedded"` by default.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// `endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]`: etcd client URLs.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// `prefix = "/hagate/prod"`: starts with `/`, does not end with one.
+    #[serde(default = "default_store_prefix")]
+    pub prefix: String,
+    /// `snapshot = "/var/lib/hagate/state.json"`: where the applied state is written
+    /// (atomically, debounced) after each change; read at start if etcd is unreachable.
+    #[serde(default)]
+    pub snapshot: Option<PathBuf>,
+    /// `username = "hagate"`: etcd authentication (with `password`).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// `password = "..."`: etcd authentication (with `username`).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `request_timeout = "2s"`: the most one etcd read or write may take.
+    #[serde(default = "secs::<2>", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_store_prefix() -> String {
+    "/hagate".into()
 }
 
 /// `[upstream]`
@@ -306,48 +351,6 @@ pub struct HealthConfig {
     pub passive: PassiveHealthConfig,
 }
 
-/// `[health.active]`: an HTTP GET to every instance, all in parallel.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ActiveHealthConfig {
-    /// `enabled = true`
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// `path = "/health"`
-    #[serde(default = "default_health_path")]
-    pub path: String,
-    /// `interval = "1s"`
-    #[serde(default = "secs::<1>", with = "humantime_serde")]
-    pub interval: Duration,
-    /// `timeout = "500ms"`
-    #[serde(default = "half_second", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Consecutive passes that bring a down instance back: `rise = 2`.
-    #[serde(default = "two")]
-    pub rise: u32,
-    /// Consecutive failures that take an up instance down: `fall = 2`.
-    #[serde(default = "two")]
-    pub fall: u32,
-}
-
-/// `[health.passive]`: consecutive connect failures or 5xx responses eject an instance.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PassiveHealthConfig {
-    /// `enabled = true`
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// `consecutive_failures = 3`
-    #[serde(default = "three")]
-    pub consecutive_failures: u32,
-    /// First ejection time; each further ejection doubles it: `base_ejection = "5s"`.
-    #[serde(default = "secs::<5>", with = "humantime_serde")]
-    pub base_ejection: Duration,
-    /// Cap on the ejection time: `max_ejection = "60s"`.
-    #[serde(default = "secs::<60>", with = "humantime_serde")]
-    pub max_ejection: Duration,
-}
-
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }
@@ -366,9 +369,6 @@ fn default_haid_paths() -> Vec<String> {
 fn default_tenant_header() -> String {
     "x-hagate-tenant".into()
 }
-fn default_health_path() -> String {
-    "/health".into()
-}
 fn default_plugin_deadline() -> Duration {
     Duration::from_millis(5)
 }
@@ -378,17 +378,8 @@ fn default_plugin_memory() -> bytesize::ByteSize {
 fn secs<const N: u64>() -> Duration {
     Duration::from_secs(N)
 }
-fn half_second() -> Duration {
-    Duration::from_millis(500)
-}
 fn yes() -> bool {
     true
-}
-fn two() -> u32 {
-    2
-}
-fn three() -> u32 {
-    3
 }
 
 macro_rules! default_from_serde {
@@ -406,9 +397,8 @@ default_from_serde!(
     ContextIdConfig,
     RoutingConfig,
     UpstreamConfig,
-    ActiveHealthConfig,
-    PassiveHealthConfig,
-    MembershipConfig
+    MembershipConfig,
+    StoreConfig
 );
 
 impl Config {
@@ -428,6 +418,9 @@ impl Config {
         if let Some(dir) = path.parent() {
             for p in &mut config.plugins {
                 p.path = dir.join(&p.path);
+            }
+            if let Some(snap) = &mut config.store.snapshot {
+                *snap = dir.join(&*snap);
             }
         }
         Ok(config)
@@ -519,11 +512,13 @@ impl Config {
                 "must be at least health.passive.base_ejection",
             ));
         }
-        if self.instances.is_empty() {
+        // On etcd the table lives in etcd; `[instances]` only seeds an empty one.
+        if self.instances.is_empty() && self.store.kind == StoreKind::Embedded {
             return Err(invalid("instances", "at least one instance is required"));
         }
         self.validate_plugins()?;
         self.validate_membership()?;
+        self.validate_store()?;
         // Building the table is where aliases and addresses are validated.
         AliasTable::build(&self.instances, 0, &StateRegistry::default())?;
         Ok(())
@@ -545,6 +540,65 @@ impl Config {
             return Err(invalid(
                 "membership.token",
                 "required when membership is enabled: heartbeat writers must authenticate",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks `[store]`, and that `membership.timeout` is a lease TTL etcd can honour.
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let st = &self.store;
+        if st.kind == StoreKind::Embedded {
+            return Ok(());
+        }
+        if st.endpoints.is_empty() {
+            return Err(invalid(
+                "store.endpoints",
+                "kind = \"etcd\" needs at least one endpoint, e.g. [\"http://127.0.0.1:2379\"]",
+            ));
+        }
+        for (i, e) in st.endpoints.iter().enumerate() {
+            let ok = e
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+            if !ok {
+                return Err(invalid(
+                    &format!("store.endpoints[{i}]"),
+                    format!("{e:?} must be http://HOST:PORT (TLS to etcd is not supported yet)"),
+                ));
+            }
+        }
+        let p = &st.prefix;
+        if !p.starts_with('/') || p.ends_with('/') || p.len() < 2 || p.contains("//") {
+            return Err(invalid(
+                "store.prefix",
+                format!("{p:?} must start with `/` and not end with one, e.g. \"/hagate/prod\""),
+            ));
+        }
+        if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid("store.prefix", "must not contain whitespace"));
+        }
+        if st.username.is_some() != st.password.is_some() {
+            return Err(invalid(
+                "store.password",
+                "set both `username` and `password`, or neither",
+            ));
+        }
+        if st.request_timeout < Duration::from_millis(100) || st.request_timeout > secs::<60>() {
+            return Err(invalid(
+                "store.request_timeout",
+                "must be between 100ms and 60s",
+            ));
+        }
+        let t = self.membership.timeout;
+        if self.membership.enabled && (t.subsec_nanos() != 0 || t < secs::<2>()) {
+            return Err(invalid(
+                "membership.timeout",
+                format!(
+                    "{} cannot be an etcd lease TTL: etcd counts TTLs in whole seconds and \
+                     raises any TTL under about 2s, so use a whole number of seconds, at least \"2s\"",
+                    humantime::format_duration(t)
+                ),
             ));
         }
         Ok(())

@@ -1,10 +1,16 @@
 //! The gateway's shared state: the current config, the alias table holder, the placement
 //! policy, the membership store, and the reload paths (config file, SIGHUP, admin API,
-//! membership changes) that replace them.
+//! membership changes, the etcd watch) that replace them.
 //!
-//! The published alias table is the static table (the config's `[instances]`, or what
-//! `PUT /v1/aliases` set) merged with the live holders of the membership store: for an
-//! alias with a live holder, the holder's address wins unless `prefer = "static"`.
+//! The published alias table is the static table merged with the live holders of the
+//! membership store: for an alias with a live holder, the holder's address wins unless
+//! `prefer = "static"`. Where the static table comes from depends on the store:
+//!
+//! - **embedded**: the config's `[instances]`, or what `PUT /v1/aliases` set (until the
+//!   next config reload);
+//! - **etcd**: the table key in etcd, the one source of truth for every gateway. The
+//!   config's `[instances]` only seed an etcd that has no table (a create-only txn);
+//!   `PUT /v1/aliases` writes etcd, and every gateway applies it from its watch.
 //!
 //! Every replacement is validate-then-swap: a bad config or table is refused with the reason
 //! and the old one keeps serving. No pingora here.
@@ -12,18 +18,26 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use tokio::sync::watch;
 
 use crate::aliases::{AliasTable, InstanceSpec, TableError, TableHolder};
-use crate::config::{Config, ConfigError, Prefer};
+use crate::config::{Config, ConfigError, StoreConfig, StoreKind};
+use crate::health::StateRegistry;
 use crate::metrics::metrics;
+use crate::model::Prefer;
 use crate::plugin::PluginSet;
 use crate::ring::ReplacementRing;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{Entry, MembershipStore};
+use crate::store::etcd::{read_snapshot, EtcdSettings, EtcdStore, StoreSink};
+use crate::store::state::StoreState;
+use crate::store::{Entry, MembershipStore, StoreError};
+
+/// How long `PUT /v1/aliases` on etcd waits for its own write to come back on the watch.
+const PUT_APPLY_WAIT: Duration = Duration::from_secs(2);
 
 /// A validated config plus what request handling derives from it once.
 #[derive(Debug)]
@@ -63,6 +77,8 @@ pub enum SwapSource {
     Api,
     /// A membership change: a new holder, or a holder's heartbeat expired.
     Membership,
+    /// The etcd watch: a table or holder change made through any gateway.
+    Etcd,
 }
 
 impl SwapSource {
@@ -72,6 +88,40 @@ impl SwapSource {
             SwapSource::Sighup => "sighup",
             SwapSource::Api => "api",
             SwapSource::Membership => "membership",
+            SwapSource::Etcd => "etcd",
+        }
+    }
+}
+
+/// Where the static table in use came from, for `GET /v1/aliases`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableOrigin {
+    /// The config file's `[instances]`.
+    Config,
+    /// `PUT /v1/aliases` on this gateway (embedded store).
+    Api,
+    /// etcd's table key, written at this revision.
+    Etcd(i64),
+    /// The snapshot file, as applied at this etcd revision (etcd not reached yet).
+    Snapshot(i64),
+}
+
+impl TableOrigin {
+    /// `"config"`, `"api"`, `"etcd"` or `"snapshot"`.
+    pub fn label(self) -> &'static str {
+        match self {
+            TableOrigin::Config => "config",
+            TableOrigin::Api => "api",
+            TableOrigin::Etcd(_) => "etcd",
+            TableOrigin::Snapshot(_) => "snapshot",
+        }
+    }
+
+    /// The etcd revision, if the table came from etcd.
+    pub fn revision(self) -> Option<i64> {
+        match self {
+            TableOrigin::Etcd(r) | TableOrigin::Snapshot(r) => Some(r),
+            _ => None,
         }
     }
 }
@@ -90,6 +140,28 @@ pub enum ReloadError {
     NoFile,
 }
 
+/// Why `PUT /v1/aliases` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    /// The table is invalid.
+    #[error("{field}: {source}", field = .0.field(), source = .0)]
+    Table(#[from] TableError),
+    /// The store (etcd) could not take the write.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The table as `PUT /v1/aliases` left it.
+#[derive(Debug)]
+pub struct PutOutcome {
+    /// The table now published on this gateway.
+    pub table: Arc<AliasTable>,
+    /// The etcd revision of the write (etcd store only).
+    pub revision: Option<i64>,
+    /// Whether this gateway has applied the write yet (always, for the embedded store).
+    pub applied: bool,
+}
+
 /// Shared state of one running gateway.
 pub struct Gateway {
     settings: ArcSwap<Settings>,
@@ -98,21 +170,26 @@ pub struct Gateway {
     config_path: Option<PathBuf>,
     /// Bumped after every successful swap; the health checker watches it.
     changes: watch::Sender<u64>,
-    /// The static table: the config's `[instances]`, or what `PUT /v1/aliases` set.
+    /// The static table (see the module docs for where it comes from).
     static_specs: Mutex<BTreeMap<String, InstanceSpec>>,
+    origin: Mutex<TableOrigin>,
     /// What was last published (static merged with holders). Its lock also serialises
     /// publishing.
     published: Mutex<BTreeMap<String, InstanceSpec>>,
-    /// The membership store, used only through its trait (so another store can replace
-    /// the embedded one).
+    /// The membership store, used only through its trait for heartbeats and listings.
     store: Arc<dyn MembershipStore>,
+    /// The same store when it is etcd: its watch feeds the table, and it takes table writes.
+    etcd: Option<Arc<EtcdStore>>,
     /// The live holders as last read from the store; the table is merged from these.
     holders: Mutex<Vec<Entry>>,
     ring: ReplacementRing,
+    /// Serialises reloads (file watch and SIGHUP may fire together).
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// The table to publish: `statics`, with each alias that has a live holder pointed at the
 /// holder (unless it prefers its static address), plus aliases only membership knows.
+/// A holder's address carries its epoch.
 pub fn merge(
     statics: &BTreeMap<String, InstanceSpec>,
     holders: &[Entry],
@@ -122,7 +199,10 @@ pub fn merge(
     for h in holders {
         match merged.get_mut(h.alias.as_str()) {
             Some(spec) if spec.prefer.unwrap_or(default) == Prefer::Static => {}
-            Some(spec) => spec.address.clone_from(&h.address),
+            Some(spec) => {
+                spec.address.clone_from(&h.address);
+                spec.epoch = Some(h.epoch);
+            }
             None => {
                 merged.insert(
                     h.alias.to_string(),
@@ -131,6 +211,7 @@ pub fn merge(
                         labels: BTreeMap::new(),
                         weight: 1,
                         prefer: None,
+                        epoch: Some(h.epoch),
                     },
                 );
             }
@@ -139,28 +220,111 @@ pub fn merge(
     merged
 }
 
+fn etcd_settings(store: &StoreConfig) -> EtcdSettings {
+    EtcdSettings {
+        endpoints: store.endpoints.clone(),
+        prefix: store.prefix.clone(),
+        auth: store.username.clone().zip(store.password.clone()),
+        request_timeout: store.request_timeout,
+        snapshot: store.snapshot.clone(),
+    }
+}
+
+/// The state an etcd gateway starts from: its snapshot if it has a readable one.
+fn initial_state(store: &StoreConfig) -> StoreState {
+    let Some(path) = &store.snapshot else {
+        return StoreState::default();
+    };
+    match read_snapshot(path) {
+        Ok(Some((state, written))) => {
+            tracing::info!(
+                path = %path.display(),
+                revision = state.revision,
+                written_unix_ms = written,
+                holders = state.holders.len(),
+                table = state.table.is_some(),
+                "starting from the store snapshot; etcd replaces it once reachable"
+            );
+            state
+        }
+        Ok(None) => StoreState::default(),
+        Err(error) => {
+            tracing::warn!(%error, "ignoring the store snapshot");
+            StoreState::default()
+        }
+    }
+}
+
 impl Gateway {
     /// Validates `config` and builds the gateway state from it. Everything downstream
     /// (`Settings`, the listen addresses) relies on this validation.
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, ConfigError> {
         config.validate()?;
         let placement = PluginSet::load(&config.plugins, None)?;
-        let tables = TableHolder::new(&config.instances)?;
-        metrics().observe_table(&tables.load());
+        let timeout = config.membership.timeout;
+        let (store, etcd, mut statics, holders, mut origin): (
+            Arc<dyn MembershipStore>,
+            _,
+            _,
+            _,
+            _,
+        ) = match config.store.kind {
+            StoreKind::Embedded => (
+                Arc::new(EmbeddedStore::new(timeout)),
+                None,
+                config.instances.clone(),
+                Vec::new(),
+                TableOrigin::Config,
+            ),
+            StoreKind::Etcd => {
+                let initial = initial_state(&config.store);
+                let holders: Vec<Entry> = initial.holders.values().cloned().collect();
+                let (statics, origin) = match &initial.table {
+                    Some(t) => (t.instances.clone(), TableOrigin::Snapshot(initial.revision)),
+                    None => (config.instances.clone(), TableOrigin::Config),
+                };
+                let etcd = Arc::new(EtcdStore::new(
+                    etcd_settings(&config.store),
+                    timeout,
+                    initial,
+                ));
+                (etcd.clone(), Some(etcd), statics, holders, origin)
+            }
+        };
+        let live = if config.membership.enabled {
+            holders.as_slice()
+        } else {
+            &[]
+        };
+        let mut merged = merge(&statics, live, config.membership.prefer);
+        let tables = match TableHolder::new(&merged) {
+            Ok(t) => t,
+            Err(error) if origin != TableOrigin::Config => {
+                tracing::warn!(%error, field = %error.field(), "the snapshot's table does not build; starting from the config's [instances]");
+                statics = config.instances.clone();
+                origin = TableOrigin::Config;
+                merged = statics.clone();
+                TableHolder::new(&merged)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let first = tables.load();
+        metrics().observe_table(first.version(), first.len());
         let (changes, _) = watch::channel(1);
-        let store: Arc<dyn MembershipStore> =
-            Arc::new(EmbeddedStore::new(config.membership.timeout));
         Ok(Arc::new(Gateway {
-            static_specs: Mutex::new(config.instances.clone()),
-            published: Mutex::new(config.instances.clone()),
+            static_specs: Mutex::new(statics),
+            origin: Mutex::new(origin),
+            published: Mutex::new(merged),
             settings: ArcSwap::from_pointee(Settings::new(config)),
             tables,
             placement: ArcSwap::from_pointee(placement),
             config_path,
             changes,
             store,
-            holders: Mutex::new(Vec::new()),
+            etcd,
+            holders: Mutex::new(holders),
             ring: ReplacementRing::default(),
+            reloading: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -185,6 +349,29 @@ impl Gateway {
     /// The membership store.
     pub fn store(&self) -> &dyn MembershipStore {
         &*self.store
+    }
+
+    /// The etcd store, when the gateway runs on one.
+    pub fn etcd(&self) -> Option<&Arc<EtcdStore>> {
+        self.etcd.as_ref()
+    }
+
+    /// Where the static table came from.
+    pub fn table_origin(&self) -> TableOrigin {
+        *self.origin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Ok` while the gateway's store is in sync (always for the embedded store); else why not.
+    pub fn ready(&self) -> Result<(), String> {
+        match &self.etcd {
+            None => Ok(()),
+            Some(e) if e.in_sync() => Ok(()),
+            Some(e) => Err(format!(
+                "the etcd store is not in sync (last heard {:.1}s ago); serving the last applied state at revision {}",
+                e.last_heard_age().as_secs_f64().min(1e9),
+                e.applied().revision
+            )),
+        }
     }
 
     /// The re-placement ring.
@@ -221,11 +408,14 @@ impl Gateway {
         Ok(Some(table))
     }
 
-    /// Reads the live holders from the store, re-merges them with the static table and
-    /// swaps the table in if that changed anything: after a heartbeat is accepted, and
-    /// periodically to notice heartbeats that expired. If the store cannot answer, the
-    /// last holders stay.
+    /// Reads the live holders from the embedded store, re-merges them with the static
+    /// table and swaps the table in if that changed anything: after a heartbeat is
+    /// accepted, and periodically to notice heartbeats that expired. On etcd this does
+    /// nothing: holders arrive through the watch.
     pub async fn sync_membership(&self) {
+        if self.etcd.is_some() {
+            return;
+        }
         match self.store.holders().await {
             Ok(h) => *self.holders.lock().unwrap_or_else(|p| p.into_inner()) = h,
             Err(error) => tracing::warn!(%error, "membership store: keeping the last holders"),
@@ -237,6 +427,42 @@ impl Gateway {
             Ok(Some(t)) => self.swapped(SwapSource::Membership, &t),
             Ok(None) => {}
             Err(e) => self.refused(SwapSource::Membership, &format!("{}: {e}", e.field())),
+        }
+    }
+
+    /// Applies a state from the etcd watch as one swap: its holders, and its table if the
+    /// table builds (else the last good table stays, with the new holders).
+    fn apply_store_state(&self, state: &StoreState) {
+        *self.holders.lock().unwrap_or_else(|p| p.into_inner()) =
+            state.holders.values().cloned().collect();
+        let settings = self.settings();
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = &state.table {
+            match self.publish_locked(&mut published, &settings.config, &t.instances, false) {
+                Ok(swapped) => {
+                    *self.lock_statics() = t.instances.clone();
+                    *self.origin.lock().unwrap_or_else(|p| p.into_inner()) =
+                        TableOrigin::Etcd(t.revision);
+                    if let Some(table) = swapped {
+                        self.swapped(SwapSource::Etcd, &table);
+                    }
+                    return;
+                }
+                Err(e) => self.refused(
+                    SwapSource::Etcd,
+                    &format!(
+                        "{}: {e} (the etcd table at revision {})",
+                        e.field(),
+                        t.revision
+                    ),
+                ),
+            }
+        }
+        let statics = self.lock_statics().clone();
+        match self.publish_locked(&mut published, &settings.config, &statics, false) {
+            Ok(Some(t)) => self.swapped(SwapSource::Etcd, &t),
+            Ok(None) => {}
+            Err(e) => self.refused(SwapSource::Etcd, &format!("{}: {e}", e.field())),
         }
     }
 
@@ -259,7 +485,7 @@ impl Gateway {
             .table_swaps
             .with_label_values(&[source.label(), "ok"])
             .inc();
-        metrics().observe_table(table);
+        metrics().observe_table(table.version(), table.len());
         self.changes.send_modify(|v| *v += 1);
         tracing::info!(
             source = source.label(),
@@ -277,9 +503,11 @@ impl Gateway {
         tracing::error!(source = source.label(), %error, "refused; the old config keeps serving");
     }
 
-    /// Re-reads the config file, validates it and swaps config and table in.
-    pub fn reload(&self, source: SwapSource) -> Result<Arc<AliasTable>, ReloadError> {
-        let result = self.try_reload();
+    /// Re-reads the config file, validates it (plugins compile off this runtime, in
+    /// parallel) and swaps config and table in.
+    pub async fn reload(&self, source: SwapSource) -> Result<Arc<AliasTable>, ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let result = self.try_reload().await;
         match &result {
             Ok(t) => self.swapped(source, t),
             Err(e) => self.refused(source, e),
@@ -287,64 +515,154 @@ impl Gateway {
         result
     }
 
-    fn try_reload(&self) -> Result<Arc<AliasTable>, ReloadError> {
+    async fn try_reload(&self) -> Result<Arc<AliasTable>, ReloadError> {
         let path = self.config_path.as_deref().ok_or(ReloadError::NoFile)?;
         let config = Config::load(path)?;
         let old = self.settings();
-        for (field, old_v, new_v) in [
+        for (field, changed) in [
             (
                 "server.listen",
-                &old.config.server.listen,
-                &config.server.listen,
+                old.config.server.listen != config.server.listen,
             ),
             (
                 "admin.listen",
-                &old.config.admin.listen,
-                &config.admin.listen,
+                old.config.admin.listen != config.admin.listen,
             ),
+            ("store", old.config.store != config.store),
         ] {
-            if old_v != new_v {
+            if changed {
                 tracing::warn!(
                     field,
                     "changed in the config file; restart hagate to apply it"
                 );
             }
         }
-        // Plugins first: a plugin that fails to load refuses the whole reload.
-        let placement = PluginSet::load(&config.plugins, Some(&self.placement.load()))?;
+        // Plugins first: a plugin that fails to load refuses the whole reload. Compiling
+        // happens on blocking threads, never on the control plane's runtime.
+        let previous = self.placement.load_full();
+        let specs = config.plugins.clone();
+        let placement =
+            tokio::task::spawn_blocking(move || PluginSet::load(&specs, Some(&previous)))
+                .await
+                .map_err(|e| ConfigError::Invalid {
+                    field: "plugins".into(),
+                    message: format!("loading the plugins failed: {e}"),
+                })??;
+        let statics = if self.etcd.is_some() {
+            if old.config.instances != config.instances {
+                tracing::warn!(
+                    "[instances] changed in the config file, but on etcd they only seed an empty table; \
+                     change the table with PUT /v1/aliases"
+                );
+            }
+            self.lock_statics().clone()
+        } else {
+            config.instances.clone()
+        };
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
         let table = self
-            .publish_locked(&mut published, &config, &config.instances, true)?
+            .publish_locked(&mut published, &config, &statics, true)?
             .expect("a forced publish always publishes");
-        *self.lock_statics() = config.instances.clone();
+        if self.etcd.is_none() {
+            *self.lock_statics() = statics;
+            *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = TableOrigin::Config;
+        }
         self.store.set_timeout(config.membership.timeout);
         self.placement.store(Arc::new(placement));
         self.settings.store(Arc::new(Settings::new(config)));
         Ok(table)
     }
 
-    /// Replaces only the alias table (`PUT /v1/aliases`). The next config reload replaces
-    /// it again with the file's `[instances]`.
-    pub fn put_aliases(
+    /// Replaces the static alias table (`PUT /v1/aliases`). On the embedded store it is
+    /// published here and lasts until the next config reload; on etcd it is written to
+    /// etcd, and every gateway (this one too) applies it from its watch.
+    pub async fn put_aliases(
         &self,
         specs: &BTreeMap<String, InstanceSpec>,
-    ) -> Result<Arc<AliasTable>, TableError> {
-        let settings = self.settings();
-        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-        let result = self
-            .publish_locked(&mut published, &settings.config, specs, true)
-            .map(|t| t.expect("a forced publish always publishes"));
-        match result {
-            Ok(t) => {
-                *self.lock_statics() = specs.clone();
-                self.swapped(SwapSource::Api, &t);
-                Ok(t)
-            }
-            Err(e) => {
-                self.refused(SwapSource::Api, &format!("{}: {e}", e.field()));
-                Err(e)
-            }
+    ) -> Result<PutOutcome, PutError> {
+        let result = self.try_put_aliases(specs).await;
+        if let Err(e) = &result {
+            self.refused(SwapSource::Api, e);
         }
+        result
+    }
+
+    async fn try_put_aliases(
+        &self,
+        specs: &BTreeMap<String, InstanceSpec>,
+    ) -> Result<PutOutcome, PutError> {
+        if specs.is_empty() {
+            return Err(TableError::Empty.into());
+        }
+        let settings = self.settings();
+        if let Some(etcd) = &self.etcd {
+            // Validate exactly as publishing would, before anything reaches etcd.
+            let merged = merge(
+                specs,
+                &self.holders(&settings.config),
+                settings.config.membership.prefer,
+            );
+            AliasTable::build(&merged, 0, &StateRegistry::default())?;
+            let revision = etcd.put_table(specs).await?;
+            let applied = etcd.wait_applied(revision, PUT_APPLY_WAIT).await;
+            if !applied {
+                tracing::warn!(
+                    revision,
+                    "the alias table was written to etcd but this gateway has not applied it yet"
+                );
+            }
+            return Ok(PutOutcome {
+                table: self.table(),
+                revision: Some(revision),
+                applied,
+            });
+        }
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self
+            .publish_locked(&mut published, &settings.config, specs, true)?
+            .expect("a forced publish always publishes");
+        *self.lock_statics() = specs.clone();
+        *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = TableOrigin::Api;
+        self.swapped(SwapSource::Api, &table);
+        Ok(PutOutcome {
+            table,
+            revision: None,
+            applied: true,
+        })
+    }
+}
+
+impl StoreSink for Gateway {
+    fn apply(&self, state: &StoreState) {
+        self.apply_store_state(state);
+    }
+
+    fn seed(&self) -> BTreeMap<String, InstanceSpec> {
+        self.settings().config.instances.clone()
+    }
+}
+
+impl crate::health::active::CheckTargets for Gateway {
+    fn active_config(&self) -> crate::model::ActiveHealthConfig {
+        self.settings().config.health.active.clone()
+    }
+
+    fn targets(
+        &self,
+    ) -> Vec<(
+        std::net::SocketAddr,
+        String,
+        Arc<crate::health::InstanceState>,
+    )> {
+        self.table()
+            .instances()
+            .iter()
+            .map(|i| (i.address, i.alias.to_string(), Arc::clone(&i.state)))
+            .collect()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        Gateway::subscribe(self)
     }
 }
 
@@ -359,6 +677,7 @@ mod tests {
             labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
             weight: 2,
             prefer,
+            epoch: None,
         }
     }
 
@@ -369,6 +688,7 @@ mod tests {
             address: address.into(),
             timestamp_ms: 0,
             revision: 1,
+            epoch: 1,
         }
     }
 

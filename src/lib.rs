@@ -33,6 +33,7 @@ pub mod health;
 pub mod http_server;
 pub mod membership;
 pub mod metrics;
+pub mod model;
 pub mod placement;
 pub mod plugin;
 pub mod proxy;

@@ -10,10 +10,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::aliases::AliasTable;
 use crate::haid::HaidError;
-use crate::health::now_ms;
-use crate::store::Listed;
 
 /// All metrics, registered once in their own registry.
 pub struct Metrics {
@@ -68,6 +65,19 @@ pub struct Metrics {
     pub holder_age: GaugeVec,
     /// `hagate_replacements_total`: requests sent to a re-placement instance.
     pub replacements: IntCounter,
+    /// `hagate_store_up`: 1 while the membership store is in sync (always, for the
+    /// embedded store; on etcd, while the watch runs on a fully read state).
+    pub store_up: IntGauge,
+    /// `hagate_store_revision`: the etcd revision applied (0 for the embedded store).
+    pub store_revision: IntGauge,
+    /// `hagate_store_last_sync_age_seconds`: time since etcd last answered the watch.
+    pub store_last_sync_age: prometheus::Gauge,
+    /// `hagate_store_resyncs_total{reason}`: full reads of the prefix: start, compacted,
+    /// revision_backwards.
+    pub store_resyncs: IntCounterVec,
+    /// `hagate_store_events_total{result}`: watch events applied, skipped (at or below the
+    /// applied revision) or bad (a value that does not parse).
+    pub store_events: IntCounterVec,
 }
 
 /// Registers `metric` in `r` and hands it back.
@@ -258,8 +268,43 @@ impl Metrics {
             "hagate_replacements_total",
             "Requests whose main and backup were both dead, sent to a re-placement instance.",
         );
+        let store_up = gauge(
+            &r,
+            "hagate_store_up",
+            "1 while the membership store is in sync (etcd: the watch runs on a full read).",
+        );
+        let store_revision = gauge(
+            &r,
+            "hagate_store_revision",
+            "The etcd revision this gateway has applied (0 for the embedded store).",
+        );
+        let store_last_sync_age = register(
+            &r,
+            prometheus::Gauge::new(
+                "hagate_store_last_sync_age_seconds",
+                "Seconds since etcd last answered this gateway's watch (0 for the embedded store).",
+            )
+            .expect("valid metric"),
+        );
+        let store_resyncs = counter_vec(
+            &r,
+            "hagate_store_resyncs_total",
+            "Full reads of the store prefix, by reason: start, compacted, revision_backwards.",
+            &["reason"],
+        );
+        let store_events = counter_vec(
+            &r,
+            "hagate_store_events_total",
+            "Watch events, by result: applied, skipped (duplicate or old), bad (unparsable).",
+            &["result"],
+        );
         Metrics {
             registry: r,
+            store_up,
+            store_revision,
+            store_last_sync_age,
+            store_resyncs,
+            store_events,
             heartbeats,
             takeovers,
             holder_age,
@@ -285,34 +330,15 @@ impl Metrics {
         }
     }
 
-    /// Records that `table` is now in use.
-    pub fn observe_table(&self, table: &AliasTable) {
-        self.table_version.set(table.version() as i64);
-        self.table_size.set(table.len() as i64);
+    /// Records the version and size of the table now in use.
+    pub fn observe_table(&self, version: u64, size: usize) {
+        self.table_version.set(version as i64);
+        self.table_size.set(size as i64);
     }
 
-    /// Renders the text exposition, refreshing the per-instance gauges from `table` and
-    /// the holder ages from `members` first.
-    pub fn render(&self, table: &AliasTable, members: &[Listed]) -> String {
-        self.observe_table(table);
-        self.holder_age.reset();
-        for m in members {
-            self.holder_age
-                .with_label_values(&[m.entry.alias.as_str()])
-                .set(m.age.as_secs_f64());
-        }
-        self.instance_up.reset();
-        self.instance_inflight.reset();
-        let now = now_ms();
-        for i in table.instances() {
-            let address = i.address.to_string();
-            self.instance_up
-                .with_label_values(&[i.alias.as_str(), &address])
-                .set(i64::from(i.state.is_live(now)));
-            self.instance_inflight
-                .with_label_values(&[i.alias.as_str()])
-                .set(i.state.inflight() as i64);
-        }
+    /// Renders the text exposition. The caller refreshes the gauges that are read on
+    /// demand (per-instance state, holder ages) first.
+    pub fn render(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

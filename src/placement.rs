@@ -80,7 +80,7 @@ impl<'a> Candidates<'a> {
                 .iter()
                 .map(|i| Candidate {
                     alias: i.alias.as_str(),
-                    live: health.is_live(i),
+                    live: health.is_live(i.alias.as_str(), &i.state),
                     inflight: i.state.inflight(),
                     latency_ewma_us: i.state.latency_ewma_us(),
                     reported_load: i.state.reported_load(),

@@ -31,6 +31,7 @@ const ROLE: &str = "x-hagate-role";
 const CONTEXT_ID: &str = "x-hagate-context-id";
 const MAIN_ALIAS: &str = "x-hagate-main-alias";
 const BACKUP_ALIAS: &str = "x-hagate-backup-alias";
+const EPOCH: &str = "x-hagate-epoch";
 const PREFIX: &str = "x-hagate-";
 /// Response header an instance may send to report its own load to placement.
 const LOAD: &str = "x-hagate-load";
@@ -423,6 +424,11 @@ impl ProxyHttp for Proxy {
         }
         if let Some(cur) = ctx.current {
             upstream.insert_header(ROLE, cur.role.as_str())?;
+            // A membership-held alias: the holder's fencing token, so the context server
+            // can refuse a route decided on a stale holding.
+            if let Some(epoch) = ctx.table.as_ref().and_then(|t| t.get(cur.instance).epoch) {
+                upstream.insert_header(EPOCH, HeaderValue::from(epoch))?;
+            }
         }
         if let Some(id) = &ctx.context_id {
             upstream.insert_header(CONTEXT_ID, id.clone())?;

@@ -86,7 +86,7 @@ pub async fn watch_config(gateway: Arc<Gateway>) {
             let now = fingerprint(&files);
             if now != last && config.exists() {
                 last = now;
-                let _ = gateway.reload(SwapSource::ConfigFile);
+                let _ = gateway.reload(SwapSource::ConfigFile).await;
                 if watched_files(&gateway, &config) != files {
                     break; // the plugin list changed: watch the new set
                 }
@@ -107,6 +107,6 @@ pub async fn on_sighup(gateway: Arc<Gateway>) {
     };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the config");
-        let _ = gateway.reload(SwapSource::Sighup);
+        let _ = gateway.reload(SwapSource::Sighup).await;
     }
 }

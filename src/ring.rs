@@ -72,7 +72,7 @@ impl ReplacementRing {
         let live: Vec<bool> = table
             .instances()
             .iter()
-            .map(|i| health.is_live(i))
+            .map(|i| health.is_live(i.alias.as_str(), &i.state))
             .collect();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let stale = cache

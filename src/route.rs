@@ -74,7 +74,12 @@ pub fn decide<'h>(haid: &Haid<'h>, table: &AliasTable, health: &impl HealthView)
     let main = table.resolve(haid.main);
     let backup_idx = table.resolve(haid.backup);
     let backup = backup_idx.filter(|b| Some(*b) != main);
-    let live = |i: Option<usize>| i.filter(|&i| health.is_live(table.get(i)));
+    let live = |i: Option<usize>| {
+        i.filter(|&i| {
+            let inst = table.get(i);
+            health.is_live(inst.alias.as_str(), &inst.state)
+        })
+    };
     let target = |instance, role| Target { instance, role };
 
     if let Some(m) = live(main) {
@@ -104,14 +109,15 @@ pub fn decide<'h>(haid: &Haid<'h>, table: &AliasTable, health: &impl HealthView)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aliases::{Instance, InstanceSpec, TableHolder};
+    use crate::aliases::{InstanceSpec, TableHolder};
     use crate::haid::decode;
+    use crate::health::InstanceState;
     use std::collections::{BTreeMap, HashSet};
 
     struct Dead(HashSet<&'static str>);
     impl HealthView for Dead {
-        fn is_live(&self, i: &Instance) -> bool {
-            !self.0.contains(i.alias.as_str())
+        fn is_live(&self, alias: &str, _state: &InstanceState) -> bool {
+            !self.0.contains(alias)
         }
     }
 
@@ -126,6 +132,7 @@ mod tests {
                         labels: BTreeMap::new(),
                         weight: 1,
                         prefer: None,
+                        epoch: None,
                     },
                 )
             })

@@ -14,6 +14,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::proxy::Proxy;
+use crate::store::etcd::StoreSink;
 use crate::{admin, health, reload};
 
 /// Why the gateway could not start.
@@ -56,7 +57,16 @@ impl BackgroundService for ControlPlane {
             }
         }
         tokio::spawn(health::active::supervise(Arc::clone(&self.gateway)));
-        tokio::spawn(expire_holders(Arc::clone(&self.gateway)));
+        match self.gateway.etcd() {
+            // On etcd, holders and the table arrive through the store's one watch.
+            Some(etcd) => {
+                let sink: Arc<dyn StoreSink> = Arc::clone(&self.gateway) as _;
+                tokio::spawn(Arc::clone(etcd).run(sink));
+            }
+            None => {
+                tokio::spawn(expire_holders(Arc::clone(&self.gateway)));
+            }
+        }
         tokio::spawn(reload::watch_config(Arc::clone(&self.gateway)));
         tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway)));
         let _ = shutdown.changed().await;

@@ -48,6 +48,7 @@ fn decode_resolve_route_allocates_nothing() {
                     labels: BTreeMap::new(),
                     weight: 1,
                     prefer: None,
+                    epoch: None,
                 },
             )
         })

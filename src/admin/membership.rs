@@ -12,10 +12,10 @@ use hyper::{Method, Request, StatusCode};
 use serde_json::json;
 
 use super::authorize;
-use crate::aliases::Alias;
 use crate::gateway::Gateway;
 use crate::http_server::{json, read_json, Reply};
 use crate::metrics::metrics;
+use crate::model::Alias;
 use crate::store::{Entry, Heartbeat, HeartbeatOutcome, StoreError};
 
 /// An entry as JSON; its `timestamp_ms` is on the store's clock (ages come from `list`).
@@ -26,6 +26,7 @@ fn entry_json(e: &Entry) -> serde_json::Value {
         "address": e.address,
         "timestamp_ms": e.timestamp_ms,
         "revision": e.revision,
+        "epoch": e.epoch,
     })
 }
 
@@ -72,7 +73,7 @@ pub async fn handle(gateway: &Gateway, method: Method, req: Request<Incoming>) -
                 .iter()
                 .map(|l| {
                     let mut v = entry_json(&l.entry);
-                    v["age_ms"] = (l.age.as_millis() as u64).into();
+                    v["age_ms"] = l.age.map(|a| a.as_millis() as u64).into();
                     v["fresh"] = l.fresh.into();
                     v
                 })

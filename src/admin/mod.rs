@@ -14,13 +14,14 @@ use serde_json::json;
 
 mod membership;
 
-use crate::aliases::InstanceSpec;
-use crate::gateway::Gateway;
+use crate::aliases::{AliasTable, InstanceSpec};
+use crate::gateway::{Gateway, PutError};
 use crate::haid;
 use crate::health::{now_ms, LiveView};
 use crate::http_server::{json, read_json, text, Reply};
 use crate::metrics::metrics;
 use crate::placement::{Candidates, PlacementError, PlacementRequest};
+use crate::store::Listed;
 
 /// The body of `PUT /v1/aliases`: the same shape as the config's `[instances]`.
 #[derive(Debug, Deserialize)]
@@ -35,13 +36,33 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
     match (req.method().clone(), req.uri().path()) {
         (Method::GET, "/metrics") => {
             let members = gateway.store().list().await.unwrap_or_default();
+            refresh_gauges(&gateway.table(), &members);
+            let m = metrics();
+            match gateway.etcd() {
+                Some(etcd) => {
+                    m.store_up.set(i64::from(etcd.in_sync()));
+                    m.store_last_sync_age
+                        .set(etcd.last_heard_age().as_secs_f64().min(1e9));
+                }
+                None => {
+                    m.store_up.set(1);
+                    m.store_last_sync_age.set(0.0);
+                }
+            }
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                metrics().render(&gateway.table(), &members),
+                metrics().render(),
             )
         }
         (Method::GET, "/healthz") => json(StatusCode::OK, &json!({"status": "ok"})),
+        (Method::GET, "/readyz") => match gateway.ready() {
+            Ok(()) => json(StatusCode::OK, &json!({"status": "ready"})),
+            Err(detail) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": "store_not_in_sync", "detail": detail}),
+            ),
+        },
         (Method::GET, "/v1/aliases") => aliases(&gateway),
         (Method::PUT, "/v1/aliases") => {
             let settings = gateway.settings();
@@ -55,7 +76,7 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
             membership::handle(&gateway, method, req).await
         }
         (Method::POST, "/v1/placements") => placements(&gateway, req).await,
-        (_, "/metrics" | "/healthz" | "/v1/aliases" | "/v1/placements") => json(
+        (_, "/metrics" | "/healthz" | "/readyz" | "/v1/aliases" | "/v1/placements") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": "method_not_allowed"}),
         ),
@@ -63,6 +84,33 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
             StatusCode::NOT_FOUND,
             &json!({"error": "not_found", "path": path}),
         ),
+    }
+}
+
+/// Sets the gauges that are read on demand: each instance's liveness and in-flight count
+/// from `table`, and each holder's heartbeat age from `members`.
+fn refresh_gauges(table: &AliasTable, members: &[Listed]) {
+    let m = metrics();
+    m.observe_table(table.version(), table.len());
+    m.holder_age.reset();
+    for l in members {
+        if let Some(age) = l.age {
+            m.holder_age
+                .with_label_values(&[l.entry.alias.as_str()])
+                .set(age.as_secs_f64());
+        }
+    }
+    m.instance_up.reset();
+    m.instance_inflight.reset();
+    let now = now_ms();
+    for i in table.instances() {
+        let address = i.address.to_string();
+        m.instance_up
+            .with_label_values(&[i.alias.as_str(), &address])
+            .set(i64::from(i.state.is_live(now)));
+        m.instance_inflight
+            .with_label_values(&[i.alias.as_str()])
+            .set(i.state.inflight() as i64);
     }
 }
 
@@ -85,13 +133,20 @@ fn aliases(gateway: &Gateway) -> Reply {
                     "inflight": i.state.inflight(),
                     "latency_ewma_us": i.state.latency_ewma_us(),
                     "reported_load": i.state.reported_load(),
+                    "epoch": i.epoch,
                 }),
             )
         })
         .collect();
+    let origin = gateway.table_origin();
     json(
         StatusCode::OK,
-        &json!({"version": table.version(), "instances": instances}),
+        &json!({
+            "version": table.version(),
+            "source": origin.label(),
+            "revision": origin.revision(),
+            "instances": instances,
+        }),
     )
 }
 
@@ -100,14 +155,23 @@ async fn put_aliases(gateway: &Gateway, req: Request<Incoming>) -> Reply {
         Ok(p) => p,
         Err(reply) => return reply,
     };
-    match gateway.put_aliases(&put.instances) {
-        Ok(table) => json(
+    match gateway.put_aliases(&put.instances).await {
+        Ok(out) => json(
             StatusCode::OK,
-            &json!({"version": table.version(), "size": table.len()}),
+            &json!({
+                "version": out.table.version(),
+                "size": out.table.len(),
+                "revision": out.revision,
+                "applied": out.applied,
+            }),
         ),
-        Err(e) => json(
+        Err(PutError::Table(e)) => json(
             StatusCode::BAD_REQUEST,
             &json!({"error": "invalid_alias_table", "field": e.field(), "detail": e.to_string()}),
+        ),
+        Err(PutError::Store(e)) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "store_unavailable", "detail": e.to_string()}),
         ),
     }
 }

@@ -11,30 +11,41 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio::time::{interval, MissedTickBehavior};
 
-use crate::config::ActiveHealthConfig;
-use crate::gateway::Gateway;
+use tokio::sync::watch;
+
 use crate::health::{InstanceState, Transition};
 use crate::metrics::metrics;
+use crate::model::ActiveHealthConfig;
 
-/// Runs the checks until the gateway is dropped; restarts them whenever the table or the
-/// health config changes.
-pub async fn supervise(gateway: Arc<Gateway>) {
-    let mut changes = gateway.subscribe();
+/// What the checks need from whoever owns the table: the settings, the instances to
+/// check, and a signal when either changes. The gateway implements it; health imports
+/// nothing above itself.
+pub trait CheckTargets: Send + Sync + 'static {
+    /// The current `[health.active]` settings.
+    fn active_config(&self) -> ActiveHealthConfig;
+    /// Every instance to check: address, alias, and its shared state.
+    fn targets(&self) -> Vec<(SocketAddr, String, Arc<InstanceState>)>;
+    /// A receiver that changes whenever the targets or the settings may have changed.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+}
+
+/// Runs the checks until the owner's change channel closes; restarts them whenever the
+/// table or the health config changes.
+pub async fn supervise(owner: Arc<impl CheckTargets>) {
+    let mut changes = owner.subscribe();
     let mut running: HashMap<SocketAddr, (String, JoinHandle<()>)> = HashMap::new();
     let mut last_cfg: Option<ActiveHealthConfig> = None;
     loop {
-        let settings = gateway.settings();
-        let cfg = settings.config.health.active.clone();
-        let table = gateway.table();
+        let cfg = owner.active_config();
+        let targets = owner.targets();
         if last_cfg.as_ref() != Some(&cfg) {
             for (_, (_, task)) in running.drain() {
                 task.abort();
             }
         }
-        let wanted: HashMap<SocketAddr, (&str, &Arc<InstanceState>)> = table
-            .instances()
+        let wanted: HashMap<SocketAddr, (&str, &Arc<InstanceState>)> = targets
             .iter()
-            .map(|i| (i.address, (i.alias.as_str(), &i.state)))
+            .map(|(addr, alias, state)| (*addr, (alias.as_str(), state)))
             .collect();
         running.retain(|addr, (alias, task)| {
             let keep = wanted.get(addr).is_some_and(|(a, _)| a == alias);
@@ -57,7 +68,7 @@ pub async fn supervise(gateway: Arc<Gateway>) {
             }
         }
         last_cfg = Some(cfg);
-        drop(table);
+        drop(wanted);
         if changes.changed().await.is_err() {
             break;
         }

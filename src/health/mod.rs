@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::R
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::aliases::Instance;
-use crate::config::PassiveHealthConfig;
+use crate::model::PassiveHealthConfig;
 
 /// Milliseconds on a process-wide monotonic clock (never 0 once running).
 pub fn now_ms() -> u64 {
@@ -25,8 +24,8 @@ pub fn now_ms() -> u64 {
 
 /// What routing asks of health. Implementations must be cheap and lock-free.
 pub trait HealthView {
-    /// Whether `instance` may be sent requests now.
-    fn is_live(&self, instance: &Instance) -> bool;
+    /// Whether the instance with this alias and shared state may be sent requests now.
+    fn is_live(&self, alias: &str, state: &InstanceState) -> bool;
 }
 
 /// The production view: reads each instance's atomics at one instant. The clock is read
@@ -44,10 +43,8 @@ impl LiveView {
 }
 
 impl HealthView for LiveView {
-    fn is_live(&self, instance: &Instance) -> bool {
-        instance
-            .state
-            .is_live_at(|| *self.now_ms.get_or_init(now_ms))
+    fn is_live(&self, _alias: &str, state: &InstanceState) -> bool {
+        state.is_live_at(|| *self.now_ms.get_or_init(now_ms))
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::{AgentCore, Decision, Params, Role, StepDown};
-use crate::aliases::Alias;
+use crate::model::Alias;
 use crate::store::{Entry, Heartbeat, HeartbeatOutcome, Primary};
 
 /// What `hagate agent` was told.

@@ -16,7 +16,7 @@ pub mod agent;
 
 use std::time::Duration;
 
-use crate::aliases::Alias;
+use crate::model::Alias;
 use crate::store::{Heartbeat, HeartbeatOutcome, Primary};
 
 /// Why `I` and `T` do not work together.
@@ -75,7 +75,7 @@ pub enum Role {
 /// Why an agent stops claiming and exits (to be restarted by its supervisor).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepDown {
-    /// Its local server failed its health URL.
+    /// Its local server failed its health URL while it held the alias.
     #[error("the local server failed its health check")]
     Unhealthy,
     /// `GetPrimary` named another instance while this one held the role.
@@ -173,11 +173,18 @@ impl AgentCore {
         healthy: bool,
         primary: Option<&Primary>,
     ) -> Decision {
-        if !healthy {
-            return Decision::StepDown(StepDown::Unhealthy);
-        }
         if primary.is_some() {
             self.last_answer = now_ms;
+        }
+        if !healthy {
+            // Only a holder steps down on failed health: it must stop attracting traffic.
+            // A standby (or a claimant) waits, without claiming, until its server is healthy,
+            // because a context server can take tens of seconds to start.
+            if self.role == Role::Holder {
+                return Decision::StepDown(StepDown::Unhealthy);
+            }
+            self.role = Role::Standby;
+            return Decision::Wait;
         }
         if let Some(why) = self.timed_out(now_ms) {
             return Decision::StepDown(why);

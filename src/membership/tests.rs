@@ -221,6 +221,7 @@ fn a_holder_steps_down_when_another_is_named_or_health_fails() {
         address: hb.address.clone(),
         timestamp_ms: 0,
         revision: 5,
+        epoch: 5,
     };
     a.on_heartbeat(
         0,
@@ -272,4 +273,29 @@ fn a_holder_steps_down_when_another_is_named_or_health_fails() {
         a.on_primary(I + (T - I), true, None),
         Decision::StepDown(StepDown::NoAnswer)
     );
+}
+
+#[test]
+fn a_standby_with_an_unhealthy_server_waits_without_claiming() {
+    let params = Params::new(Duration::from_millis(I), Duration::from_millis(T)).unwrap();
+    let alias = Alias::try_from("cs_1".to_string()).unwrap();
+    let mut a = AgentCore::new("a".into(), alias, "127.0.0.1:1".into(), params, 0);
+    let empty = Primary {
+        holder: None,
+        token: 0,
+    };
+    // A context server that takes a while to start: the standby neither claims nor exits.
+    for k in 0..20 {
+        assert_eq!(a.on_primary(k * I, false, Some(&empty)), Decision::Wait);
+        assert_eq!(a.role(), Role::Standby);
+    }
+    // Once its server is healthy, it claims the empty role.
+    assert!(matches!(
+        a.on_primary(20 * I, true, Some(&empty)),
+        Decision::Heartbeat(h) if h.last_seen == 0
+    ));
+    assert_eq!(a.role(), Role::Claiming);
+    // A claimant whose server fails goes back to waiting instead of holding a dead server.
+    assert_eq!(a.on_primary(21 * I, false, Some(&empty)), Decision::Wait);
+    assert_eq!(a.role(), Role::Standby);
 }

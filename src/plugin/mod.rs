@@ -63,6 +63,42 @@ pub fn read_checked(spec: &PluginConfig, field: &str) -> Result<Vec<u8>, ConfigE
     Ok(bytes)
 }
 
+/// One plugin of a set being loaded: kept from the previous set, or compiling.
+enum Step<'s> {
+    Reused(Loaded),
+    Loading(std::thread::ScopedJoinHandle<'s, Result<Loaded, ConfigError>>),
+}
+
+/// Loads one plugin on the calling thread (with a runtime of its own), counting and
+/// logging the outcome.
+fn load_fresh(spec: &PluginConfig, field: &str) -> Result<Loaded, ConfigError> {
+    let started = Instant::now();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ConfigError::Invalid {
+            field: field.to_string(),
+            message: format!("cannot start a runtime to load the plugin: {e}"),
+        })
+        .and_then(|rt| rt.block_on(load_one(spec, field)));
+    let label = if result.is_ok() { "ok" } else { "error" };
+    metrics()
+        .plugin_reloads
+        .with_label_values(&[&spec.name, label])
+        .inc();
+    let plugin = result?;
+    tracing::info!(
+        plugin = %spec.name,
+        path = %spec.path.display(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "placement plugin loaded"
+    );
+    Ok(Loaded {
+        spec: spec.clone(),
+        plugin: Arc::new(plugin),
+    })
+}
+
 /// The limits `spec` asks for.
 pub fn limits(spec: &PluginConfig) -> Limits {
     Limits::new(spec.deadline, spec.memory_limit)
@@ -86,68 +122,46 @@ impl PluginSet {
     /// Loads every plugin of `specs`, reusing those of `previous` whose settings are
     /// unchanged and whose file still matches. Any failure refuses the whole set.
     ///
-    /// Blocking: it runs the (async) loading on a thread of its own, so it can be called
-    /// from inside or outside a runtime. Loads are rare: at start and on reload.
+    /// Blocking, and never on the caller's runtime: each plugin that needs compiling gets
+    /// a thread of its own (with a small runtime for the async instantiation), so the
+    /// plugins compile in parallel and the set is complete when the slowest is ready. The
+    /// gateway calls it through `spawn_blocking`, so the control plane (admin API, health
+    /// checks, heartbeats) never waits on a compile.
     pub fn load(specs: &[PluginConfig], previous: Option<&PluginSet>) -> Result<Self, ConfigError> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| ConfigError::Invalid {
-                        field: "plugins".into(),
-                        message: format!("cannot start a runtime to load plugins: {e}"),
-                    })?;
-                rt.block_on(Self::load_async(specs, previous))
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(ConfigError::Invalid {
-                    field: "plugins".into(),
-                    message: "loading the plugins panicked".into(),
+        let outcomes: Vec<Result<Loaded, ConfigError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    let field = format!("plugins[{i}]");
+                    let reuse = previous
+                        .and_then(|p| p.plugins.iter().find(|l| l.spec == *spec))
+                        .filter(|_| read_checked(spec, &field).is_ok())
+                        .map(|old| Arc::clone(&old.plugin));
+                    match reuse {
+                        Some(plugin) => Step::Reused(Loaded {
+                            spec: spec.clone(),
+                            plugin,
+                        }),
+                        None => Step::Loading(s.spawn(move || load_fresh(spec, &field))),
+                    }
                 })
-            })
-        })
-    }
-
-    async fn load_async(
-        specs: &[PluginConfig],
-        previous: Option<&PluginSet>,
-    ) -> Result<Self, ConfigError> {
-        let mut plugins = Vec::with_capacity(specs.len());
-        for (i, spec) in specs.iter().enumerate() {
-            let field = format!("plugins[{i}]");
-            let reuse = previous
-                .and_then(|p| p.plugins.iter().find(|l| l.spec == *spec))
-                .filter(|_| read_checked(spec, &field).is_ok());
-            if let Some(old) = reuse {
-                plugins.push(Loaded {
-                    spec: spec.clone(),
-                    plugin: Arc::clone(&old.plugin),
-                });
-                continue;
-            }
-            let started = Instant::now();
-            let result = load_one(spec, &field).await;
-            let label = if result.is_ok() { "ok" } else { "error" };
-            metrics()
-                .plugin_reloads
-                .with_label_values(&[&spec.name, label])
-                .inc();
-            let plugin = result?;
-            tracing::info!(
-                plugin = %spec.name,
-                path = %spec.path.display(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "placement plugin loaded"
-            );
-            plugins.push(Loaded {
-                spec: spec.clone(),
-                plugin: Arc::new(plugin),
-            });
-        }
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Step::Reused(reused) => Ok(reused),
+                    Step::Loading(thread) => thread.join().unwrap_or_else(|_| {
+                        Err(ConfigError::Invalid {
+                            field: "plugins".into(),
+                            message: "loading a plugin panicked".into(),
+                        })
+                    }),
+                })
+                .collect()
+        });
         Ok(PluginSet {
-            plugins,
+            plugins: outcomes.into_iter().collect::<Result<_, _>>()?,
             native: LeastLoaded::default(),
         })
     }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use super::{
     Entry, Heartbeat, HeartbeatOutcome, Listed, MembershipStore, Primary, Revision, StoreError,
 };
-use crate::aliases::Alias;
+use crate::model::Alias;
 
 /// The store's clock, in milliseconds. Production uses the process's monotonic clock;
 /// tests drive a manual one.
@@ -91,12 +91,18 @@ impl EmbeddedStore {
             Some(e) if e.uuid != hb.uuid => Some(e.uuid.clone()),
             _ => None,
         };
+        // A renewal keeps the epoch of the claim; a claim (new entry or takeover) starts one.
+        let epoch = match current {
+            Some(e) if e.uuid == hb.uuid => e.epoch,
+            _ => state.next_revision,
+        };
         let entry = Entry {
             uuid: hb.uuid.clone(),
             alias: hb.alias.clone(),
             address: hb.address.clone(),
             timestamp_ms: now,
             revision: state.next_revision,
+            epoch,
         };
         state.next_revision += 1;
         state.entries.insert(hb.alias.clone(), entry.clone());
@@ -132,7 +138,7 @@ impl EmbeddedStore {
             .values()
             .map(|e| Listed {
                 entry: e.clone(),
-                age: Duration::from_millis(now.saturating_sub(e.timestamp_ms)),
+                age: Some(Duration::from_millis(now.saturating_sub(e.timestamp_ms))),
                 fresh: self.fresh(e, now),
             })
             .collect()
@@ -199,7 +205,12 @@ mod tests {
         let HeartbeatOutcome::Accepted { entry, took_over } = store.update(&hb("a", 0)) else {
             panic!()
         };
-        assert_eq!((entry.revision, took_over), (10, None));
+        assert_eq!((entry.revision, entry.epoch, took_over), (10, 10, None));
+        // a renewal moves the revision but keeps the epoch
+        let HeartbeatOutcome::Accepted { entry, .. } = store.update(&hb("a", 10)) else {
+            panic!()
+        };
+        assert_eq!((entry.revision, entry.epoch), (11, 10));
         // a concurrent claim with the same (old) token loses
         assert!(matches!(
             store.update(&hb("b", 0)),
@@ -208,7 +219,7 @@ mod tests {
         // b read the entry, but a is fresh: rejected
         clock.0.store(300, Ordering::SeqCst);
         assert!(matches!(
-            store.update(&hb("b", 10)),
+            store.update(&hb("b", 11)),
             HeartbeatOutcome::Rejected { .. }
         ));
         assert_eq!(store.primary("cs_1").holder.unwrap().uuid, "a");
@@ -218,19 +229,20 @@ mod tests {
             store.primary("cs_1"),
             Primary {
                 holder: None,
-                token: 10
+                token: 11
             }
         );
-        let HeartbeatOutcome::Accepted { entry, took_over } = store.update(&hb("b", 10)) else {
+        let HeartbeatOutcome::Accepted { entry, took_over } = store.update(&hb("b", 11)) else {
             panic!()
         };
         assert_eq!(
-            (entry.uuid.as_str(), took_over.as_deref()),
-            ("b", Some("a"))
+            (entry.uuid.as_str(), took_over.as_deref(), entry.epoch),
+            ("b", Some("a"), 12),
+            "a takeover starts a new, larger epoch"
         );
         // a comes back with its old token: stale
         assert!(matches!(
-            store.update(&hb("a", 10)),
+            store.update(&hb("a", 11)),
             HeartbeatOutcome::Stale { .. }
         ));
         assert_eq!(store.entries().len(), 1);

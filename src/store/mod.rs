@@ -2,26 +2,32 @@
 //! operations of the hpcpack HA algorithm, `UpdateHeartBeat` and `GetPrimary`.
 //!
 //! `MembershipStore` is the seam. `embedded::EmbeddedStore` (the default) keeps entries in
-//! the gateway's memory. An etcd store maps onto the same trait directly:
+//! the gateway's memory. `etcd::EtcdStore` maps the same trait onto etcd v3, so that
+//! several gateways share one truth:
 //!
 //! | here | etcd v3 |
 //! |---|---|
-//! | one entry per alias | key `/hagate/membership/<alias>`, value `{uuid, address}` |
-//! | `Revision` token | the key's `mod_revision` (0: no key) |
-//! | `update_heartbeat` CAS on `last_seen` | `txn(compare mod_revision == last_seen).then(put key with a lease of T)` |
+//! | one entry per alias | key `<prefix>/alias/<alias>`, value `{uuid, address}`, on the holder's lease (TTL = T) |
+//! | `Revision` token, and the epoch | the key's `create_revision` (0: no key) |
+//! | a claim | `txn(If create_revision == 0, Then put key with the lease)` |
+//! | a renewal | `txn(If create_revision == last_seen and value == ours)`, then a lease keep-alive (no put) |
 //! | "fresh" (`now − ts ≤ T`) | the key exists (its lease has not expired) |
-//! | the store's clock | etcd's lease clock |
+//! | the store's clock | the etcd leader's lease clock |
 //!
-//! Time is always the store's clock, never the caller's. No pingora and no HTTP here.
+//! `state` is the pure part of the etcd store: what a watch event or a full read means for
+//! the applied state, tested without etcd. Time is always the store's clock, never the
+//! caller's. No pingora and no HTTP here.
 
 pub mod embedded;
+pub mod etcd;
+pub mod state;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::aliases::Alias;
+use crate::model::Alias;
 
 /// A compare-and-set token: the revision of the entry the caller last saw, or 0 for
 /// "there was no entry". Revisions only grow, and never repeat across restarts.
@@ -40,6 +46,10 @@ pub struct Entry {
     pub timestamp_ms: u64,
     /// The entry's revision: the token for the next compare-and-set.
     pub revision: Revision,
+    /// The fencing token of this holding: set when the holder claimed the alias, kept by
+    /// its renewals, and larger for every later claim. Forwarded as `x-hagate-epoch`.
+    #[serde(default)]
+    pub epoch: Revision,
 }
 
 /// A heartbeat: `UpdateHeartBeat(uuid, alias, address, last_seen)`.
@@ -103,8 +113,9 @@ pub struct Primary {
 pub struct Listed {
     /// The entry.
     pub entry: Entry,
-    /// `now − timestamp` on the store's clock.
-    pub age: Duration,
+    /// `now − timestamp` on the store's clock, where the store knows it (etcd renews by
+    /// lease keep-alive, which leaves no timestamp: `None`).
+    pub age: Option<Duration>,
     /// Whether the age is at most T.
     pub fresh: bool,
 }
