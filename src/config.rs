@@ -747,4 +747,47 @@ mod tests {
         ))
         .starts_with("plugins[0].sha256:"));
     }
+
+    #[test]
+    fn etcd_store_is_validated_and_the_timeout_must_be_a_lease_ttl() {
+        let etcd = |extra: &str| {
+            format!("[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n{extra}\n")
+        };
+        // on etcd the table lives in etcd: [instances] may be empty
+        let c = Config::parse(&etcd("prefix = \"/hagate/prod\"")).unwrap();
+        assert_eq!(c.store.kind, StoreKind::Etcd);
+        assert!(err("[store]\nkind = \"etcd\"\n").starts_with("store.endpoints:"));
+        assert!(
+            err("[store]\nkind = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]\n")
+                .starts_with("store.endpoints[0]:")
+        );
+        for bad in ["hagate", "/hagate/", "/", "/a//b", "/a b"] {
+            assert!(
+                err(&etcd(&format!("prefix = {bad:?}"))).starts_with("store.prefix:"),
+                "{bad:?}"
+            );
+        }
+        assert!(err(&etcd("username = \"u\"")).starts_with("store.password:"));
+        // etcd counts lease TTLs in whole seconds, and not under about 2s
+        let member = |t: &str| {
+            err(&format!(
+                "{}[membership]\nenabled = true\ntoken = \"t\"\ninterval = \"200ms\"\ntimeout = \"{t}\"\n",
+                etcd("")
+            ))
+        };
+        for t in ["700ms", "2500ms", "1s"] {
+            let e = member(t);
+            assert!(
+                e.starts_with("membership.timeout:") && e.contains("whole number of seconds"),
+                "{t}: {e}"
+            );
+        }
+        assert!(Config::parse(&format!(
+            "{}[membership]\nenabled = true\ntoken = \"t\"\ninterval = \"500ms\"\ntimeout = \"2s\"\n",
+            etcd("")
+        ))
+        .is_ok());
+        // the embedded store still needs instances
+        assert!(err("[store]\nkind = \"embedded\"\n").starts_with("instances:"));
+    }
 }

@@ -130,6 +130,7 @@ impl DemoServer {
             "path": req.uri().path(),
             "role": header("x-hagate-role"),
             "context_id": header("x-hagate-context-id"),
+            "epoch": header("x-hagate-epoch"),
             "main_alias": main,
             "backup_alias": backup,
             "haid": minted,

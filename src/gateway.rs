@@ -220,6 +220,11 @@ pub fn merge(
     merged
 }
 
+/// Whether `specs` builds a table on its own (without holders merged in).
+fn validate_table(specs: &BTreeMap<String, InstanceSpec>) -> Result<(), TableError> {
+    AliasTable::build(specs, 0, &StateRegistry::default()).map(|_| ())
+}
+
 fn etcd_settings(store: &StoreConfig) -> EtcdSettings {
     EtcdSettings {
         endpoints: store.endpoints.clone(),
@@ -438,7 +443,10 @@ impl Gateway {
         let settings = self.settings();
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = &state.table {
-            match self.publish_locked(&mut published, &settings.config, &t.instances, false) {
+            let checked = validate_table(&t.instances).and_then(|()| {
+                self.publish_locked(&mut published, &settings.config, &t.instances, false)
+            });
+            match checked {
                 Ok(swapped) => {
                     *self.lock_statics() = t.instances.clone();
                     *self.origin.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -594,6 +602,8 @@ impl Gateway {
         if specs.is_empty() {
             return Err(TableError::Empty.into());
         }
+        // The table on its own: a live holder must not hide a bad static address.
+        validate_table(specs)?;
         let settings = self.settings();
         if let Some(etcd) = &self.etcd {
             // Validate exactly as publishing would, before anything reaches etcd.

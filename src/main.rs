@@ -53,9 +53,11 @@ enum Cmd {
         /// Where the local context server serves (`ip:port`), what the gateway routes to.
         #[arg(long)]
         address: String,
-        /// The gateway's admin URL.
-        #[arg(long, default_value = "http://127.0.0.1:9090")]
-        gateway: String,
+        /// The admin URL of a gateway. Several gateways (all on one etcd) can be given,
+        /// comma-separated or by repeating the flag; the agent moves on to the next when
+        /// one fails.
+        #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:9090")]
+        gateway: Vec<String>,
         /// The gateway's `membership.token` (or set HAGATE_TOKEN).
         #[arg(long, env = "HAGATE_TOKEN", hide_env_values = true)]
         token: String,
@@ -162,6 +164,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match dispatch(Cli::parse().command) {
         Ok(code) => code,
@@ -214,7 +217,11 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                         .with_context(|| format!("--address {address:?}"))?;
                     address
                 },
-                gateway,
+                gateways: gateway
+                    .into_iter()
+                    .map(|g| g.trim().to_string())
+                    .filter(|g| !g.is_empty())
+                    .collect(),
                 token,
                 health_url,
                 params: Params::new(interval, timeout).context("-I/-T")?,

@@ -54,6 +54,11 @@ fn check_names_the_bad_field_and_fails() {
             "[routing]\nhaid_path = [\"/\"]\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n",
             "unknown field `haid_path`",
         ),
+        (
+            "[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n\
+             [membership]\nenabled = true\ntoken = \"t\"\ninterval = \"200ms\"\ntimeout = \"700ms\"\n",
+            "membership.timeout: 700ms cannot be an etcd lease TTL",
+        ),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();

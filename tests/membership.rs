@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -31,69 +30,9 @@ async fn membership_gateway(ups: &[(&str, &Upstream)]) -> Gateway {
     .await
 }
 
-/// A `hagate agent` process, killed on drop.
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    fn start(gw: &Gateway, alias: &str, server: &Upstream) -> Agent {
-        let child = Command::new(BIN)
-            .args(["agent", "--alias", alias, "--address"])
-            .arg(server.addr.to_string())
-            .arg("--gateway")
-            .arg(format!("http://{}", gw.admin))
-            .args(["--token", TOKEN, "--health-url"])
-            .arg(format!("http://{}/health", server.addr))
-            .args([
-                "-I",
-                &format!("{}ms", I.as_millis()),
-                "-T",
-                &format!("{}ms", T.as_millis()),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn hagate agent");
-        Agent { child }
-    }
-
-    /// Waits for the agent to exit on its own; its exit code.
-    async fn exit_code(&mut self, within: Duration) -> i32 {
-        let child = &mut self.child;
-        eventually("the agent to exit", within, || {
-            let status = child.try_wait().unwrap();
-            async move { status.map(|s| s.code().unwrap_or(-1)) }
-        })
-        .await
-    }
-
-    /// `kill -9`.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The holder of `alias` as `GET /v1/membership/primary/{alias}` reports it.
-async fn holder(gw: &Gateway, alias: &str) -> Value {
-    json_of(client().get(gw.admin_url(&format!("/v1/membership/primary/{alias}")))).await["holder"]
-        .clone()
-}
-
-async fn wait_holder_at(gw: &Gateway, alias: &str, server: &Upstream) -> String {
-    let what = format!("{alias} to be held at {}", server.addr);
-    eventually(&what, Duration::from_secs(15), || async {
-        let h = holder(gw, alias).await;
-        (h["address"] == server.addr.to_string()).then(|| h["uuid"].as_str().unwrap().to_string())
-    })
-    .await
+/// An agent for `server` on `gw` with this file's I, T and token.
+fn agent(gw: &Gateway, alias: &str, server: &Upstream) -> Agent {
+    Agent::spawn(&[gw], alias, server, I, T, TOKEN)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,9 +147,9 @@ async fn a_standby_agent_takes_over_a_killed_holder_within_t_plus_i() {
     let b = Upstream::start("B");
     let backup = Upstream::start("C");
     let gw = membership_gateway(&[("cs_1", &a), ("cs_2", &backup)]).await;
-    let mut agent_a = Agent::start(&gw, "cs_1", &a);
-    let first = wait_holder_at(&gw, "cs_1", &a).await;
-    let _agent_b = Agent::start(&gw, "cs_1", &b);
+    let mut agent_a = agent(&gw, "cs_1", &a);
+    let first = wait_primary_at(&gw, "cs_1", &a).await;
+    let _agent_b = agent(&gw, "cs_1", &b);
     let haid = hagate::haid::encode("cs_1", &["cs_2"], "1024").unwrap();
     gw.wait_served_by(&haid, "A").await;
 
@@ -236,8 +175,8 @@ async fn a_standby_agent_takes_over_a_killed_holder_within_t_plus_i() {
     )
     .await;
     let (ok, errors) = load.finish().await;
-    let second = holder(&gw, "cs_1").await;
-    assert_ne!(second["uuid"].as_str(), Some(first.as_str()));
+    let second = primary_holder(&gw, "cs_1").await;
+    assert_ne!(second["uuid"], first["uuid"]);
     assert_eq!(second["address"], b.addr.to_string());
     eprintln!(
         "takeover: the old HAID reached the standby {took:?} after kill -9 (T + I = {:?}); {ok} requests meanwhile, {} errors",
@@ -259,14 +198,14 @@ async fn an_agent_steps_down_when_its_server_fails_or_the_gateway_goes_quiet() {
     let a = Upstream::start("A");
     let b = Upstream::start("B");
     let gw = membership_gateway(&[("cs_1", &a)]).await;
-    let mut holder_a = Agent::start(&gw, "cs_1", &a);
-    wait_holder_at(&gw, "cs_1", &a).await;
-    let mut standby = Agent::start(&gw, "cs_1", &b);
+    let mut holder_a = agent(&gw, "cs_1", &a);
+    wait_primary_at(&gw, "cs_1", &a).await;
+    let mut standby = agent(&gw, "cs_1", &b);
     // the local server fails its health URL: the holder exits non-zero (3)
     a.set_health(false).await;
     assert_eq!(holder_a.exit_code(Duration::from_secs(5)).await, 3);
     // and the standby takes the alias over once the heartbeat is older than T
-    wait_holder_at(&gw, "cs_1", &b).await;
+    wait_primary_at(&gw, "cs_1", &b).await;
     // the gateway goes away: no answer for T - I, so the new holder steps down too
     drop(gw);
     assert_eq!(standby.exit_code(Duration::from_secs(5)).await, 3);
@@ -275,96 +214,22 @@ async fn an_agent_steps_down_when_its_server_fails_or_the_gateway_goes_quiet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_random_kill_and_restart_costs_no_errors_while_a_holder_lives() {
     let aliases = ["cs_1", "cs_2", "cs_3"];
-    let mut servers: Vec<Upstream> = aliases.iter().map(|a| Upstream::start(a)).collect();
+    let servers: Vec<Upstream> = aliases.iter().map(|a| Upstream::start(a)).collect();
     let gw = membership_gateway(&[
         ("cs_1", &servers[0]),
         ("cs_2", &servers[1]),
         ("cs_3", &servers[2]),
     ])
     .await;
-    let mut agents: Vec<Agent> = (0..3)
-        .map(|n| Agent::start(&gw, aliases[n], &servers[n]))
-        .collect();
-    for n in 0..3 {
-        wait_holder_at(&gw, aliases[n], &servers[n]).await;
-    }
-    // every (main, backup) pair: at most one server is down at a time, so each context
-    // always has a live holder for its main or its backup
-    let mut haids = Vec::new();
-    for m in aliases {
-        for b in aliases {
-            if m != b {
-                haids.push(hagate::haid::encode(m, &[b], "77").unwrap());
-            }
-        }
-    }
-    let url = gw.url("/api/rest_j/v1/contextservice/getContextValue");
-    let load = {
-        let haids = haids.clone();
-        Load::start(4, move |c, w, i| {
-            c.get(&url)
-                .header("contextID", &haids[(w + i) % haids.len()])
-        })
-    };
-    let mut rng = fastrand::Rng::new();
-    let started = Instant::now();
-    let mut kills = 0;
-    // The schedule is driven by what happens, not by sleeping: a server stays dead until
-    // the gateway has seen it go down and a random amount of traffic has been served
-    // without it, and stays up for another random amount once it is live again.
-    // waits until the gateway reports server n as up (1) or down (0)
-    let seen = |n: usize, want: f64| {
-        let gw = &gw;
-        eventually(
-            "the gateway to see the server's state",
-            Duration::from_secs(10),
-            move || async move {
-                let up = gw
-                    .metric("hagate_instance_up", &[("alias", aliases[n])])
-                    .await;
-                (up == want).then_some(())
-            },
-        )
-    };
-    let served = |more: u64| {
-        let target = load.ok() + more;
-        let load = &load;
-        eventually(
-            "traffic to be served",
-            Duration::from_secs(20),
-            move || async move { (load.ok() >= target).then_some(()) },
-        )
-    };
-    while started.elapsed() < Duration::from_secs(12) {
-        let n = rng.usize(0..3);
-        agents[n].kill();
-        servers[n].kill();
-        kills += 1;
-        seen(n, 0.0).await;
-        served(rng.u64(300..1500)).await;
-        servers[n].restart();
-        agents[n] = Agent::start(&gw, aliases[n], &servers[n]);
-        // the restarted server's new agent holds the alias again before the next kill
-        wait_holder_at(&gw, aliases[n], &servers[n]).await;
-        seen(n, 1.0).await;
-        served(rng.u64(200..800)).await;
-    }
-    let (ok, errors) = load.finish().await;
-    let takeovers: f64 = {
-        let mut t = 0.0;
-        for a in aliases {
-            t += gw
-                .metric("hagate_membership_takeovers_total", &[("alias", a)])
-                .await;
-        }
-        t
-    };
-    eprintln!(
-        "chaos: {kills} kill -9 + restart cycles, {ok} requests, {} errors, {takeovers} takeovers",
-        errors.len()
-    );
-    assert!(kills >= 4 && ok > 100, "{kills} kills, {ok} requests");
-    assert!(errors.is_empty(), "{errors:?}");
+    let report = chaos(
+        &[&gw],
+        servers,
+        &aliases,
+        (I, T, TOKEN),
+        Duration::from_secs(12),
+    )
+    .await;
+    assert!(report.kills >= 4, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

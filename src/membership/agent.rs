@@ -3,7 +3,12 @@
 //! the server's health URL, asks `GetPrimary`, and sends the heartbeat the core decides on.
 //! It returns only when the core steps down; the caller exits non-zero so that a
 //! supervisor restarts it (with a fresh uuid) as a standby.
+//!
+//! Several gateways (sharing one etcd) can be given. The agent talks to one at a time and
+//! moves on to the next when a request to it fails (no answer, or a 5xx), so the loss of
+//! one gateway costs at most one request's timeout.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -19,8 +24,8 @@ pub struct AgentOptions {
     pub alias: Alias,
     /// Where the local context server serves, `ip:port` (what the gateway will route to).
     pub address: String,
-    /// The gateway's admin URL, e.g. `http://127.0.0.1:9090`.
-    pub gateway: String,
+    /// The gateways' admin URLs, e.g. `http://127.0.0.1:9090`, tried in turn.
+    pub gateways: Vec<String>,
     /// The `membership.token`.
     pub token: String,
     /// The local server's health URL; a non-2xx answer or none is a failure.
@@ -61,6 +66,8 @@ struct Shell {
     http: reqwest::Client,
     opts: AgentOptions,
     started: Instant,
+    /// The gateway in use: an index into `opts.gateways`.
+    current: AtomicUsize,
 }
 
 impl Shell {
@@ -76,13 +83,39 @@ impl Shell {
             .is_ok_and(|r| r.status().is_success())
     }
 
+    /// Sends the request `build` makes for a gateway's base URL to the gateway in use;
+    /// when it gets no answer or a 5xx, moves on to the next gateway and tries that one,
+    /// each gateway at most once.
+    async fn send(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Option<reqwest::Response> {
+        let n = self.opts.gateways.len();
+        for _ in 0..n {
+            let i = self.current.load(Ordering::Relaxed) % n;
+            let base = self.opts.gateways[i].trim_end_matches('/');
+            let failure = match build(base).send().await {
+                Ok(r) if !r.status().is_server_error() => return Some(r),
+                Ok(r) => format!("answered {}", r.status()),
+                Err(e) => e.to_string(),
+            };
+            let next = (i + 1) % n;
+            self.current.store(next, Ordering::Relaxed);
+            if n > 1 {
+                tracing::warn!(gateway = base, %failure, next = %self.opts.gateways[next], "gateway failed; moving on to the next");
+            }
+        }
+        None
+    }
+
     async fn primary(&self) -> Option<Primary> {
-        let url = format!(
-            "{}/v1/membership/primary/{}",
-            self.opts.gateway.trim_end_matches('/'),
-            self.opts.alias
-        );
-        let r = self.http.get(url).send().await.ok()?;
+        let alias = &self.opts.alias;
+        let r = self
+            .send(|base| {
+                self.http
+                    .get(format!("{base}/v1/membership/primary/{alias}"))
+            })
+            .await?;
         if !r.status().is_success() {
             return None;
         }
@@ -94,16 +127,13 @@ impl Shell {
     }
 
     async fn heartbeat(&self, hb: &Heartbeat) -> Result<Option<HeartbeatOutcome>, AgentError> {
-        let url = format!(
-            "{}/v1/membership/heartbeat",
-            self.opts.gateway.trim_end_matches('/')
-        );
-        let Ok(r) = self
-            .http
-            .post(url)
-            .bearer_auth(&self.opts.token)
-            .json(hb)
-            .send()
+        let Some(r) = self
+            .send(|base| {
+                self.http
+                    .post(format!("{base}/v1/membership/heartbeat"))
+                    .bearer_auth(&self.opts.token)
+                    .json(hb)
+            })
             .await
         else {
             return Ok(None);
@@ -138,10 +168,14 @@ pub async fn run(opts: AgentOptions, uuid: String) -> AgentError {
         Ok(c) => c,
         Err(e) => return AgentError::Client(e.to_string()),
     };
+    if opts.gateways.is_empty() {
+        return AgentError::Client("no gateway URL was given (--gateway)".into());
+    }
     let shell = Shell {
         http,
         opts: opts.clone(),
         started: Instant::now(),
+        current: AtomicUsize::new(0),
     };
     let mut core = AgentCore::new(
         uuid,

@@ -178,9 +178,12 @@ impl AgentCore {
         }
         if !healthy {
             // Only a holder steps down on failed health: it must stop attracting traffic.
-            // A standby (or a claimant) waits, without claiming, until its server is healthy,
-            // because a context server can take tens of seconds to start.
-            if self.role == Role::Holder {
+            // A claimant whose claim was accepted holds the entry, so it counts as one. A
+            // standby (or a claimant not yet accepted) waits, without claiming, until its
+            // server is healthy: a context server can take tens of seconds to start.
+            if self.role == Role::Holder
+                || (self.role == Role::Claiming && self.last_accepted.is_some())
+            {
                 return Decision::StepDown(StepDown::Unhealthy);
             }
             self.role = Role::Standby;

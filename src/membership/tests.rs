@@ -295,7 +295,32 @@ fn a_standby_with_an_unhealthy_server_waits_without_claiming() {
         Decision::Heartbeat(h) if h.last_seen == 0
     ));
     assert_eq!(a.role(), Role::Claiming);
-    // A claimant whose server fails goes back to waiting instead of holding a dead server.
+    // A claimant whose claim is not accepted yet and whose server fails goes back to waiting.
     assert_eq!(a.on_primary(21 * I, false, Some(&empty)), Decision::Wait);
     assert_eq!(a.role(), Role::Standby);
+    // One whose claim was accepted holds the entry: it steps down like a holder.
+    let Decision::Heartbeat(hb) = a.on_primary(22 * I, true, Some(&empty)) else {
+        panic!()
+    };
+    let entry = crate::store::Entry {
+        uuid: "a".into(),
+        alias: hb.alias.clone(),
+        address: hb.address.clone(),
+        timestamp_ms: 0,
+        revision: 9,
+        epoch: 9,
+    };
+    a.on_heartbeat(
+        22 * I,
+        22 * I,
+        Some(&HeartbeatOutcome::Accepted {
+            entry,
+            took_over: None,
+        }),
+    );
+    assert_eq!(a.role(), Role::Claiming);
+    assert_eq!(
+        a.on_primary(23 * I, false, Some(&empty)),
+        Decision::StepDown(StepDown::Unhealthy)
+    );
 }

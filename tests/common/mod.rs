@@ -2,6 +2,8 @@
 //! 127.0.0.1, killed by RAII guards; polling with deadlines instead of sleeps.
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -471,5 +473,232 @@ impl Load {
             errors.extend(l.await.unwrap());
         }
         (self.ok.load(Ordering::Relaxed), errors)
+    }
+}
+
+/// A `hagate agent` process, killed on drop; its log is printed if the test fails.
+pub struct Agent {
+    pub child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl Agent {
+    /// An agent holding (or standing by for) `alias` for `server`, heartbeating to the
+    /// first of `gateways` and moving on to the others when it fails.
+    pub fn spawn(
+        gateways: &[&Gateway],
+        alias: &str,
+        server: &Upstream,
+        interval: Duration,
+        timeout: Duration,
+        token: &str,
+    ) -> Agent {
+        let urls: Vec<String> = gateways
+            .iter()
+            .map(|g| format!("http://{}", g.admin))
+            .collect();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(BIN)
+            .args(["agent", "--alias", alias, "--address"])
+            .arg(server.addr.to_string())
+            .arg("--gateway")
+            .arg(urls.join(","))
+            .args(["--token", token, "--health-url"])
+            .arg(format!("http://{}/health", server.addr))
+            .args([
+                "-I",
+                &format!("{}ms", interval.as_millis()),
+                "-T",
+                &format!("{}ms", timeout.as_millis()),
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("spawn hagate agent");
+        Agent { child, log }
+    }
+
+    /// What the agent logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Waits for the agent to exit on its own; its exit code.
+    pub async fn exit_code(&mut self, within: Duration) -> i32 {
+        let child = &mut self.child;
+        eventually("the agent to exit", within, || {
+            let status = child.try_wait().unwrap();
+            async move { status.map(|s| s.code().unwrap_or(-1)) }
+        })
+        .await
+    }
+
+    /// Whether the agent process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Sends `sig` (e.g. `STOP`, `CONT`, `KILL`) to `pid` with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// What a chaos run saw.
+#[derive(Debug)]
+pub struct ChaosReport {
+    pub kills: u32,
+    pub ok: u64,
+    pub takeovers: f64,
+}
+
+/// The holder of `alias` as `GET /v1/membership/primary/{alias}` on `gw` reports it.
+pub async fn primary_holder(gw: &Gateway, alias: &str) -> Value {
+    json_of(client().get(gw.admin_url(&format!("/v1/membership/primary/{alias}")))).await["holder"]
+        .clone()
+}
+
+/// Waits until `gw` names `server` as the holder of `alias`; the holder entry.
+pub async fn wait_primary_at(gw: &Gateway, alias: &str, server: &Upstream) -> Value {
+    let what = format!("{alias} to be held at {}", server.addr);
+    eventually(&what, Duration::from_secs(20), || async {
+        let h = primary_holder(gw, alias).await;
+        (h["address"] == server.addr.to_string()).then_some(h)
+    })
+    .await
+}
+
+/// The chaos run: one agent per alias (heartbeating to every gateway in turn), load over
+/// every HAID pair through every gateway, and `kill -9` of a random server and its agent,
+/// restarted once the gateways saw it down and some traffic went by without it. Asserts
+/// that no request failed and that traffic flowed; the report says how much happened.
+pub async fn chaos(
+    gws: &[&Gateway],
+    mut servers: Vec<Upstream>,
+    aliases: &[&'static str],
+    (interval, timeout, token): (Duration, Duration, &str),
+    run_for: Duration,
+) -> ChaosReport {
+    let n = aliases.len();
+    let spawn = |i: usize, server: &Upstream| {
+        Agent::spawn(gws, aliases[i], server, interval, timeout, token)
+    };
+    let mut agents: Vec<Agent> = (0..n).map(|i| spawn(i, &servers[i])).collect();
+    for i in 0..n {
+        wait_primary_at(gws[0], aliases[i], &servers[i]).await;
+    }
+    // every (main, backup) pair: at most one server is down at a time, so each context
+    // always has a live holder for its main or its backup
+    let mut haids = Vec::new();
+    for m in aliases {
+        for b in aliases {
+            if m != b {
+                haids.push(hagate::haid::encode(m, &[b], "77").unwrap());
+            }
+        }
+    }
+    let urls: Vec<String> = gws
+        .iter()
+        .map(|g| g.url("/api/rest_j/v1/contextservice/getContextValue"))
+        .collect();
+    let load = {
+        let haids = haids.clone();
+        Load::start(4, move |c, w, i| {
+            c.get(&urls[(w + i) % urls.len()])
+                .header("contextID", &haids[(w + i) % haids.len()])
+        })
+    };
+    let mut rng = fastrand::Rng::new();
+    let started = Instant::now();
+    let mut kills = 0;
+    // The schedule is driven by what happens, not by sleeping: a server stays dead until
+    // every gateway has seen it go down and a random amount of traffic has been served
+    // without it, and stays up for another random amount once it is live again.
+    let seen = |i: usize, want: f64| async move {
+        for gw in gws {
+            eventually(
+                "the gateway to see the server's state",
+                Duration::from_secs(10),
+                || async move {
+                    let up = gw
+                        .metric("hagate_instance_up", &[("alias", aliases[i])])
+                        .await;
+                    (up == want).then_some(())
+                },
+            )
+            .await;
+        }
+    };
+    let served = |more: u64| {
+        let target = load.ok() + more;
+        let load = &load;
+        eventually(
+            "traffic to be served",
+            Duration::from_secs(20),
+            move || async move { (load.ok() >= target).then_some(()) },
+        )
+    };
+    while started.elapsed() < run_for {
+        let i = rng.usize(0..n);
+        agents[i].kill();
+        servers[i].kill();
+        kills += 1;
+        seen(i, 0.0).await;
+        served(rng.u64(300..1500)).await;
+        servers[i].restart();
+        agents[i] = spawn(i, &servers[i]);
+        // the restarted server's new agent holds the alias again before the next kill
+        for gw in gws {
+            wait_primary_at(gw, aliases[i], &servers[i]).await;
+        }
+        seen(i, 1.0).await;
+        served(rng.u64(200..800)).await;
+    }
+    let (ok, errors) = load.finish().await;
+    let mut takeovers = 0.0;
+    for gw in gws {
+        for a in aliases {
+            takeovers += gw
+                .metric("hagate_membership_takeovers_total", &[("alias", a)])
+                .await;
+        }
+    }
+    eprintln!(
+        "chaos on {} gateway(s): {kills} kill -9 + restart cycles, {ok} requests, {} errors, {takeovers} takeovers",
+        gws.len(),
+        errors.len()
+    );
+    assert!(ok > 100, "{ok} requests");
+    assert!(errors.is_empty(), "{errors:?}");
+    ChaosReport {
+        kills,
+        ok,
+        takeovers,
     }
 }

@@ -1,0 +1,659 @@
+//! Several gateways on one real etcd (`/usr/bin/etcd`, started by each test on free
+//! loopback ports with a temporary data dir, and a prefix of its own): shared membership
+//! and alias table, takeovers seen by every gateway, etcd killed, compacted, partitioned
+//! and clustered, and restarts from the snapshot.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::etcd::{store_toml, store_toml_at, Cut, Etcd};
+use common::*;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "s3cret";
+/// etcd counts lease TTLs in whole seconds and raises any under 2s: T = 2s, I < T/2.
+const I: Duration = Duration::from_millis(500);
+const T: Duration = Duration::from_secs(2);
+/// What the tests allow on top of a protocol bound for a loaded machine.
+const SLACK: Duration = Duration::from_secs(1);
+
+fn membership_toml() -> String {
+    format!(
+        "[membership]\nenabled = true\ninterval = \"{}ms\"\ntimeout = \"{}s\"\ntoken = \"{TOKEN}\"\n",
+        I.as_millis(),
+        T.as_secs()
+    )
+}
+
+fn prefix(test: &str) -> String {
+    format!("/hagate-test/{test}")
+}
+
+/// A gateway on `etcd` under `prefix`, with membership on and these instances as the seed.
+async fn etcd_gateway(store: &str, ups: &[(&str, &Upstream)]) -> Gateway {
+    Gateway::start(&format!(
+        "{store}{}{FAST_HEALTH}{}",
+        membership_toml(),
+        instances(ups)
+    ))
+    .await
+}
+
+async fn ready(gw: &Gateway) -> bool {
+    client()
+        .get(gw.admin_url("/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+}
+
+async fn wait_ready(gw: &Gateway, want: bool) {
+    let what = format!(
+        "/readyz on {} to be {}",
+        gw.admin,
+        if want { 200 } else { 503 }
+    );
+    eventually(&what, Duration::from_secs(20), || async move {
+        (ready(gw).await == want).then_some(())
+    })
+    .await
+}
+
+fn agent(gws: &[&Gateway], alias: &str, server: &Upstream) -> Agent {
+    Agent::spawn(gws, alias, server, I, T, TOKEN)
+}
+
+/// Polls until `gw` routes `haid` to `server`; how long that took from `since`.
+async fn routed_within(gw: &Gateway, haid: &str, server: &str, since: Instant) -> Duration {
+    let c = client();
+    let what = format!("{haid} to be served by {server} on {}", gw.proxy);
+    eventually(&what, Duration::from_secs(20), || {
+        let c = &c;
+        async move { (get_haid(c, gw, haid).await.1["server"] == server).then(|| since.elapsed()) }
+    })
+    .await
+}
+
+async fn put_aliases(gw: &Gateway, instances: Value) -> Value {
+    let r = client()
+        .put(gw.admin_url("/v1/aliases"))
+        .json(&json!({ "instances": instances }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "PUT /v1/aliases");
+    r.json().await.unwrap()
+}
+
+async fn aliases(gw: &Gateway) -> Value {
+    json_of(client().get(gw.admin_url("/v1/aliases"))).await
+}
+
+/// The uuid of every holder `alias` had, in etcd's history from revision 1, checking that
+/// no holding began while another was live and that epochs strictly increase.
+async fn holder_history(etcd: &Etcd, prefix: &str, alias: &str) -> Vec<String> {
+    let key = format!("{prefix}/alias/{alias}");
+    let mut c = etcd.client().await;
+    let until = etcd.revision().await;
+    let mut stream = c
+        .watch(
+            key.as_str(),
+            Some(etcd_client::WatchOptions::new().with_start_revision(1)),
+        )
+        .await
+        .unwrap();
+    let mut holders = Vec::new();
+    let mut live: Option<(String, i64)> = None;
+    let mut last_epoch = 0;
+    loop {
+        let Ok(Ok(Some(resp))) =
+            tokio::time::timeout(Duration::from_secs(5), stream.message()).await
+        else {
+            break;
+        };
+        if resp.created() {
+            continue;
+        }
+        let mut done = false;
+        for e in resp.events() {
+            let kv = e.kv().unwrap();
+            done |= kv.mod_revision() >= until;
+            match e.event_type() {
+                etcd_client::EventType::Put => {
+                    let v: Value = serde_json::from_slice(kv.value()).unwrap();
+                    let uuid = v["uuid"].as_str().unwrap().to_string();
+                    if let Some((current, epoch)) = &live {
+                        assert_eq!(
+                            (current, *epoch),
+                            (&uuid, kv.create_revision()),
+                            "a second holding began while {current} held {alias}"
+                        );
+                        continue;
+                    }
+                    assert!(
+                        kv.create_revision() > last_epoch,
+                        "epochs must strictly increase: {} after {last_epoch}",
+                        kv.create_revision()
+                    );
+                    last_epoch = kv.create_revision();
+                    live = Some((uuid.clone(), kv.create_revision()));
+                    holders.push(uuid);
+                }
+                etcd_client::EventType::Delete => live = None,
+            }
+        }
+        if done || resp.header().is_some_and(|h| h.revision() >= until) && resp.events().is_empty()
+        {
+            break;
+        }
+    }
+    holders
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_holders_and_the_alias_table_within_a_second() {
+    let etcd = Etcd::start().await;
+    let (a, b, c, d) = (
+        Upstream::start("A"),
+        Upstream::start("B"),
+        Upstream::start("C"),
+        Upstream::start("D"),
+    );
+    let store = store_toml(&etcd, &prefix("share"), None);
+    let gw1 = etcd_gateway(&store, &[("cs_1", &a), ("cs_2", &b)]).await;
+    let gw2 = etcd_gateway(&store, &[("cs_1", &a), ("cs_2", &b)]).await;
+    wait_ready(&gw1, true).await;
+    wait_ready(&gw2, true).await;
+    // the first gateway seeded the table; both say where it came from
+    for gw in [&gw1, &gw2] {
+        let t = aliases(gw).await;
+        assert_eq!(t["source"], "etcd", "{t}");
+        assert!(t["revision"].as_i64().unwrap() > 0);
+    }
+
+    // an agent heartbeating to gateway 1 makes gateway 2 route its alias
+    let _holder = agent(&[&gw1], "cs_1", &c);
+    let h = wait_primary_at(&gw1, "cs_1", &c).await;
+    let claimed = Instant::now();
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "11").unwrap();
+    let took = routed_within(&gw2, &haid, "C", claimed).await;
+    eprintln!("holder on gateway 1 -> routed by gateway 2 in {took:?}");
+    assert!(took <= Duration::from_secs(1) + SLACK, "took {took:?}");
+    // the route carries the holder's epoch, the key's create_revision
+    let (_, body) = get_haid(&client(), &gw2, &haid).await;
+    assert_eq!(body["epoch"], h["epoch"].to_string(), "{body}");
+    assert!(h["epoch"].as_u64().unwrap() > 0);
+
+    // PUT /v1/aliases on gateway 1 is routed by gateway 2
+    let started = Instant::now();
+    let put = put_aliases(
+        &gw1,
+        json!({"cs_1": {"address": a.addr.to_string()}, "cs_2": {"address": d.addr.to_string()}}),
+    )
+    .await;
+    assert_eq!(put["applied"], true, "{put}");
+    let haid2 = hagate::haid::encode("cs_2", &["cs_1"], "12").unwrap();
+    let took = routed_within(&gw2, &haid2, "D", started).await;
+    eprintln!("PUT on gateway 1 -> routed by gateway 2 in {took:?}");
+    assert!(took <= Duration::from_secs(1) + SLACK, "took {took:?}");
+    let t2 = aliases(&gw2).await;
+    assert_eq!(t2["source"], "etcd");
+    assert_eq!(t2["revision"], put["revision"], "{t2} vs {put}");
+    // the holder still wins over the new static address of cs_1
+    assert_eq!(get_haid(&client(), &gw2, &haid).await.1["server"], "C");
+
+    // a bad table is refused with the field named, and the old one keeps serving
+    let r = client()
+        .put(gw2.admin_url("/v1/aliases"))
+        .json(&json!({"instances": {"cs_1": {"address": "10.0.0:80"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["field"], "instances.cs_1.address", "{body}");
+    assert_eq!(aliases(&gw1).await["revision"], put["revision"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holder_is_replaced_on_both_gateways_within_t_plus_i_with_no_errors() {
+    let etcd = Etcd::start().await;
+    let (a, b, s) = (
+        Upstream::start("A"),
+        Upstream::start("B"),
+        Upstream::start("S"),
+    );
+    let mut a = a;
+    let store = store_toml(&etcd, &prefix("kill"), None);
+    let gw1 = etcd_gateway(&store, &[("cs_1", &a), ("cs_2", &b)]).await;
+    let gw2 = etcd_gateway(&store, &[("cs_1", &a), ("cs_2", &b)]).await;
+    let mut holder_a = agent(&[&gw1], "cs_1", &a);
+    let first = wait_primary_at(&gw1, "cs_1", &a).await;
+    // the standby heartbeats to the *other* gateway
+    let _standby = agent(&[&gw2], "cs_1", &s);
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "21").unwrap();
+    for gw in [&gw1, &gw2] {
+        routed_within(gw, &haid, "A", Instant::now()).await;
+    }
+    let load = {
+        let (u1, u2) = (gw1.url("/ctx"), gw2.url("/ctx"));
+        let haid = haid.clone();
+        Load::start(4, move |c, w, _| {
+            c.get(if w % 2 == 0 { &u1 } else { &u2 })
+                .header("contextID", &haid)
+        })
+    };
+    holder_a.kill();
+    a.kill();
+    let killed = Instant::now();
+    let t1 = routed_within(&gw1, &haid, "S", killed).await;
+    let t2 = routed_within(&gw2, &haid, "S", killed).await;
+    let (ok, errors) = load.finish().await;
+    eprintln!("takeover seen by gateway 1 after {t1:?}, gateway 2 after {t2:?} (T + I = {:?}); {ok} requests, {} errors", T + I, errors.len());
+    // etcd checks lease expiry every 500ms: the bound is T + I plus that tick.
+    let bound = T + I + Duration::from_millis(500) + SLACK;
+    assert!(t1 <= bound && t2 <= bound, "{t1:?} {t2:?}");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(ok > 0);
+    let second = primary_holder(&gw2, "cs_1").await;
+    assert!(
+        second["epoch"].as_u64() > first["epoch"].as_u64(),
+        "{second} after {first}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stopped_longer_than_t_is_refused_after_it_continues_and_steps_down() {
+    let etcd = Etcd::start().await;
+    let (a, s) = (Upstream::start("A"), Upstream::start("S"));
+    let store = store_toml(&etcd, &prefix("sigstop"), None);
+    let gw1 = etcd_gateway(&store, &[("cs_1", &a)]).await;
+    let gw2 = etcd_gateway(&store, &[("cs_1", &a)]).await;
+    let mut old = agent(&[&gw1], "cs_1", &a);
+    let first = wait_primary_at(&gw1, "cs_1", &a).await;
+    // stop it once it acts as the holder (a claimant that is stopped just falls back)
+    eventually(
+        "the agent to act as holder",
+        Duration::from_secs(10),
+        || async { old.log().contains("role=\"holder\"").then_some(()) },
+    )
+    .await;
+    let mut standby = agent(&[&gw2], "cs_1", &s);
+    old.signal("STOP");
+    let stopped = Instant::now();
+    let new = wait_primary_at(&gw2, "cs_1", &s).await;
+    assert!(stopped.elapsed() > T, "the takeover waited for T");
+    // the old holding's renewal is refused by the store (its epoch is gone)...
+    let r = client()
+        .post(gw1.admin_url("/v1/membership/heartbeat"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"uuid": first["uuid"], "alias": "cs_1", "address": a.addr.to_string(), "last_seen": first["epoch"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json::<Value>().await.unwrap()["result"], "stale");
+    // ...and the old agent, continued, steps down with exit status 3
+    old.signal("CONT");
+    assert_eq!(old.exit_code(Duration::from_secs(10)).await, 3);
+    assert!(old.log().contains("stepping down"), "{}", old.log());
+    assert!(standby.running());
+    let now = primary_holder(&gw1, "cs_1").await;
+    assert_eq!(now["uuid"], new["uuid"], "the standby still holds cs_1");
+    assert_eq!(
+        holder_history(&etcd, &prefix("sigstop"), "cs_1")
+            .await
+            .len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standbys_racing_through_two_gateways_never_hold_together() {
+    let etcd = Etcd::start().await;
+    let servers: Vec<Upstream> = (0..3).map(|i| Upstream::start(&format!("S{i}"))).collect();
+    let store = store_toml(&etcd, &prefix("race"), None);
+    let gw1 = etcd_gateway(&store, &[("cs_1", &servers[0])]).await;
+    let gw2 = etcd_gateway(&store, &[("cs_1", &servers[0])]).await;
+    let gws = [&gw1, &gw2];
+    // three agents for one alias, each on its own gateway first
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| agent(&[gws[i % 2], gws[(i + 1) % 2]], "cs_1", &servers[i]))
+        .collect();
+    let rounds = 5;
+    for round in 0..rounds {
+        let h = eventually("a holder", Duration::from_secs(20), || async {
+            let h = primary_holder(&gw1, "cs_1").await;
+            h["address"].as_str().map(str::to_string)
+        })
+        .await;
+        let i = servers
+            .iter()
+            .position(|s| s.addr.to_string() == h)
+            .unwrap();
+        // kill the holder's agent; its replacement starts as a standby
+        agents[i].kill();
+        let what = format!("round {round}: a new holder");
+        eventually(&what, Duration::from_secs(20), || async {
+            let now = primary_holder(&gw2, "cs_1").await;
+            (now["address"].is_string() && now["address"] != h.as_str()).then_some(())
+        })
+        .await;
+        agents[i] = agent(&[gws[i % 2], gws[(i + 1) % 2]], "cs_1", &servers[i]);
+    }
+    let history = holder_history(&etcd, &prefix("race"), "cs_1").await;
+    assert!(history.len() > rounds, "{history:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_under_load_costs_no_errors_and_everything_resyncs_after() {
+    let mut etcd = Etcd::start().await;
+    let (a, b, c) = (
+        Upstream::start("A"),
+        Upstream::start("B"),
+        Upstream::start("C"),
+    );
+    let pre = prefix("etcdkill");
+    let gw1 = etcd_gateway(
+        &store_toml(&etcd, &pre, None),
+        &[("cs_1", &a), ("cs_2", &b)],
+    )
+    .await;
+    // gateway 2 reaches etcd through a relay the test can cut
+    let relay = Cut::start(
+        format!("127.0.0.1:{}", etcd.members[0].client_port)
+            .parse()
+            .unwrap(),
+    )
+    .await;
+    let gw2 = etcd_gateway(
+        &store_toml_at(&format!("{:?}", relay.url()), &pre, None),
+        &[("cs_1", &a), ("cs_2", &b)],
+    )
+    .await;
+    let _holder = agent(&[&gw1, &gw2], "cs_1", &a);
+    wait_primary_at(&gw1, "cs_1", &a).await;
+    wait_ready(&gw1, true).await;
+    wait_ready(&gw2, true).await;
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "31").unwrap();
+    let load = {
+        let (u1, u2) = (gw1.url("/ctx"), gw2.url("/ctx"));
+        let haid = haid.clone();
+        Load::start(4, move |c, w, _| {
+            c.get(if w % 2 == 0 { &u1 } else { &u2 })
+                .header("contextID", &haid)
+        })
+    };
+    etcd.members[0].kill();
+    wait_ready(&gw1, false).await;
+    wait_ready(&gw2, false).await;
+    // heartbeats get 503, and membership is frozen: the holder still routes
+    let r = client()
+        .post(gw1.admin_url("/v1/membership/heartbeat"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"uuid": "x", "alias": "cs_9", "address": "127.0.0.1:9", "last_seen": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "membership_store_unavailable"
+    );
+    let ok_before = load.ok();
+    eventually(
+        "requests served while etcd is down",
+        Duration::from_secs(10),
+        || async { (load.ok() > ok_before + 200).then_some(()) },
+    )
+    .await;
+    for gw in [&gw1, &gw2] {
+        assert_eq!(gw.metric("hagate_store_up", &[]).await, 0.0);
+    }
+    // etcd comes back; gateway 2's watch stays down while a change is made
+    relay.sever();
+    etcd.members[0].restart();
+    etcd.wait_healthy().await;
+    wait_ready(&gw1, true).await;
+    let put = put_aliases(
+        &gw1,
+        json!({"cs_1": {"address": a.addr.to_string()}, "cs_2": {"address": c.addr.to_string()}}),
+    )
+    .await;
+    assert!(!ready(&gw2).await);
+    relay.heal();
+    wait_ready(&gw2, true).await;
+    let haid2 = hagate::haid::encode("cs_2", &["cs_1"], "32").unwrap();
+    routed_within(&gw2, &haid2, "C", Instant::now()).await;
+    assert_eq!(aliases(&gw2).await["revision"], put["revision"]);
+    let (ok, errors) = load.finish().await;
+    eprintln!(
+        "etcd kill -9 and restart: {ok} requests, {} errors",
+        errors.len()
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    // the holder survived the outage (its lease got a full TTL again on restart)
+    assert_eq!(
+        primary_holder(&gw2, "cs_1").await["address"],
+        a.addr.to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_a_gateway_is_cut_off_forces_one_full_resync_and_loses_nothing() {
+    let etcd = Etcd::start().await;
+    let ups: Vec<Upstream> = (0..4).map(|i| Upstream::start(&format!("U{i}"))).collect();
+    let pre = prefix("compact");
+    let gw1 = etcd_gateway(&store_toml(&etcd, &pre, None), &[("cs_1", &ups[0])]).await;
+    let relay = Cut::start(
+        format!("127.0.0.1:{}", etcd.members[0].client_port)
+            .parse()
+            .unwrap(),
+    )
+    .await;
+    let gw2 = etcd_gateway(
+        &store_toml_at(&format!("{:?}", relay.url()), &pre, None),
+        &[("cs_1", &ups[0])],
+    )
+    .await;
+    wait_ready(&gw2, true).await;
+    relay.sever();
+    wait_ready(&gw2, false).await;
+    // three changes while gateway 2 is cut off, then compaction past all of them
+    let mut last = Value::Null;
+    for (n, up) in ups.iter().enumerate().skip(1) {
+        last = put_aliases(&gw1, json!({"cs_1": {"address": up.addr.to_string()}, "cs_9": {"address": format!("127.0.0.1:{}", 9000 + n)}})).await;
+    }
+    let rev = last["revision"].as_i64().unwrap();
+    etcd.ctl(&["compact", &rev.to_string()]);
+    let resyncs = gw2
+        .metric("hagate_store_resyncs_total", &[("reason", "compacted")])
+        .await;
+    let swaps = gw2
+        .metric(
+            "hagate_alias_table_swaps_total",
+            &[("source", "etcd"), ("result", "ok")],
+        )
+        .await;
+    relay.heal();
+    let haid = hagate::haid::encode("cs_1", &["cs_9"], "41").unwrap();
+    routed_within(&gw2, &haid, "U3", Instant::now()).await;
+    wait_ready(&gw2, true).await;
+    assert_eq!(aliases(&gw2).await["revision"], rev);
+    assert_eq!(
+        gw2.metric("hagate_store_resyncs_total", &[("reason", "compacted")])
+            .await,
+        resyncs + 1.0,
+        "one full resync"
+    );
+    // the three changes arrive as one swap: nothing replayed, nothing lost
+    assert_eq!(
+        gw2.metric(
+            "hagate_alias_table_swaps_total",
+            &[("source", "etcd"), ("result", "ok")]
+        )
+        .await,
+        swaps + 1.0
+    );
+    assert_eq!(
+        aliases(&gw2).await["instances"]["cs_9"]["address"],
+        "127.0.0.1:9003"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restarted_while_etcd_is_down_serves_from_its_snapshot() {
+    let mut etcd = Etcd::start().await;
+    let (a, b, h) = (
+        Upstream::start("A"),
+        Upstream::start("B"),
+        Upstream::start("H"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("state.json");
+    let store = store_toml(&etcd, &prefix("snapshot"), Some(&snap));
+    let gw = etcd_gateway(&store, &[("cs_1", &a)]).await;
+    // the table and a holder, both only in etcd
+    let put = put_aliases(
+        &gw,
+        json!({"cs_1": {"address": a.addr.to_string()}, "cs_2": {"address": b.addr.to_string()}}),
+    )
+    .await;
+    let mut holder_agent = agent(&[&gw], "cs_3", &h);
+    wait_primary_at(&gw, "cs_3", &h).await;
+    let written = eventually(
+        "the snapshot to hold the holder",
+        Duration::from_secs(10),
+        || async {
+            let text = std::fs::read_to_string(&snap).ok()?;
+            let v: Value = serde_json::from_str(&text).ok()?;
+            (v["state"]["holders"]["cs_3"]["address"] == h.addr.to_string()
+                && v["state"]["table"]["revision"] == put["revision"])
+                .then_some(v)
+        },
+    )
+    .await;
+    drop(gw);
+    holder_agent.kill();
+    etcd.members[0].kill();
+    // a fresh gateway with the same config, etcd unreachable
+    let gw = etcd_gateway(&store, &[("cs_1", &a)]).await;
+    let haid = hagate::haid::encode("cs_3", &["cs_2"], "51").unwrap();
+    assert_eq!(get_haid(&client(), &gw, &haid).await.1["server"], "H");
+    let haid2 = hagate::haid::encode("cs_2", &["cs_1"], "52").unwrap();
+    assert_eq!(get_haid(&client(), &gw, &haid2).await.1["server"], "B");
+    let t = aliases(&gw).await;
+    assert_eq!(t["source"], "snapshot", "{t}");
+    assert_eq!(t["revision"], written["state"]["revision"]);
+    assert!(!ready(&gw).await);
+    assert!(
+        gw.log().contains("starting from the store snapshot"),
+        "{}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_of_a_three_member_etcd_keeps_routing_and_one_holder() {
+    let mut etcd = Etcd::cluster(3).await;
+    let (a, b, s) = (
+        Upstream::start("A"),
+        Upstream::start("B"),
+        Upstream::start("S"),
+    );
+    let pre = prefix("cluster");
+    let store = store_toml(&etcd, &pre, None);
+    let gw1 = etcd_gateway(&store, &[("cs_1", &a), ("cs_2", &b)]).await;
+    let gw2 = etcd_gateway(&store, &[("cs_1", &a), ("cs_2", &b)]).await;
+    let _holder = agent(&[&gw1, &gw2], "cs_1", &a);
+    wait_primary_at(&gw1, "cs_1", &a).await;
+    let _standby = agent(&[&gw2, &gw1], "cs_1", &s);
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "61").unwrap();
+    let load = {
+        let (u1, u2) = (gw1.url("/ctx"), gw2.url("/ctx"));
+        let haid = haid.clone();
+        Load::start(4, move |c, w, _| {
+            c.get(if w % 2 == 0 { &u1 } else { &u2 })
+                .header("contextID", &haid)
+        })
+    };
+    let leader = etcd.leader().await;
+    etcd.members[leader].kill();
+    let killed = Instant::now();
+    // a new leader is elected, and both gateways are in sync again
+    wait_ready(&gw1, true).await;
+    wait_ready(&gw2, true).await;
+    let ok_then = load.ok();
+    eventually(
+        "requests after the election",
+        Duration::from_secs(10),
+        || async { (load.ok() > ok_then + 200).then_some(()) },
+    )
+    .await;
+    let (ok, errors) = load.finish().await;
+    eprintln!(
+        "etcd leader killed: back in sync after {:?}; {ok} requests, {} errors",
+        killed.elapsed(),
+        errors.len()
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let history = holder_history(&etcd, &pre, "cs_1").await;
+    assert!(!history.is_empty());
+    // whoever holds cs_1 now, both gateways agree
+    let h1 = primary_holder(&gw1, "cs_1").await;
+    assert_eq!(h1["uuid"], primary_holder(&gw2, "cs_1").await["uuid"]);
+    assert!(h1["address"].is_string(), "someone holds cs_1: {h1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_survives_the_loss_of_its_gateway() {
+    let etcd = Etcd::start().await;
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let store = store_toml(&etcd, &prefix("agentfailover"), None);
+    let gw1 = etcd_gateway(&store, &[("cs_1", &b), ("cs_2", &b)]).await;
+    let gw2 = etcd_gateway(&store, &[("cs_1", &b), ("cs_2", &b)]).await;
+    let mut holder_agent = agent(&[&gw1, &gw2], "cs_1", &a);
+    let first = wait_primary_at(&gw2, "cs_1", &a).await;
+    drop(gw1);
+    // several intervals later the agent still holds the alias, through gateway 2
+    let since = Instant::now();
+    eventually(
+        "3T with the same holder",
+        Duration::from_secs(20),
+        || async {
+            let h = primary_holder(&gw2, "cs_1").await;
+            assert_eq!(h["uuid"], first["uuid"], "the holding survived");
+            (since.elapsed() > T * 3).then_some(())
+        },
+    )
+    .await;
+    assert!(holder_agent.running());
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "71").unwrap();
+    assert_eq!(get_haid(&client(), &gw2, &haid).await.1["server"], "A");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_two_gateways_and_etcd_costs_no_errors() {
+    let etcd = Etcd::start().await;
+    let aliases = ["cs_1", "cs_2", "cs_3"];
+    let servers: Vec<Upstream> = aliases.iter().map(|a| Upstream::start(a)).collect();
+    let store = store_toml(&etcd, &prefix("chaos"), None);
+    let ups = [
+        ("cs_1", &servers[0]),
+        ("cs_2", &servers[1]),
+        ("cs_3", &servers[2]),
+    ];
+    let gw1 = etcd_gateway(&store, &ups).await;
+    let gw2 = etcd_gateway(&store, &ups).await;
+    // each cycle waits for the dead holder's lease (T = 2s) to run out
+    let report = chaos(
+        &[&gw1, &gw2],
+        servers,
+        &aliases,
+        (I, T, TOKEN),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(report.kills >= 3, "{report:?}");
+}
