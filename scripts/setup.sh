@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian machine lacks to build and test hagate. Idempotent: it
+# Installs what a fresh Debian machine lacks to build and test hagate: cmake (pingora's
+# zlib-ng), protoc (etcd-client), etcd and etcdctl (the tests start their own etcd; the
+# package does not start one), rustfmt, clippy and the wasm32-wasip2 target. Idempotent: it
 # installs only what is missing. Sourced by scripts/demo.sh, scripts/test.sh and .ci/run.
 set -euo pipefail
 
@@ -7,6 +9,9 @@ missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)       # pingora's zlib-ng build
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)   # etcd-client's build.rs
+[ -x /usr/bin/etcd ] || missing+=(etcd-server)                      # the etcd tests start their own
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)        # tests compact and inspect with it
 if [ "${HAGATE_LOAD_TOOLS:-0}" = 1 ]; then                  # benches/load.sh only
   command -v nginx >/dev/null 2>&1 || missing+=(nginx)
   command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)

@@ -1,0 +1,239 @@
+//! Several gateways on one real etcd, measured:
+//!
+//! 1. **Propagation**: from `PUT /v1/aliases` on gateway 1 (a 10k-alias table with one
+//!    alias moved) to the first request that gateway 2 routes to the new address; and from
+//!    a claim accepted by gateway 1 (a takeover) to the first request gateway 2 routes to
+//!    the new holder. p50 and p99 over the rounds.
+//! 2. **Full resync**: a gateway starting on a prefix with 100k holder keys: the time to
+//!    `/readyz` 200 with all of them in its table, and the CPU the gateway spent on it
+//!    (`utime + stime` from `/proc/PID/stat`).
+//!
+//! `cargo bench --bench etcd` runs the full sizes. Under `cargo test --all-targets` it runs
+//! once at small sizes, as a check that the bench still works.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use common::etcd::{store_toml, Etcd};
+use common::*;
+
+const TOKEN: &str = "s3cret";
+
+struct Sizes {
+    aliases: usize,
+    rounds: usize,
+    resync_holders: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn report(what: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{what}: p50 {:?}, p99 {:?}, max {:?} over {} rounds",
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        samples.last().unwrap(),
+        samples.len()
+    );
+}
+
+fn gateway_body(store: &str) -> String {
+    // Active checks off: the bench's many aliases point at few addresses, and it measures
+    // the store, not health checking.
+    format!(
+        "{store}[membership]\nenabled = true\ninterval = \"500ms\"\ntimeout = \"2s\"\ntoken = \"{TOKEN}\"\n\
+         [health.active]\nenabled = false\n"
+    )
+}
+
+/// Sends `haid` to `gw` until `server` answers; the time since `since`.
+async fn first_routed(
+    c: &reqwest::Client,
+    gw: &Gateway,
+    haid: &str,
+    server: &str,
+    since: Instant,
+) -> Duration {
+    let deadline = since + Duration::from_secs(30);
+    loop {
+        if get_haid(c, gw, haid).await.1["server"] == server {
+            return since.elapsed();
+        }
+        assert!(Instant::now() < deadline, "{haid} never reached {server}");
+    }
+}
+
+fn table(n: usize, filler: &Upstream, probe: &Upstream) -> Value {
+    let mut instances = serde_json::Map::new();
+    for i in 0..n {
+        instances.insert(
+            format!("cs_{i:05}"),
+            json!({"address": filler.addr.to_string()}),
+        );
+    }
+    instances.insert("probe".into(), json!({"address": probe.addr.to_string()}));
+    Value::Object(instances)
+}
+
+async fn propagation(sizes: &Sizes) {
+    let etcd = Etcd::start().await;
+    let (u0, u1) = (Upstream::start("U0"), Upstream::start("U1"));
+    let store = store_toml(&etcd, "/bench/propagation", None);
+    let body = format!(
+        "{}[instances.seed]\naddress = \"{}\"\n",
+        gateway_body(&store),
+        u0.addr
+    );
+    let gw1 = Gateway::start(&body).await;
+    let gw2 = Gateway::start(&body).await;
+    let c = client();
+    let haid = hagate::haid::encode("probe", &["cs_00000"], "1").unwrap();
+    let mut puts = Vec::new();
+    for round in 0..sizes.rounds {
+        let (to, name) = if round % 2 == 0 {
+            (&u1, "U1")
+        } else {
+            (&u0, "U0")
+        };
+        let t = table(sizes.aliases, &u0, to);
+        let started = Instant::now();
+        let r = c
+            .put(gw1.admin_url("/v1/aliases"))
+            .json(&json!({ "instances": t }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        puts.push(first_routed(&c, &gw2, &haid, name, started).await);
+    }
+    report(
+        &format!(
+            "PUT /v1/aliases ({} aliases) on gateway 1 -> routed by gateway 2",
+            sizes.aliases
+        ),
+        puts,
+    );
+    let mut claims = Vec::new();
+    for round in 0..sizes.rounds {
+        let alias = format!("m_{round}");
+        let started = Instant::now();
+        let r = c
+            .post(gw1.admin_url("/v1/membership/heartbeat"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"uuid": format!("u{round}"), "alias": alias, "address": u1.addr.to_string(), "last_seen": 0}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let haid = hagate::haid::encode(&alias, &["cs_00000"], "2").unwrap();
+        claims.push(first_routed(&c, &gw2, &haid, "U1", started).await);
+    }
+    report(
+        &format!(
+            "claim accepted by gateway 1 -> routed by gateway 2 ({} aliases)",
+            sizes.aliases
+        ),
+        claims,
+    );
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    // fields[11] and [12] are utime and stime (the 14th and 15th of the whole line)
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+async fn resync(sizes: &Sizes) {
+    let etcd = Etcd::start().await;
+    let prefix = "/bench/resync";
+    let mut c = etcd.client().await;
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    let written = Instant::now();
+    let keys: Vec<usize> = (0..sizes.resync_holders).collect();
+    for chunk in keys.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                etcd_client::TxnOp::put(
+                    format!("{prefix}/alias/h_{i:06}"),
+                    format!(
+                        r#"{{"uuid":"u{i}","address":"127.0.0.1:{}"}}"#,
+                        20000 + i % 100
+                    ),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    println!(
+        "wrote {} holder keys in {:?}",
+        sizes.resync_holders,
+        written.elapsed()
+    );
+    let store = store_toml(&etcd, prefix, None);
+    let body = format!(
+        "{}[instances.seed]\naddress = \"127.0.0.1:1\"\n",
+        gateway_body(&store)
+    );
+    let started = Instant::now();
+    let gw = Gateway::start(&body).await;
+    let cpu0 = cpu_seconds(gw.pid());
+    let up = Instant::now();
+    let want = (sizes.resync_holders + 1) as f64;
+    eventually("the full resync", Duration::from_secs(300), || async {
+        let ready = client()
+            .get(gw.admin_url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        (ready && gw.metric("hagate_alias_table_size", &[]).await >= want).then_some(())
+    })
+    .await;
+    let took = up.elapsed();
+    let cpu = cpu_seconds(gw.pid()) - cpu0;
+    println!(
+        "full resync of {} aliases: {took:?} from the gateway up to ready with all of them ({:?} from spawn), {cpu:.2} s of gateway CPU",
+        sizes.resync_holders,
+        started.elapsed()
+    );
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let sizes = if bench {
+        Sizes {
+            aliases: 10_000,
+            rounds: 100,
+            resync_holders: 100_000,
+        }
+    } else {
+        Sizes {
+            aliases: 200,
+            rounds: 3,
+            resync_holders: 500,
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        propagation(&sizes).await;
+        resync(&sizes).await;
+    });
+}
