@@ -54,6 +54,16 @@ pub enum TableError {
         /// The address as written.
         address: String,
     },
+    /// An address no connection can reach (port 0, unspecified, broadcast, multicast).
+    #[error("{address}: {reason}")]
+    Unroutable {
+        /// The alias whose address it is.
+        alias: String,
+        /// The address as written.
+        address: String,
+        /// Why.
+        reason: crate::model::Unroutable,
+    },
     /// No instances at all.
     #[error("at least one instance is required")]
     Empty,
@@ -64,7 +74,9 @@ impl TableError {
     pub fn field(&self) -> String {
         match self {
             TableError::Alias { alias, .. } => format!("instances.{alias}"),
-            TableError::Address { alias, .. } => format!("instances.{alias}.address"),
+            TableError::Address { alias, .. } | TableError::Unroutable { alias, .. } => {
+                format!("instances.{alias}.address")
+            }
             TableError::Empty => "instances".into(),
         }
     }
@@ -99,6 +111,11 @@ impl AliasTable {
             let address: SocketAddr = spec.address.parse().map_err(|_| TableError::Address {
                 alias: name.clone(),
                 address: spec.address.clone(),
+            })?;
+            crate::model::routable(&address).map_err(|reason| TableError::Unroutable {
+                alias: name.clone(),
+                address: spec.address.clone(),
+                reason,
             })?;
             index.insert(alias.clone(), instances.len());
             instances.push(Instance {

@@ -268,6 +268,51 @@ pub struct MembershipConfig {
     /// override it with its own `prefer`.
     #[serde(default)]
     pub prefer: Prefer,
+    /// Glob patterns of the aliases a heartbeat may claim: `claimable = ["cs_*"]`.
+    /// Default `["*"]`: any alias.
+    #[serde(default = "any_alias")]
+    pub claimable: Vec<String>,
+    /// Networks a heartbeat's address must fall in: `allowed_networks = ["10.0.0.0/8"]`.
+    /// Default: any (`["0.0.0.0/0", "::/0"]`). Port 0 and unspecified, broadcast and
+    /// multicast addresses are always refused.
+    #[serde(default = "any_network")]
+    pub allowed_networks: Vec<ipnet::IpNet>,
+}
+
+fn any_alias() -> Vec<String> {
+    vec!["*".into()]
+}
+
+fn any_network() -> Vec<ipnet::IpNet> {
+    vec![
+        ipnet::IpNet::V4(ipnet::Ipv4Net::default()),
+        ipnet::IpNet::V6(ipnet::Ipv6Net::default()),
+    ]
+}
+
+impl MembershipConfig {
+    /// The `claimable` patterns as one matcher (they were checked by `validate`).
+    pub fn claimable_set(&self) -> Result<globset::GlobSet, ConfigError> {
+        let mut set = globset::GlobSetBuilder::new();
+        for (i, pattern) in self.claimable.iter().enumerate() {
+            let glob = globset::Glob::new(pattern).map_err(|e| {
+                invalid(
+                    &format!("membership.claimable[{i}]"),
+                    format!("{pattern:?}: {e}"),
+                )
+            })?;
+            set.add(glob);
+        }
+        set.build()
+            .map_err(|e| invalid("membership.claimable", e.to_string()))
+    }
+
+    /// Whether a heartbeat may name `address`.
+    pub fn allows(&self, address: &std::net::SocketAddr) -> bool {
+        self.allowed_networks
+            .iter()
+            .any(|n| n.contains(&address.ip()))
+    }
 }
 
 /// Which membership store backs the gateway.
@@ -316,6 +361,9 @@ pub struct StoreConfig {
     #[serde(default = "secs::<2>", with = "humantime_serde")]
     pub request_timeout: Duration,
 }
+
+/// The most proxy worker threads `server.threads` may ask for.
+pub const MAX_THREADS: usize = 256;
 
 fn default_store_prefix() -> String {
     "/hagate".into()
@@ -438,11 +486,34 @@ impl Config {
 
     /// Checks every field; the error names the TOML path of the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.listen_addr()?;
-        self.admin_addr()?;
-        if self.server.threads == 0 {
-            return Err(invalid("server.threads", "must be at least 1"));
+        let listen = self.listen_addr()?;
+        let admin = self.admin_addr()?;
+        let overlap = listen.port() == admin.port()
+            && (listen.ip() == admin.ip()
+                || listen.ip().is_unspecified()
+                || admin.ip().is_unspecified());
+        if overlap {
+            return Err(invalid(
+                "admin.listen",
+                format!("{admin} overlaps server.listen ({listen}); the two listeners need their own addresses"),
+            ));
         }
+        if !admin.ip().is_loopback() && self.admin.token.is_none() {
+            return Err(invalid(
+                "admin.token",
+                format!(
+                    "required when admin.listen ({admin}) is not a loopback address: \
+                     PUT /v1/aliases would be open to the network"
+                ),
+            ));
+        }
+        if !(1..=MAX_THREADS).contains(&self.server.threads) {
+            return Err(invalid(
+                "server.threads",
+                format!("must be between 1 and {MAX_THREADS}"),
+            ));
+        }
+        self.validate_durations()?;
         if matches!(&self.admin.token, Some(t) if t.trim().is_empty()) {
             return Err(invalid("admin.token", "must not be empty when set"));
         }
@@ -467,8 +538,11 @@ impl Config {
                 ));
             }
         }
-        if self.routing.retry_after < Duration::from_secs(1) {
-            return Err(invalid("routing.retry_after", "must be at least 1s"));
+        if self.routing.retry_after.subsec_nanos() != 0 {
+            return Err(invalid(
+                "routing.retry_after",
+                "must be whole seconds (Retry-After carries seconds)",
+            ));
         }
         for (field, d) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
@@ -536,10 +610,82 @@ impl Config {
         if matches!(&m.token, Some(t) if t.trim().is_empty()) {
             return Err(invalid("membership.token", "must not be empty when set"));
         }
+        m.claimable_set()?;
+        if m.claimable.is_empty() {
+            return Err(invalid(
+                "membership.claimable",
+                "must list at least one pattern ([\"*\"] for any alias)",
+            ));
+        }
+        if m.allowed_networks.is_empty() {
+            return Err(invalid(
+                "membership.allowed_networks",
+                "must list at least one network ([\"0.0.0.0/0\", \"::/0\"] for any)",
+            ));
+        }
         if m.enabled && m.token.is_none() {
             return Err(invalid(
                 "membership.token",
                 "required when membership is enabled: heartbeat writers must authenticate",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every duration within its bounds (see the README's config reference), and a
+    /// health check that ends before the next one starts.
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        const MS: Duration = Duration::from_millis(1);
+        const SEC: Duration = Duration::from_secs(1);
+        const HOUR: Duration = Duration::from_secs(3600);
+        const DAY: Duration = Duration::from_secs(86_400);
+        let u = &self.upstream;
+        let (a, p, m) = (&self.health.active, &self.health.passive, &self.membership);
+        for (field, d, min, max) in [
+            (
+                "server.grace_period",
+                self.server.grace_period,
+                Duration::ZERO,
+                HOUR,
+            ),
+            ("routing.retry_after", self.routing.retry_after, SEC, HOUR),
+            (
+                "upstream.connect_timeout",
+                u.connect_timeout,
+                MS,
+                Duration::from_secs(600),
+            ),
+            ("upstream.read_timeout", u.read_timeout, MS, HOUR),
+            ("upstream.write_timeout", u.write_timeout, MS, HOUR),
+            ("upstream.idle_timeout", u.idle_timeout, MS, HOUR),
+            (
+                "health.active.interval",
+                a.interval,
+                Duration::from_millis(10),
+                HOUR,
+            ),
+            ("health.active.timeout", a.timeout, MS, HOUR),
+            ("health.passive.base_ejection", p.base_ejection, MS, HOUR),
+            ("health.passive.max_ejection", p.max_ejection, MS, DAY),
+            ("membership.interval", m.interval, Duration::ZERO, HOUR),
+            ("membership.timeout", m.timeout, Duration::ZERO, HOUR),
+        ] {
+            if d < min || d > max {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{} is out of bounds: it must be between {} and {}",
+                        humantime::format_duration(d),
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                ));
+            }
+        }
+        if a.timeout > a.interval {
+            return Err(invalid(
+                "health.active.timeout",
+                "must not be longer than health.active.interval",
             ));
         }
         Ok(())
@@ -789,5 +935,74 @@ mod tests {
         .is_ok());
         // the embedded store still needs instances
         assert!(err("[store]\nkind = \"embedded\"\n").starts_with("instances:"));
+    }
+
+    #[test]
+    fn absurd_values_are_refused_with_their_field() {
+        for (text, field) in [
+            (
+                "[instances.cs_1]\naddress = \"127.0.0.1:0\"\n",
+                "instances.cs_1.address",
+            ),
+            (
+                "[instances.cs_1]\naddress = \"0.0.0.0:80\"\n",
+                "instances.cs_1.address",
+            ),
+            (
+                "[instances.cs_1]\naddress = \"255.255.255.255:80\"\n",
+                "instances.cs_1.address",
+            ),
+            (
+                "[instances.cs_1]\naddress = \"239.1.2.3:80\"\n",
+                "instances.cs_1.address",
+            ),
+            (
+                "[instances.\"cs\u{200b}1\"]\naddress = \"127.0.0.1:1\"\n",
+                "instances.cs\u{200b}1",
+            ),
+        ] {
+            assert!(err(text).starts_with(field), "{text}: {}", err(text));
+        }
+        let with = |extra: &str| err(&format!("{extra}\n{MINIMAL}"));
+        for (extra, field) in [
+            ("[server]\nlisten = \"127.0.0.1:9090\"", "admin.listen"),
+            ("[server]\nlisten = \"0.0.0.0:9090\"", "admin.listen"),
+            ("[server]\nthreads = 100000", "server.threads"),
+            (
+                "[server]\ngrace_period = \"100years\"",
+                "server.grace_period",
+            ),
+            (
+                "[routing]\nretry_after = \"1000000000y\"",
+                "routing.retry_after",
+            ),
+            ("[routing]\nretry_after = \"1500ms\"", "routing.retry_after"),
+            (
+                "[upstream]\nread_timeout = \"30days\"",
+                "upstream.read_timeout",
+            ),
+            (
+                "[health.active]\ninterval = \"1s\"\ntimeout = \"2s\"",
+                "health.active.timeout",
+            ),
+            ("[admin]\nlisten = \"0.0.0.0:9090\"", "admin.token"),
+            (
+                "[membership]\nclaimable = [\"cs_[\"]",
+                "membership.claimable[0]",
+            ),
+            ("[membership]\nclaimable = []", "membership.claimable"),
+            (
+                "[membership]\nallowed_networks = [\"10.0.0.0/33\"]",
+                "invalid",
+            ),
+        ] {
+            let e = with(extra);
+            assert!(e.starts_with(field) || e.contains(field), "{extra}: {e}");
+        }
+        // a non-loopback admin listener is fine with a token
+        assert!(Config::parse(&format!(
+            "[admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"t\"\n{MINIMAL}"
+        ))
+        .is_ok());
     }
 }

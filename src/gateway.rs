@@ -48,6 +48,8 @@ pub struct Settings {
     pub context_header: HeaderName,
     /// `routing.tenant_header`, parsed.
     pub tenant_header: HeaderName,
+    /// `membership.claimable`, compiled.
+    pub claimable: globset::GlobSet,
 }
 
 impl Settings {
@@ -58,10 +60,15 @@ impl Settings {
             .expect("validated by Config::validate");
         let tenant_header = HeaderName::from_bytes(config.routing.tenant_header.as_bytes())
             .expect("validated by Config::validate");
+        let claimable = config
+            .membership
+            .claimable_set()
+            .expect("validated by Config::validate");
         Settings {
             config,
             context_header,
             tenant_header,
+            claimable,
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -26,8 +27,8 @@ pub enum AliasError {
     /// Longer than 255 bytes.
     #[error("an alias must be at most 255 bytes")]
     TooLong,
-    /// Contains whitespace or a control character.
-    #[error("alias {0:?} contains whitespace or a control character")]
+    /// Contains whitespace, a control character or an invisible format character.
+    #[error("alias {0:?} contains whitespace, a control character or an invisible character")]
     BadChar(String),
     /// Would not survive HAID encoding.
     #[error("alias {0:?} contains `--` or starts or ends with `-`, so no HAID could carry it")]
@@ -43,7 +44,9 @@ impl TryFrom<String> for Alias {
         if s.len() > 255 {
             return Err(AliasError::TooLong);
         }
-        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || invisible(c))
+        {
             return Err(AliasError::BadChar(s));
         }
         if s.contains("--") || s.starts_with('-') || s.ends_with('-') {
@@ -51,6 +54,16 @@ impl TryFrom<String> for Alias {
         }
         Ok(Alias(s.into_boxed_str()))
     }
+}
+
+/// Format characters that render as nothing (zero-width spaces and joiners, the BOM, the
+/// soft hyphen, bidi controls): an alias with one looks like another alias but is not.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}' | '\u{E0000}'..='\u{E0FFF}')
 }
 
 impl From<Alias> for String {
@@ -186,5 +199,73 @@ impl Default for ActiveHealthConfig {
 impl Default for PassiveHealthConfig {
     fn default() -> Self {
         toml::from_str("").expect("every field has a default")
+    }
+}
+
+/// Why an address cannot be routed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unroutable {
+    /// Port 0.
+    #[error("port 0 cannot be connected to")]
+    PortZero,
+    /// `0.0.0.0` or `::`.
+    #[error("an unspecified address (0.0.0.0 or ::) cannot be connected to")]
+    Unspecified,
+    /// `255.255.255.255`.
+    #[error("a broadcast address cannot be an upstream")]
+    Broadcast,
+    /// A multicast address.
+    #[error("a multicast address cannot be an upstream")]
+    Multicast,
+}
+
+/// Checks that `addr` is one a TCP connection can be made to: not port 0, and not an
+/// unspecified, broadcast or multicast address.
+pub fn routable(addr: &SocketAddr) -> Result<(), Unroutable> {
+    if addr.port() == 0 {
+        return Err(Unroutable::PortZero);
+    }
+    let ip = addr.ip();
+    if ip.is_unspecified() {
+        return Err(Unroutable::Unspecified);
+    }
+    if ip.is_multicast() {
+        return Err(Unroutable::Multicast);
+    }
+    if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        return Err(Unroutable::Broadcast);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routable_refuses_what_no_connection_can_reach() {
+        let r = |s: &str| routable(&s.parse().unwrap());
+        assert_eq!(r("127.0.0.1:9"), Ok(()));
+        assert_eq!(r("[::1]:9"), Ok(()));
+        assert_eq!(r("127.0.0.1:0"), Err(Unroutable::PortZero));
+        assert_eq!(r("0.0.0.0:80"), Err(Unroutable::Unspecified));
+        assert_eq!(r("[::]:80"), Err(Unroutable::Unspecified));
+        assert_eq!(r("255.255.255.255:80"), Err(Unroutable::Broadcast));
+        assert_eq!(r("224.0.0.1:80"), Err(Unroutable::Multicast));
+        assert_eq!(r("[ff02::1]:80"), Err(Unroutable::Multicast));
+    }
+
+    #[test]
+    fn aliases_refuse_invisible_characters() {
+        for bad in [
+            "cs\u{200B}1",
+            "\u{FEFF}cs_1",
+            "cs\u{00AD}1",
+            "cs\u{2060}1",
+            "cs\u{202E}1",
+        ] {
+            assert!(Alias::try_from(bad.to_string()).is_err(), "{bad:?}");
+        }
+        assert!(Alias::try_from("cs_1_dev".to_string()).is_ok());
     }
 }

@@ -59,6 +59,51 @@ fn check_names_the_bad_field_and_fails() {
              [membership]\nenabled = true\ntoken = \"t\"\ninterval = \"200ms\"\ntimeout = \"700ms\"\n",
             "membership.timeout: 700ms cannot be an etcd lease TTL",
         ),
+        // the gaps an attacker and a new user found: each refused, with its field
+        (
+            "[instances.cs_1]\naddress = \"127.0.0.1:0\"\n",
+            "instances.cs_1.address: 127.0.0.1:0: port 0",
+        ),
+        (
+            "[instances.cs_1]\naddress = \"0.0.0.0:80\"\n",
+            "instances.cs_1.address: 0.0.0.0:80: an unspecified address",
+        ),
+        (
+            "[instances.cs_1]\naddress = \"224.0.0.1:80\"\n",
+            "instances.cs_1.address: 224.0.0.1:80: a multicast address",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:9090\"\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n",
+            "admin.listen: 127.0.0.1:9090 overlaps server.listen",
+        ),
+        (
+            "[server]\nthreads = 100000\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n",
+            "server.threads: must be between 1 and 256",
+        ),
+        (
+            "[routing]\nretry_after = \"1000000000y\"\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n",
+            "routing.retry_after:",
+        ),
+        (
+            "[server]\ngrace_period = \"100y\"\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n",
+            "server.grace_period:",
+        ),
+        (
+            "[health.active]\ninterval = \"1s\"\ntimeout = \"5s\"\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n",
+            "health.active.timeout: must not be longer than health.active.interval",
+        ),
+        (
+            "[routing]\nretry_after = \"2500ms\"\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n",
+            "routing.retry_after: must be whole seconds",
+        ),
+        (
+            "[instances.\"cs\u{200B}1\"]\naddress = \"127.0.0.1:1\"\n",
+            "an invisible character",
+        ),
+        (
+            "[admin]\nlisten = \"0.0.0.0:9090\"\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n",
+            "admin.token: required when admin.listen (0.0.0.0:9090) is not a loopback address",
+        ),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();

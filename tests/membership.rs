@@ -281,3 +281,99 @@ async fn with_both_aliases_dead_two_gateways_pick_the_same_replacement() {
     assert!(chosen.len() >= 2, "the ring spreads contexts: {chosen:?}");
     assert!(g1.metric("hagate_replacements_total", &[]).await >= ids.len() as f64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_outside_the_membership_scope_are_refused() {
+    let up = Upstream::start("cs_1");
+    let gw = Gateway::start(&format!(
+        "{}claimable = [\"cs_*\"]\nallowed_networks = [\"127.0.0.0/8\"]\n{FAST_HEALTH}{}",
+        membership_config(),
+        instances(&[("cs_1", &up)])
+    ))
+    .await;
+    let c = client();
+    let send = |body: Value| {
+        let c = &c;
+        let url = gw.admin_url("/v1/membership/heartbeat");
+        async move {
+            let r = c
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let hb = |alias: &str, address: &str| json!({"uuid": "u", "alias": alias, "address": address, "last_seen": 0});
+    let (s, b) = send(hb("db_1", "127.0.0.1:9")).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (403, Some("alias_not_claimable")),
+        "{b}"
+    );
+    let (s, b) = send(hb("cs_9", "10.1.2.3:80")).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (403, Some("address_not_allowed")),
+        "{b}"
+    );
+    for bad in [
+        "127.0.0.1:0",
+        "0.0.0.0:80",
+        "255.255.255.255:80",
+        "224.0.0.1:80",
+    ] {
+        let (s, b) = send(hb("cs_9", bad)).await;
+        assert_eq!(
+            (s, b["error"].as_str()),
+            (400, Some("invalid_heartbeat")),
+            "{bad}: {b}"
+        );
+    }
+    let mut extra = hb("cs_9", "127.0.0.1:9");
+    extra["role"] = json!("holder");
+    let (s, b) = send(extra).await;
+    assert_eq!(s, 400, "unknown fields are refused: {b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `role`"),
+        "{b}"
+    );
+    // in scope, it is accepted
+    let (s, b) = send(hb("cs_9", "127.0.0.1:9")).await;
+    assert_eq!((s, b["result"].as_str()), (200, Some("accepted")), "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_waits_for_its_slow_starting_server_and_then_claims() {
+    let a = Upstream::start("A");
+    let gw = membership_gateway(&[("cs_1", &a)]).await;
+    a.set_health(false).await;
+    let mut standby = agent(&gw, "cs_1", &a);
+    // many intervals with the server unhealthy: it neither claims nor exits
+    eventually(
+        "the agent to see its server unhealthy for 5 intervals",
+        Duration::from_secs(10),
+        || async {
+            let log = standby.log();
+            (log.contains("agent started as a standby")).then_some(())
+        },
+    )
+    .await;
+    let start = Instant::now();
+    while start.elapsed() < I * 5 {
+        assert!(standby.running(), "the standby exited: {}", standby.log());
+        assert!(
+            primary_holder(&gw, "cs_1").await.is_null(),
+            "it claimed while unhealthy"
+        );
+        tokio::task::yield_now().await;
+    }
+    a.set_health(true).await;
+    wait_primary_at(&gw, "cs_1", &a).await;
+    assert!(standby.running());
+}

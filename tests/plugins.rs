@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use hagate::placement::{Candidate, Candidates, PlacementRequest};
@@ -703,4 +703,75 @@ async fn reported_load_and_latency_reach_the_plugin_and_the_header_is_stripped()
             "{body}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_while_a_slow_reload_compiles() {
+    let ups: Vec<Upstream> = ["cs_1", "cs_2"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    let inst = instances(&[("cs_1", &ups[0]), ("cs_2", &ups[1])]);
+    let gw = Gateway::start(&format!("{FAST_HEALTH}{inst}")).await;
+    // A reload that compiles two components (a debug build's cranelift is slow).
+    let entries: String = [("a", "lowest_load"), ("b", "tenant_affinity")]
+        .iter()
+        .map(|(name, crate_name)| {
+            plugin_entry(
+                name,
+                &plugin_wasm(crate_name),
+                "match = [{ path_prefix = \"/nothing\" }]",
+            )
+        })
+        .collect();
+    let c = client();
+    let admin = gw.admin_url("/v1/aliases");
+    let done = || async {
+        let mut n = 0.0;
+        for p in ["a", "b"] {
+            n += gw
+                .metric(
+                    "hagate_plugin_reloads_total",
+                    &[("plugin", p), ("result", "ok")],
+                )
+                .await;
+        }
+        n
+    };
+    gw.rewrite(|old| format!("{old}\n{entries}"));
+    // Ask the admin API over and over until the reload has finished; keep the slowest.
+    let mut slowest = Duration::ZERO;
+    let mut answers = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done().await < 2.0 {
+        let sent = Instant::now();
+        let r = c.get(&admin).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        slowest = slowest.max(sent.elapsed());
+        answers += 1;
+        assert!(Instant::now() < deadline, "the reload did not finish");
+    }
+    // The gateway logged how long each compile took.
+    let log = gw.log();
+    let compile_ms: u64 = log
+        .lines()
+        .filter(|l| l.contains("placement plugin loaded"))
+        .filter_map(|l| {
+            l.split("took_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .expect("the reload logged its compile times");
+    eprintln!("reload: slowest compile {compile_ms} ms; {answers} admin answers meanwhile, the slowest in {slowest:?}");
+    // Had the compile run on the control plane's runtime, some answer would have waited
+    // for most of it.
+    assert!(answers >= 2, "{answers}");
+    assert!(
+        slowest.as_millis() < u128::from(compile_ms) / 2,
+        "an admin answer took {slowest:?} while a compile took {compile_ms} ms"
+    );
 }

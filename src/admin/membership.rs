@@ -124,10 +124,28 @@ async fn heartbeat(gateway: &Gateway, req: Request<Incoming>) -> Reply {
     if hb.uuid.is_empty() || hb.uuid.len() > 128 {
         return bad("invalid_heartbeat", "uuid: must be 1-128 bytes".into());
     }
-    if hb.address.parse::<std::net::SocketAddr>().is_err() {
+    let Ok(address) = hb.address.parse::<std::net::SocketAddr>() else {
         return bad(
             "invalid_heartbeat",
             format!("address: invalid socket address {:?}", hb.address),
+        );
+    };
+    if let Err(e) = crate::model::routable(&address) {
+        return bad("invalid_heartbeat", format!("address: {}: {e}", hb.address));
+    }
+    let settings = gateway.settings();
+    if !settings.claimable.is_match(hb.alias.as_str()) {
+        return json(
+            StatusCode::FORBIDDEN,
+            &json!({"error": "alias_not_claimable",
+                    "detail": format!("alias {:?} matches no pattern of membership.claimable", hb.alias.as_str())}),
+        );
+    }
+    if !settings.config.membership.allows(&address) {
+        return json(
+            StatusCode::FORBIDDEN,
+            &json!({"error": "address_not_allowed",
+                    "detail": format!("{address} is in none of membership.allowed_networks")}),
         );
     }
     let outcome = match gateway.store().update_heartbeat(&hb).await {

@@ -282,7 +282,26 @@ pub fn authorize(expected: Option<&str>, field: &str, req: &Request<Incoming>) -
     }
 }
 
-/// Compares without stopping at the first difference.
+/// Compares in constant time, length included: both sides are hashed first, and the
+/// digests (always 32 bytes) are compared without stopping at the first difference.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (da, db) = (Sha256::digest(a), Sha256::digest(b));
+    da.iter()
+        .zip(db.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn tokens_compare_by_digest() {
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cret", b"s3creT"));
+        assert!(!same(b"s3cret", b"s3cret-and-more"));
+        assert!(!same(b"", b"x"));
+    }
 }

@@ -54,6 +54,7 @@ pub struct Entry {
 
 /// A heartbeat: `UpdateHeartBeat(uuid, alias, address, last_seen)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     /// The sender's uuid.
     pub uuid: String,

@@ -174,7 +174,7 @@ pub struct Gateway {
 pub const FAST_HEALTH: &str = r#"
 [health.active]
 path = "/health"
-interval = "100ms"
+interval = "200ms"
 timeout = "200ms"
 rise = 2
 fall = 2
