@@ -19,17 +19,49 @@ pub enum ContextIdError {
     /// The value looks like JSON but is not a context-id wrapper.
     #[error("the context id is JSON but not a HAWorkFlowContextID wrapper: {0}")]
     BadWrapper(String),
+    /// The request carries context ids that name different HAIDs.
+    #[error("the request carries different context ids ({first:?} and {second:?}); send one")]
+    Ambiguous {
+        /// The first value seen (query parameters before headers).
+        first: String,
+        /// The first value that disagrees with it.
+        second: String,
+    },
 }
 
 /// Finds the raw context id value: query parameter `query_name` in `query` (the part of the
-/// URI after `?`), else the header value. Query values are percent-decoded; `+` stays `+`
+/// URI after `?`), else the header values. Query values are percent-decoded; `+` stays `+`
 /// (HAIDs carry Base64 aliases, and Linkis clients send `%2B` when they mean it).
 /// A blank value counts as absent, as Linkis treats a blank context id as no context id.
+///
+/// Every value is looked at, not just the first: when the request carries several (query
+/// parameters, headers, or both) they must name the same HAID, bare or wrapped, else the
+/// answer is `Ambiguous`. Routing by one value while the context server acts on another
+/// would route a HAID that was never checked. Identical duplicates count as one.
 pub fn find<'a>(
     query: Option<&'a str>,
     query_name: &str,
-    header: Option<&'a [u8]>,
+    headers: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Option<Cow<'a, str>>, ContextIdError> {
+    let mut found: Option<Cow<'a, str>> = None;
+    let mut add = |v: Cow<'a, str>| -> Result<(), ContextIdError> {
+        if v.trim().is_empty() {
+            return Ok(());
+        }
+        match &found {
+            None => found = Some(v),
+            Some(first) if *first == v => {}
+            Some(first) => {
+                if unwrap(first)? != unwrap(&v)? {
+                    return Err(ContextIdError::Ambiguous {
+                        first: first.to_string(),
+                        second: v.into_owned(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    };
     if let Some(q) = query {
         for pair in q.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -37,18 +69,15 @@ pub fn find<'a>(
                 let v = percent_decode_str(v)
                     .decode_utf8()
                     .map_err(|_| ContextIdError::NotUtf8)?;
-                if !v.trim().is_empty() {
-                    return Ok(Some(v));
-                }
+                add(v)?;
             }
         }
     }
-    match header {
-        Some(bytes) => std::str::from_utf8(bytes)
-            .map(|s| (!s.trim().is_empty()).then_some(Cow::Borrowed(s)))
-            .map_err(|_| ContextIdError::NotUtf8),
-        None => Ok(None),
+    for bytes in headers {
+        let v = std::str::from_utf8(bytes).map_err(|_| ContextIdError::NotUtf8)?;
+        add(Cow::Borrowed(v))?;
     }
+    Ok(found)
 }
 
 /// The Gson wrapper: `value` is itself a JSON document.
@@ -92,31 +121,67 @@ mod tests {
     use super::*;
 
     #[test]
+    fn several_values_must_name_one_haid() {
+        let h = |v: &'static str| v.as_bytes();
+        // identical duplicates are one value
+        let v = find(
+            Some("contextID=1-1--ab7&contextID=1-1--ab7"),
+            "contextID",
+            [h("1-1--ab7")],
+        );
+        assert_eq!(v.unwrap().as_deref(), Some("1-1--ab7"));
+        // the same HAID bare and wrapped is one HAID
+        let wrapped = r#"{"type":"HAWorkFlowContextID","value":"{\"contextId\":\"1-1--ab7\"}"}"#;
+        assert!(find(Some("contextID=1-1--ab7"), "contextID", [h(wrapped)]).is_ok());
+        // two headers that differ, two query values that differ, query against header
+        for (q, hs) in [
+            (None, vec![h("1-1--ab7"), h("1-1--ba7")]),
+            (Some("contextID=1-1--ab7&contextID=1-1--ab8"), vec![]),
+            (Some("contextID=1-1--ab7"), vec![h("1-1--xy7")]),
+        ] {
+            assert!(
+                matches!(
+                    find(q, "contextID", hs),
+                    Err(ContextIdError::Ambiguous { .. })
+                ),
+                "{q:?}"
+            );
+        }
+        // a blank duplicate is no value
+        assert!(find(Some("contextID=1-1--ab7"), "contextID", [h(" ")]).is_ok());
+    }
+
+    #[test]
     fn query_wins_over_header() {
-        let v = find(Some("a=1&contextID=8-8--x"), "contextID", Some(b"other")).unwrap();
+        let v = find(
+            Some("a=1&contextID=8-8--x"),
+            "contextID",
+            [b"8-8--x".as_slice()],
+        )
+        .unwrap();
         assert_eq!(v.as_deref(), Some("8-8--x"));
-        let v = find(Some("a=1"), "contextID", Some(b"hdr")).unwrap();
+        let v = find(Some("a=1"), "contextID", [b"hdr".as_slice()]).unwrap();
         assert_eq!(v.as_deref(), Some("hdr"));
-        assert_eq!(find(None, "contextID", None).unwrap(), None);
+        assert_eq!(find(None, "contextID", []).unwrap(), None);
         // blank values are absent
-        let v = find(Some("contextID=&x=1"), "contextID", Some(b"hdr")).unwrap();
+        let v = find(Some("contextID=&x=1"), "contextID", [b"hdr".as_slice()]).unwrap();
         assert_eq!(v.as_deref(), Some("hdr"));
         assert_eq!(
-            find(Some("contextID=%20"), "contextID", Some(b" ")).unwrap(),
+            find(Some("contextID=%20"), "contextID", [b" ".as_slice()]).unwrap(),
             None
         );
     }
 
     #[test]
     fn query_is_percent_decoded_and_plus_is_kept() {
-        let v = find(Some("contextID=1-1--a%2Bb+7"), "contextID", None).unwrap();
+        let v = find(Some("contextID=1-1--a%2Bb+7"), "contextID", []).unwrap();
         assert_eq!(v.as_deref(), Some("1-1--a+b+7"));
         assert_eq!(
-            find(Some("contextID=%FF"), "contextID", None),
+            find(Some("contextID=%FF"), "contextID", []),
             Err(ContextIdError::NotUtf8)
         );
         assert_eq!(
-            find(None, "contextID", Some(&[0xff, 0xfe])),
+            find(None, "contextID", [[0xffu8, 0xfe].as_slice()]),
             Err(ContextIdError::NotUtf8)
         );
     }

@@ -130,6 +130,18 @@ impl Answer {
         }
     }
 
+    fn ambiguous(detail: String) -> Self {
+        metrics()
+            .haid_errors
+            .with_label_values(&["ambiguous"])
+            .inc();
+        Answer {
+            status: 400,
+            body: serde_json::json!({"error": "ambiguous_context_id", "detail": detail}),
+            retry_after: None,
+        }
+    }
+
     fn unknown_alias(alias: &str) -> Self {
         metrics().unknown_alias.inc();
         Answer {
@@ -211,7 +223,8 @@ impl Proxy {
                 req.uri.query(),
                 &cfg.context_id.query_param,
                 req.headers
-                    .get(&settings.context_header)
+                    .get_all(&settings.context_header)
+                    .iter()
                     .map(|v| v.as_bytes()),
             )
         } else {
@@ -222,6 +235,7 @@ impl Proxy {
                 "not_utf8",
                 ContextIdError::NotUtf8.to_string(),
             )),
+            Err(e @ ContextIdError::Ambiguous { .. }) => Some(Answer::ambiguous(e.to_string())),
             Err(e) => Some(Answer::invalid_haid("bad_wrapper", e.to_string())),
             Ok(None) => self.place(session, &settings, &table, ctx).await,
             Ok(Some(value)) => match context_id::unwrap(&value) {

@@ -492,3 +492,46 @@ async fn a_reloaded_health_config_restarts_the_checks() {
     gw.rewrite(|old| old.replace("path = \"/status\"", "path = \"/health\""));
     gw.wait_served_by(&haid, "cs_1").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_context_ids_are_refused_and_identical_ones_routed() {
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let gw = Gateway::start(&format!(
+        "{FAST_HEALTH}{}",
+        instances(&[("cs_1", &a), ("cs_2", &b)])
+    ))
+    .await;
+    let c = client();
+    let one = hagate::haid::encode("cs_1", &["cs_2"], "7").unwrap();
+    let other = hagate::haid::encode("cs_2", &["cs_1"], "7").unwrap();
+    let url = gw.url("/api/rest_j/v1/contextservice/getContextValue");
+    let ambiguous = [
+        // two headers that name different HAIDs
+        c.get(&url)
+            .header("contextID", &one)
+            .header("contextID", &other),
+        // two query parameters that differ
+        c.get(format!("{url}?contextID={one}&contextID={other}")),
+        // a query parameter that disagrees with the header
+        c.get(format!("{url}?contextID={one}"))
+            .header("contextID", &other),
+    ];
+    for req in ambiguous {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "ambiguous_context_id", "{body}");
+    }
+    // identical duplicates are one value, routed
+    for req in [
+        c.get(&url)
+            .header("contextID", &one)
+            .header("contextID", &one),
+        c.get(format!("{url}?contextID={one}"))
+            .header("contextID", &one),
+    ] {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<serde_json::Value>().await.unwrap()["server"], "A");
+    }
+}
