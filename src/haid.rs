@@ -23,12 +23,52 @@ const LEN_SEPARATOR: char = '-';
 /// A decoded HAID, borrowing from the string it was decoded from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Haid<'a> {
-    /// The alias of the main instance.
+    /// The alias of the main instance (without a lone surrogate; see `broken`).
     pub main: &'a str,
-    /// The alias of the backup instance.
+    /// The alias of the backup instance (without a lone surrogate; see `broken`).
     pub backup: &'a str,
     /// The numeric context id (Unicode `Nd` digits, as Linkis allows).
     pub id: &'a str,
+    /// Which aliases Java's `substring` cut inside a UTF-16 surrogate pair.
+    pub broken: Broken,
+}
+
+/// Aliases that hold a lone surrogate in Linkis.
+///
+/// When an alias boundary falls inside a surrogate pair, Java's `substring` splits it and
+/// Linkis *accepts* the HAID: the alias before the boundary ends with a lone high
+/// surrogate, and the one after it starts with a lone low surrogate (Java prints each as
+/// `?`). No Rust string can hold a lone surrogate, so `Haid` keeps the rest of such an
+/// alias and sets its flag here. A broken alias can equal no alias of a table (table
+/// aliases are valid strings), so routing treats it as unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Broken {
+    /// The main alias ends with a lone high surrogate.
+    pub main: bool,
+    /// The backup alias starts with a lone low surrogate, or ends with a lone high one.
+    pub backup: bool,
+    /// Where the backup's lone surrogate is: at its start (true) or its end (false).
+    pub backup_at_start: bool,
+}
+
+impl<'a> Haid<'a> {
+    /// The main alias as Java prints it (a lone surrogate becomes `?`).
+    pub fn main_java(&self) -> std::borrow::Cow<'a, str> {
+        if self.broken.main {
+            format!("{}?", self.main).into()
+        } else {
+            self.main.into()
+        }
+    }
+
+    /// The backup alias as Java prints it (a lone surrogate becomes `?`).
+    pub fn backup_java(&self) -> std::borrow::Cow<'a, str> {
+        match (self.broken.backup, self.broken.backup_at_start) {
+            (false, _) => self.backup.into(),
+            (true, true) => format!("?{}", self.backup).into(),
+            (true, false) => format!("{}?", self.backup).into(),
+        }
+    }
 }
 
 /// Why a string is not a HAID. Each variant names a rule of the Linkis codec.
@@ -62,9 +102,6 @@ pub enum HaidError {
     /// What is left after the aliases is not all digits.
     #[error("the context id after the aliases is not numeric")]
     NotNumeric,
-    /// An alias boundary falls inside a character outside the Basic Multilingual Plane.
-    #[error("an alias boundary splits a UTF-16 surrogate pair")]
-    SplitSurrogate,
 }
 
 impl HaidError {
@@ -77,19 +114,17 @@ impl HaidError {
             HaidError::BadLength { .. } => "bad_length",
             HaidError::LengthsTooLong { .. } => "lengths_too_long",
             HaidError::NotNumeric => "not_numeric",
-            HaidError::SplitSurrogate => "split_surrogate",
         }
     }
 
     /// Every label `reason()` can return, so metrics can be pre-registered.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 6] = [
         "empty",
         "separator",
         "too_few_aliases",
         "bad_length",
         "lengths_too_long",
         "not_numeric",
-        "split_surrogate",
     ];
 }
 
@@ -168,6 +203,7 @@ pub fn decode(haid: &str) -> Result<Haid<'_>, HaidError> {
     let main_end = first[0] as usize;
     let backup_end = main_end + first[1] as usize;
 
+    let mut broken = Broken::default();
     let (main, backup, id) = if rest.is_ascii() {
         (
             &rest[..main_end],
@@ -175,19 +211,44 @@ pub fn decode(haid: &str) -> Result<Haid<'_>, HaidError> {
             &rest[total..],
         )
     } else {
-        let main_end = utf16_to_byte(rest, main_end)?;
-        let backup_end = utf16_to_byte(rest, backup_end)?;
-        let id_start = utf16_to_byte(rest, total).map_err(|_| HaidError::NotNumeric)?;
-        (
-            &rest[..main_end],
-            &rest[main_end..backup_end],
-            &rest[id_start..],
-        )
+        // Java cuts at UTF-16 offsets; a cut inside a surrogate pair leaves lone halves.
+        let (main, backup_start) = match utf16_cut(rest, main_end) {
+            Cut::Exact(b) => (&rest[..b], b),
+            Cut::Inside { start, end } => {
+                broken.main = true;
+                if first[1] > 0 {
+                    broken.backup = true;
+                    broken.backup_at_start = true;
+                }
+                (&rest[..start], end)
+            }
+        };
+        let backup = if first[1] == 0 {
+            ""
+        } else {
+            match utf16_cut(rest, backup_end) {
+                Cut::Exact(b) => &rest[backup_start..b],
+                Cut::Inside { start, .. } => {
+                    broken.backup = true;
+                    &rest[backup_start..start.max(backup_start)]
+                }
+            }
+        };
+        // An id that starts with a lone low surrogate is not numeric.
+        let Cut::Exact(id_start) = utf16_cut(rest, total) else {
+            return Err(HaidError::NotNumeric);
+        };
+        (main, backup, &rest[id_start..])
     };
     if !is_numeric(id) {
         return Err(HaidError::NotNumeric);
     }
-    Ok(Haid { main, backup, id })
+    Ok(Haid {
+        main,
+        backup,
+        id,
+        broken,
+    })
 }
 
 /// Encodes a HAID the way Linkis's `encodeHAIDKey` does, and checks that it decodes back.
@@ -326,23 +387,37 @@ pub fn utf16_len(s: &str) -> usize {
     }
 }
 
-/// The byte offset of UTF-16 offset `units` in `s`, if it falls on a character boundary.
-fn utf16_to_byte(s: &str, units: usize) -> Result<usize, HaidError> {
+/// Where UTF-16 offset `units` falls in `s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// On a character boundary, at this byte offset.
+    Exact(usize),
+    /// Inside the surrogate pair of the character at bytes `start..end`.
+    Inside {
+        /// Byte offset where the split character starts.
+        start: usize,
+        /// Byte offset just after it.
+        end: usize,
+    },
+}
+
+/// Where UTF-16 offset `units` (at most `utf16_len(s)`) falls in `s`.
+fn utf16_cut(s: &str, units: usize) -> Cut {
     let mut seen = 0usize;
     for (byte, c) in s.char_indices() {
         if seen == units {
-            return Ok(byte);
+            return Cut::Exact(byte);
         }
-        if seen > units {
-            return Err(HaidError::SplitSurrogate);
+        let next = seen + c.len_utf16();
+        if next > units {
+            return Cut::Inside {
+                start: byte,
+                end: byte + c.len_utf8(),
+            };
         }
-        seen += c.len_utf16();
+        seen = next;
     }
-    if seen == units {
-        Ok(s.len())
-    } else {
-        Err(HaidError::SplitSurrogate)
-    }
+    Cut::Exact(s.len())
 }
 
 #[cfg(test)]
@@ -357,7 +432,8 @@ mod tests {
             Haid {
                 main: "cs_1_dev",
                 backup: "cs_2_dev",
-                id: "1024"
+                id: "1024",
+                broken: Broken::default(),
             }
         );
         assert_eq!(h.to_string(), "8-8--cs_1_devcs_2_dev1024");
@@ -414,7 +490,50 @@ mod tests {
     fn lengths_count_utf16_units() {
         let h = decode("2-1--\u{1F600}b7").unwrap();
         assert_eq!(h.main, "\u{1F600}");
-        assert_eq!(decode("1-2--\u{1F600}b7"), Err(HaidError::SplitSurrogate));
+        assert_eq!(h.broken, Broken::default());
+    }
+
+    /// Vectors built by reasoning from Java's `String` (UTF-16 units, `substring` cuts
+    /// anywhere): `(haid, Some((main, backup, id)) as Java prints them, or None: invalid)`.
+    const SPLIT_PAIRS: &[(&str, Option<(&str, &str, &str)>)] = &[
+        // main = D83D, backup = DE00 'b', id "7": valid, both aliases hold a lone half
+        ("1-2--\u{1F600}b7", Some(("?", "?b", "7"))),
+        // main = 'a' D83D, backup = DE00: valid
+        ("2-1--a\u{1F600}7", Some(("a?", "?", "7"))),
+        // backup = D83D, id = DE00 '7': the id is not numeric
+        ("1-1--a\u{1F600}7", None),
+        // main = D83D, backup = "" (length 0), id = DE00 'x' '7': not numeric
+        ("1-0--\u{1F600}x7", None),
+        // a third alias is consumed and ignored; the split is between main and backup
+        ("2-2-1--a\u{1F600}bc7", Some(("a?", "?b", "7"))),
+        // the backup ends inside a pair and the third alias takes the rest of it
+        ("1-2-1--ab\u{1F600}7", Some(("a", "b?", "7"))),
+        // every cut on a boundary: an ordinary valid HAID
+        (
+            "3-2--a\u{1F600}\u{1F601}7",
+            Some(("a\u{1F600}", "\u{1F601}", "7")),
+        ),
+        // the id would start with a lone low half
+        ("3-1--a\u{1F600}\u{1F601}7", None),
+    ];
+
+    #[test]
+    fn a_boundary_inside_a_surrogate_pair_is_accepted_as_linkis_does() {
+        for (haid, want) in SPLIT_PAIRS {
+            match (decode(haid), want) {
+                (Ok(h), Some((main, backup, id))) => {
+                    assert_eq!(
+                        (h.main_java().as_ref(), h.backup_java().as_ref(), h.id),
+                        (*main, *backup, *id),
+                        "{haid:?}"
+                    );
+                }
+                (Err(_), None) => {}
+                (got, want) => panic!("{haid:?}: got {got:?}, want {want:?}"),
+            }
+        }
+        let h = decode("1-2--\u{1F600}b7").unwrap();
+        assert!(h.broken.main && h.broken.backup);
     }
 
     #[test]

@@ -375,7 +375,9 @@ fn decode_json(value: &str) -> serde_json::Value {
         Err(e) => return json!({"valid": false, "error": e.to_string()}),
     };
     match haid::decode(&text) {
-        Ok(h) => json!({"valid": true, "main": h.main, "backup": h.backup, "id": h.id}),
+        Ok(h) => {
+            json!({"valid": true, "main": h.main_java(), "backup": h.backup_java(), "id": h.id})
+        }
         Err(e) => json!({"valid": false, "error": e.to_string(), "reason": e.reason()}),
     }
 }

@@ -251,6 +251,10 @@ impl Proxy {
                             Decision::NoLiveInstance { .. } if cfg.routing.replacement => {
                                 self.replace(&table, &view, h.id, decision, &settings, ctx)
                             }
+                            // Name a broken alias as Linkis prints it, with its `?`.
+                            Decision::UnknownAlias { .. } if h.broken.main => {
+                                Some(Answer::unknown_alias(&h.main_java()))
+                            }
                             _ => Self::apply(decision, &settings, ctx),
                         }
                     }

@@ -71,8 +71,9 @@ pub enum Decision<'h> {
 /// backup is known and live is still served.
 #[inline]
 pub fn decide<'h>(haid: &Haid<'h>, table: &AliasTable, health: &impl HealthView) -> Decision<'h> {
-    let main = table.resolve(haid.main);
-    let backup_idx = table.resolve(haid.backup);
+    // An alias holding a lone surrogate (see `haid::Broken`) matches no table alias.
+    let main = table.resolve(haid.main).filter(|_| !haid.broken.main);
+    let backup_idx = table.resolve(haid.backup).filter(|_| !haid.broken.backup);
     let backup = backup_idx.filter(|b| Some(*b) != main);
     let live = |i: Option<usize>| {
         i.filter(|&i| {

@@ -535,3 +535,27 @@ async fn conflicting_context_ids_are_refused_and_identical_ones_routed() {
         assert_eq!(r.json::<serde_json::Value>().await.unwrap()["server"], "A");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_haid_split_inside_a_surrogate_pair_is_accepted_as_linkis_does() {
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let gw = Gateway::start(&format!(
+        "{FAST_HEALTH}{}",
+        instances(&[("cs_1", &a), ("cs_2", &b)])
+    ))
+    .await;
+    let c = client();
+    // main cs_1; the backup is "cs" plus a lone high surrogate; a third alias takes the
+    // low half: Linkis accepts it, and the broken backup matches nothing
+    let (status, body) = get_haid(&c, &gw, "4-3-1--cs_1cs\u{1F600}7").await;
+    assert_eq!(
+        (status, body["server"].as_str()),
+        (200, Some("A")),
+        "{body}"
+    );
+    // both aliases broken: valid for Linkis, but no instance has either alias
+    let (status, body) = get_haid(&c, &gw, "1-2--\u{1F600}b7").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"], "unknown_alias");
+    assert_eq!(body["alias"], "?");
+}
