@@ -495,7 +495,8 @@ mod tests {
 
     /// Vectors built by reasoning from Java's `String` (UTF-16 units, `substring` cuts
     /// anywhere): `(haid, Some((main, backup, id)) as Java prints them, or None: invalid)`.
-    const SPLIT_PAIRS: &[(&str, Option<(&str, &str, &str)>)] = &[
+    type Parts = Option<(&'static str, &'static str, &'static str)>;
+    const SPLIT_PAIRS: &[(&str, Parts)] = &[
         // main = D83D, backup = DE00 'b', id "7": valid, both aliases hold a lone half
         ("1-2--\u{1F600}b7", Some(("?", "?b", "7"))),
         // main = 'a' D83D, backup = DE00: valid
