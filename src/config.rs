@@ -191,6 +191,20 @@ pub struct ServerConfig {
     /// Seconds to let in-flight requests finish on SIGTERM: `grace_period = "5s"`.
     #[serde(default = "secs::<5>", with = "humantime_serde")]
     pub grace_period: Duration,
+    /// Close a client connection idle this long, before its first request or between
+    /// requests: `keepalive_timeout = "60s"` (whole seconds, 1s-1h).
+    #[serde(default = "secs::<60>", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Close a client connection whose request headers are not complete this long after
+    /// the request's first byte: `header_timeout = "10s"` (100ms-10m).
+    #[serde(default = "secs::<10>", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// The most client connections open at once: `max_connections = 10000`. Above it, the
+    /// longest-idle connection is closed to make room (or, if none is idle, the new one).
+    /// Default: derived from the file-descriptor limit, as HAProxy derives `maxconn`:
+    /// (limit - reserve) / 2, since each proxied connection may need an upstream one too.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 /// `[admin]`
@@ -204,6 +218,18 @@ pub struct AdminConfig {
     /// Unset means writes are open to whoever reaches the admin listener.
     #[serde(default)]
     pub token: Option<String>,
+    /// The most admin connections open at once: `max_connections = 64` (1-10000). Above
+    /// it, the admin listener stops accepting until one closes.
+    #[serde(default = "default_admin_connections")]
+    pub max_connections: usize,
+    /// Close an admin connection that has not sent a complete request head this long
+    /// after it connected or after its last answer: `header_timeout = "10s"` (100ms-10m).
+    #[serde(default = "secs::<10>", with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+fn default_admin_connections() -> usize {
+    64
 }
 
 /// `[context_id]`
@@ -643,6 +669,24 @@ impl Config {
         let (a, p, m) = (&self.health.active, &self.health.passive, &self.membership);
         for (field, d, min, max) in [
             (
+                "server.keepalive_timeout",
+                self.server.keepalive_timeout,
+                SEC,
+                HOUR,
+            ),
+            (
+                "server.header_timeout",
+                self.server.header_timeout,
+                MS * 100,
+                MS * 600_000,
+            ),
+            (
+                "admin.header_timeout",
+                self.admin.header_timeout,
+                MS * 100,
+                MS * 600_000,
+            ),
+            (
                 "server.grace_period",
                 self.server.grace_period,
                 Duration::ZERO,
@@ -681,6 +725,25 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if self.server.keepalive_timeout.subsec_nanos() != 0 {
+            return Err(invalid("server.keepalive_timeout", "must be whole seconds"));
+        }
+        if self
+            .server
+            .max_connections
+            .is_some_and(|m| !(1..=1_000_000).contains(&m))
+        {
+            return Err(invalid(
+                "server.max_connections",
+                "must be between 1 and 1000000 (omit it to derive it from the fd limit)",
+            ));
+        }
+        if !(1..=10_000).contains(&self.admin.max_connections) {
+            return Err(invalid(
+                "admin.max_connections",
+                "must be between 1 and 10000",
+            ));
         }
         if a.timeout > a.interval {
             return Err(invalid(

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::haid;
-use crate::http_server::{json, read_body, serve, Reply};
+use crate::http_server::{json, read_body, serve, Reply, ServeLimits};
 
 /// One demo context server.
 #[derive(Debug)]
@@ -48,10 +48,15 @@ impl DemoServer {
 
     /// Serves on `listener` forever.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        serve(listener, move |req| {
-            let me = Arc::clone(&self);
-            async move { me.handle(req).await }
-        })
+        serve(
+            listener,
+            ServeLimits::default(),
+            |_| {},
+            move |req| {
+                let me = Arc::clone(&self);
+                async move { me.handle(req).await }
+            },
+        )
         .await
     }
 

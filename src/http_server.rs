@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -16,21 +17,57 @@ use tokio::net::TcpListener;
 /// A response with a complete body.
 pub type Reply = Response<Full<Bytes>>;
 
-/// Serves `handler` on every connection accepted from `listener`, forever.
-pub async fn serve<F, Fut>(listener: TcpListener, handler: F)
-where
+/// Limits of a small HTTP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// The most connections open at once; above it, no more are accepted until one closes.
+    pub max_connections: usize,
+    /// How long a connection may take to send a complete request head, counted from when
+    /// it connected or got its last answer (so it also closes idle keep-alive connections).
+    pub header_timeout: std::time::Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 64,
+            header_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `handler` on every connection accepted from `listener`, forever, within `limits`.
+/// `open` is told the number of open connections whenever it changes.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    limits: ServeLimits,
+    open: impl Fn(usize) + Send + Sync + 'static,
+    handler: F,
+) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send + 'static,
 {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let open = Arc::new(open);
+    let in_use =
+        move |slots: &tokio::sync::Semaphore| limits.max_connections - slots.available_permits();
     loop {
+        // Take a slot before accepting: above the cap, connections wait in the backlog.
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(error) => {
                 tracing::warn!(%error, "accept failed");
+                // EMFILE and friends fail at once; do not spin on them.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
+        open(in_use(&slots));
         let handler = handler.clone();
+        let (slots, open) = (Arc::clone(&slots), Arc::clone(&open));
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let handler = handler.clone();
@@ -38,8 +75,12 @@ where
             });
             let _ = http1::Builder::new()
                 .keep_alive(true)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(permit);
+            open(in_use(&slots));
         });
     }
 }

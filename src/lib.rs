@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod aliases;
 pub mod config;
+pub mod conn;
 pub mod context_id;
 pub mod demo;
 pub mod gateway;

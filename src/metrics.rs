@@ -78,6 +78,14 @@ pub struct Metrics {
     /// `hagate_store_events_total{result}`: watch events applied, skipped (at or below the
     /// applied revision) or bad (a value that does not parse).
     pub store_events: IntCounterVec,
+    /// `hagate_connections_closed_total{reason}`: proxy connections the gateway closed:
+    /// keepalive_timeout, header_timeout, evicted_idle (to make room), refused_full.
+    pub connections_closed: IntCounterVec,
+    /// `hagate_connections_open{listener}`: open connections on the proxy and admin listeners.
+    pub connections_open: IntGaugeVec,
+    /// `hagate_local_resource_errors_total{during}`: EMFILE, ENFILE, ENOBUFS or ENOMEM met
+    /// while connecting upstream or health checking; never counted against the upstream.
+    pub local_resource_errors: IntCounterVec,
 }
 
 /// Registers `metric` in `r` and hands it back.
@@ -298,8 +306,29 @@ impl Metrics {
             "Watch events, by result: applied, skipped (duplicate or old), bad (unparsable).",
             &["result"],
         );
+        let connections_closed = counter_vec(
+            &r,
+            "hagate_connections_closed_total",
+            "Proxy connections closed by the gateway: keepalive_timeout, header_timeout, evicted_idle, refused_full.",
+            &["reason"],
+        );
+        let connections_open = gauge_vec(
+            &r,
+            "hagate_connections_open",
+            "Open client connections, by listener (proxy or admin).",
+            &["listener"],
+        );
+        let local_resource_errors = counter_vec(
+            &r,
+            "hagate_local_resource_errors_total",
+            "Local resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM), by what hit them: upstream or health_check.",
+            &["during"],
+        );
         Metrics {
             registry: r,
+            connections_closed,
+            connections_open,
+            local_resource_errors,
             store_up,
             store_revision,
             store_last_sync_age,

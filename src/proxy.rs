@@ -16,9 +16,11 @@ use bytes::Bytes;
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
+use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType, RetryType};
 
 use crate::aliases::AliasTable;
+use crate::conn::Connections;
 use crate::context_id::{self, ContextIdError};
 use crate::gateway::{Gateway, Settings};
 use crate::haid::{self, HaidError};
@@ -39,12 +41,13 @@ const LOAD: &str = "x-hagate-load";
 /// The proxy service.
 pub struct Proxy {
     gateway: Arc<Gateway>,
+    conns: Arc<Connections>,
 }
 
 impl Proxy {
-    /// A proxy over `gateway`'s state.
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        Proxy { gateway }
+    /// A proxy over `gateway`'s state, telling `conns` when each request ends.
+    pub fn new(gateway: Arc<Gateway>, conns: Arc<Connections>) -> Self {
+        Proxy { gateway, conns }
     }
 }
 
@@ -59,6 +62,8 @@ pub struct Ctx {
     next: Next,
     /// Whether a stale pooled connection was already retried.
     reconnected: bool,
+    /// A local resource error (EMFILE, ...) stopped the request, not the upstream.
+    local_trouble: bool,
     current: Option<Target>,
     inflight: Option<InflightGuard>,
     /// The numeric id of the HAID, forwarded as `x-hagate-context-id`.
@@ -382,6 +387,7 @@ impl ProxyHttp for Proxy {
             fallback: None,
             next: Next::Primary,
             reconnected: false,
+            local_trouble: false,
             current: None,
             inflight: None,
             context_id: None,
@@ -493,6 +499,17 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        // Out of descriptors or buffers here says nothing about the upstream: do not eject
+        // it, and do not fail over (the other instance would fail the same way).
+        if crate::health::is_local_resource_error(e.root_cause()) {
+            metrics()
+                .local_resource_errors
+                .with_label_values(&["upstream"])
+                .inc();
+            ctx.local_trouble = true;
+            e.set_retry(false);
+            return e;
+        }
         ctx.record_failure();
         let fail_over = ctx.can_fail_over();
         if fail_over {
@@ -504,6 +521,56 @@ impl ProxyHttp for Proxy {
         }
         e.set_retry(fail_over);
         e
+    }
+
+    /// Every error pingora would answer with its own page gets a JSON body instead.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let (status, body) = match (e.etype(), e.esource()) {
+            _ if ctx.local_trouble => (
+                503,
+                serde_json::json!({"error": "local_resources_exhausted",
+                    "detail": "the gateway is out of file descriptors or buffers; the upstream was not tried"}),
+            ),
+            (ErrorType::HTTPStatus(code), _) => (
+                *code,
+                serde_json::json!({"error": "http_error", "detail": e.to_string()}),
+            ),
+            (_, ErrorSource::Upstream) => (
+                502,
+                serde_json::json!({"error": "upstream_failed",
+                    "detail": format!("no instance of the request's HAID answered ({})", e.etype().as_str())}),
+            ),
+            (
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => {
+                // The client is gone: nobody to answer.
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
+            (_, ErrorSource::Downstream) => (
+                400,
+                serde_json::json!({"error": "bad_request", "detail": e.to_string()}),
+            ),
+            _ => (
+                500,
+                serde_json::json!({"error": "internal_error", "detail": e.etype().as_str()}),
+            ),
+        };
+        let answer = Answer {
+            status,
+            body,
+            retry_after: None,
+        };
+        if let Err(error) = answer.send(session).await {
+            tracing::debug!(%error, "could not send the error answer");
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
     }
 
     fn error_while_proxy(
@@ -563,6 +630,10 @@ impl ProxyHttp for Proxy {
             .with_label_values(&[role])
             .observe(ctx.started.elapsed().as_secs_f64());
         ctx.inflight = None;
+        // The request is over: its connection is idle (and may be evicted) until the next.
+        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
+            self.conns.idle(peer);
+        }
     }
 }
 

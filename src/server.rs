@@ -12,10 +12,14 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
 use crate::config::Config;
+use crate::conn::{Connections, Guard, Limits};
 use crate::gateway::Gateway;
+use crate::http_server::ServeLimits;
+use crate::metrics::metrics;
 use crate::proxy::Proxy;
 use crate::store::etcd::StoreSink;
 use crate::{admin, health, reload};
+use pingora::services::listening::Service;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,8 @@ pub enum StartError {
 struct ControlPlane {
     gateway: Arc<Gateway>,
     admin: Mutex<Option<std::net::TcpListener>>,
+    conns: Arc<Connections>,
+    nofile: u64,
 }
 
 #[async_trait]
@@ -49,14 +55,33 @@ impl BackgroundService for ControlPlane {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {
                     let gw = Arc::clone(&self.gateway);
-                    tokio::spawn(crate::http_server::serve(listener, move |req| {
-                        admin::handle(Arc::clone(&gw), req)
-                    }));
+                    let admin = &gw.settings().config.admin;
+                    let limits = ServeLimits {
+                        max_connections: admin.max_connections,
+                        header_timeout: admin.header_timeout,
+                    };
+                    let open = |n: usize| {
+                        metrics()
+                            .connections_open
+                            .with_label_values(&["admin"])
+                            .set(n as i64)
+                    };
+                    tokio::spawn(crate::http_server::serve(
+                        listener,
+                        limits,
+                        open,
+                        move |req| admin::handle(Arc::clone(&gw), req),
+                    ));
                 }
                 Err(error) => tracing::error!(%error, "admin listener failed"),
             }
         }
         tokio::spawn(health::active::supervise(Arc::clone(&self.gateway)));
+        tokio::spawn(follow_limits(
+            Arc::clone(&self.gateway),
+            Arc::clone(&self.conns),
+            self.nofile,
+        ));
         match self.gateway.etcd() {
             // On etcd, holders and the table arrive through the store's one watch.
             Some(etcd) => {
@@ -70,6 +95,58 @@ impl BackgroundService for ControlPlane {
         tokio::spawn(reload::watch_config(Arc::clone(&self.gateway)));
         tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway)));
         let _ = shutdown.changed().await;
+    }
+}
+
+/// fds the gateway keeps for itself: the admin listener's connections, health checks,
+/// etcd, logs, runtimes, plugin files. The rest is for client and upstream connections.
+const FD_RESERVE: u64 = 128;
+
+/// The proxy listener's limits under `config`, with `nofile` descriptors available.
+pub fn limits(config: &Config, nofile: u64) -> Limits {
+    let derived = nofile.saturating_sub(FD_RESERVE + config.admin.max_connections as u64) / 2;
+    Limits {
+        max_connections: config
+            .server
+            .max_connections
+            .unwrap_or(derived.max(16) as usize),
+        keepalive_timeout: config.server.keepalive_timeout,
+        header_timeout: config.server.header_timeout,
+    }
+}
+
+/// Keeps the proxy listener's limits equal to the config's, across reloads.
+async fn follow_limits(gateway: Arc<Gateway>, conns: Arc<Connections>, nofile: u64) {
+    let mut changes = gateway.subscribe();
+    loop {
+        let now = limits(&gateway.settings().config, nofile);
+        if now != conns.limits() {
+            tracing::info!(?now, "proxy connection limits changed");
+            conns.set_limits(now);
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, logs both, and returns the soft one.
+pub fn raise_nofile() -> u64 {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => {
+            tracing::info!(
+                soft_before = before.0,
+                soft,
+                hard = before.1,
+                "file-descriptor limit (RLIMIT_NOFILE)"
+            );
+            soft
+        }
+        Err(error) => {
+            tracing::warn!(%error, soft = before.0, hard = before.1, "cannot raise RLIMIT_NOFILE");
+            before.0
+        }
     }
 }
 
@@ -95,6 +172,9 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infall
     let threads = config.server.threads;
     let work_stealing = config.server.work_stealing;
     let grace = config.server.grace_period.as_secs();
+    let nofile = raise_nofile();
+    let conns = Connections::new(limits(&config, nofile));
+    tracing::info!(limits = ?conns.limits(), "proxy connection limits");
     let gateway = Gateway::new(config, path)?;
     let admin = std::net::TcpListener::bind(admin_addr).map_err(|source| StartError::Bind {
         field: "admin.listen",
@@ -129,8 +209,14 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infall
     conf.max_retries = 3;
     let mut server = Server::new_with_opt_and_conf(None, conf);
 
-    let mut proxy =
-        pingora::proxy::http_proxy_service(&server.configuration, Proxy::new(Arc::clone(&gateway)));
+    let app = pingora::proxy::http_proxy(
+        &server.configuration,
+        Proxy::new(Arc::clone(&gateway), Arc::clone(&conns)),
+    );
+    let mut proxy = Service::new(
+        "hagate proxy".to_string(),
+        Guard::new(app, Arc::clone(&conns)),
+    );
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
     server.add_service(background_service(
@@ -138,6 +224,8 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infall
         ControlPlane {
             gateway: Arc::clone(&gateway),
             admin: Mutex::new(Some(admin)),
+            conns,
+            nofile,
         },
     ));
     tracing::info!(%listen, admin = %admin_addr, "hagate is serving");

@@ -105,6 +105,14 @@ async fn check_loop(
         ticks.tick().await;
         let passed = match client.get(&url).send().await {
             Ok(resp) => resp.status().is_success() || resp.status().is_redirection(),
+            // Out of descriptors here is not the instance failing: skip this check.
+            Err(e) if crate::health::is_local_resource_error(&e) => {
+                m.local_resource_errors
+                    .with_label_values(&["health_check"])
+                    .inc();
+                tracing::warn!(alias, %addr, error = %e, "health check skipped: the gateway is out of local resources");
+                continue;
+            }
             Err(_) => false,
         };
         m.health_checks

@@ -22,6 +22,25 @@ pub fn now_ms() -> u64 {
     epoch.elapsed().as_millis() as u64
 }
 
+/// Whether `error`, or any error it was caused by, is the gateway's own resource trouble:
+/// out of file descriptors (EMFILE, ENFILE), buffers (ENOBUFS) or memory (ENOMEM). Such
+/// an error is never counted against an upstream.
+pub fn is_local_resource_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+            ) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// What routing asks of health. Implementations must be cheap and lock-free.
 pub trait HealthView {
     /// Whether the instance with this alias and shared state may be sent requests now.

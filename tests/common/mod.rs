@@ -202,9 +202,25 @@ impl Gateway {
     }
 
     pub async fn start_with_admin(body: &str, admin_extra: &str) -> Self {
+        Self::start_full(body, "", admin_extra, None).await
+    }
+
+    /// Starts the gateway under `ulimit -n nofile` (soft and hard).
+    pub async fn start_with_nofile(body: &str, nofile: u64) -> Self {
+        Self::start_full(body, "", "", Some(nofile)).await
+    }
+
+    /// Starts the gateway with extra `[server]` and `[admin]` lines, optionally under
+    /// `ulimit -n`.
+    pub async fn start_full(
+        body: &str,
+        server_extra: &str,
+        admin_extra: &str,
+        nofile: Option<u64>,
+    ) -> Self {
         // Another process may still take a port first; then start again on new ones.
         for _ in 0..5 {
-            if let Some(gw) = Self::try_start(body, admin_extra).await {
+            if let Some(gw) = Self::try_start(body, server_extra, admin_extra, nofile).await {
                 return gw;
             }
         }
@@ -212,17 +228,32 @@ impl Gateway {
     }
 
     /// Starts a gateway; `None` if it exited because a port was taken.
-    async fn try_start(body: &str, admin_extra: &str) -> Option<Self> {
+    async fn try_start(
+        body: &str,
+        server_extra: &str,
+        admin_extra: &str,
+        nofile: Option<u64>,
+    ) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let proxy: SocketAddr = format!("127.0.0.1:{}", gateway_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", gateway_port()).parse().unwrap();
         let config = format!(
-            "[server]\nlisten = \"{proxy}\"\nthreads = 2\ngrace_period = \"1s\"\n\n[admin]\nlisten = \"{admin}\"\n{admin_extra}\n{body}"
+            "[server]\nlisten = \"{proxy}\"\nthreads = 2\ngrace_period = \"1s\"\n{server_extra}\n[admin]\nlisten = \"{admin}\"\n{admin_extra}\n{body}"
         );
         let path = dir.path().join("hagate.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("hagate.log")).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match nofile {
+            None => Command::new(BIN),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(BIN);
+                c
+            }
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")

@@ -1,0 +1,496 @@
+//! Connection hygiene on the proxy listener, as nginx and HAProxy have it: a cap on open
+//! connections, an idle (keep-alive) timeout, and a deadline for a request's headers. It
+//! wraps pingora's transport (`Stream`) and its `ServerApp`; it knows nothing of request
+//! phases, except that `proxy` tells it when a request has ended (`Connections::idle`).
+//!
+//! - **`server.max_connections`.** Each accepted connection takes a slot. When all slots
+//!   are taken, the connection that has been idle longest (waiting for its first or next
+//!   request) is closed to make room, as nginx reuses keep-alive connections when it runs
+//!   out; if none is idle, the new connection is closed. So silent clients can never
+//!   starve the gateway of descriptors, and a client that sends a request gets served.
+//! - **`server.keepalive_timeout`.** A connection idle that long is closed: before its first
+//!   request, and between requests. (Pingora itself re-arms HTTP/1.1 keep-alive with no
+//!   timeout after each request.)
+//! - **`server.header_timeout`.** From the first byte of a request (the first, or a later
+//!   one on a keep-alive connection) to the blank line that ends its headers. A slowloris
+//!   client that trickles bytes is closed when it runs out.
+//!
+//! The header deadline ends at the first `\r\n\r\n` after a request starts; the body and
+//! the response are then governed by the upstream and pingora timeouts. An upgraded
+//! connection (WebSocket) stays busy until its request ends, so no deadline cuts it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+use crate::health::now_ms;
+use crate::metrics::metrics;
+
+/// The limits of the proxy listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The most connections open at once.
+    pub max_connections: usize,
+    /// How long a connection may wait for its first or next request.
+    pub keepalive_timeout: Duration,
+    /// How long a request may take from its first byte to the end of its headers.
+    pub header_timeout: Duration,
+}
+
+/// One open connection's shared state.
+#[derive(Debug)]
+struct Slot {
+    /// `now_ms()` when it became idle, or 0 while a request is in progress.
+    idle_since: AtomicU64,
+    /// Told to close (it was the oldest idle connection when the slots ran out).
+    evict: Arc<Notify>,
+}
+
+/// Every open connection of the proxy listener.
+#[derive(Debug)]
+pub struct Connections {
+    limits: Mutex<Limits>,
+    open: AtomicUsize,
+    slots: Mutex<HashMap<SocketAddr, Arc<Slot>>>,
+}
+
+impl Connections {
+    /// No connections yet.
+    pub fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Connections {
+            limits: Mutex::new(limits),
+            open: AtomicUsize::new(0),
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// New limits (a config reload); open connections keep the deadlines they have.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Marks the connection from `peer` idle: its request has ended (called by the proxy
+    /// when it logs a request).
+    pub fn idle(&self, peer: &SocketAddr) {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = slots.get(peer) {
+            slot.idle_since.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a slot for a new connection from `peer`, closing the oldest idle connection
+    /// if every slot is taken. `None`: every connection is busy, refuse this one.
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<Ticket> {
+        let max = self.limits().max_connections;
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if self.open.load(Ordering::Relaxed) >= max {
+            let oldest = slots
+                .iter()
+                .filter_map(|(peer, s)| {
+                    let t = s.idle_since.load(Ordering::Relaxed);
+                    (t != 0).then_some((t, *peer))
+                })
+                .min();
+            match oldest.and_then(|(_, p)| slots.remove(&p)) {
+                Some(victim) => {
+                    victim.evict.notify_one();
+                    metrics()
+                        .connections_closed
+                        .with_label_values(&["evicted_idle"])
+                        .inc();
+                }
+                None => {
+                    metrics()
+                        .connections_closed
+                        .with_label_values(&["refused_full"])
+                        .inc();
+                    return None;
+                }
+            }
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        metrics()
+            .connections_open
+            .with_label_values(&["proxy"])
+            .inc();
+        let slot = Arc::new(Slot {
+            idle_since: AtomicU64::new(now_ms()),
+            evict: Arc::new(Notify::new()),
+        });
+        slots.insert(peer, Arc::clone(&slot));
+        Some(Ticket {
+            conns: Arc::clone(self),
+            peer,
+            slot,
+        })
+    }
+}
+
+/// A connection's hold on its slot; dropping it frees the slot.
+#[derive(Debug)]
+struct Ticket {
+    conns: Arc<Connections>,
+    peer: SocketAddr,
+    slot: Arc<Slot>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.conns.open.fetch_sub(1, Ordering::Relaxed);
+        metrics()
+            .connections_open
+            .with_label_values(&["proxy"])
+            .dec();
+        let mut slots = self.conns.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // An evicted slot was already removed, and its peer may since belong to another.
+        if slots
+            .get(&self.peer)
+            .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
+        {
+            slots.remove(&self.peer);
+        }
+    }
+}
+
+/// Where a connection is in its current request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the first byte of a request; the keep-alive deadline runs.
+    Idle,
+    /// Reading request headers; the header deadline runs. `tail` holds the last three
+    /// bytes seen, to find a `\r\n\r\n` split across reads.
+    Headers { tail: [u8; 3] },
+    /// Headers complete: the body and the response are someone else's business.
+    Busy,
+}
+
+/// A proxy connection with the deadlines of its phase.
+struct Guarded {
+    inner: Stream,
+    ticket: Ticket,
+    limits: Limits,
+    phase: Phase,
+    deadline: Pin<Box<Sleep>>,
+    evicted: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+}
+
+impl std::fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guarded")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .finish()
+    }
+}
+
+/// Whether `bytes`, read after `tail`, complete a header block; the new tail.
+fn ends_headers(tail: [u8; 3], bytes: &[u8]) -> (bool, [u8; 3]) {
+    let mut window = [0u8; 4];
+    window[..3].copy_from_slice(&tail);
+    let mut last = tail;
+    for &b in bytes {
+        window = [last[0], last[1], last[2], b];
+        if &window == b"\r\n\r\n" {
+            return (true, last);
+        }
+        last = [last[1], last[2], b];
+    }
+    (false, last)
+}
+
+impl Guarded {
+    fn new(inner: Stream, ticket: Ticket, limits: Limits) -> Self {
+        let evicted = Box::pin(Arc::clone(&ticket.slot.evict).notified_owned());
+        Guarded {
+            inner,
+            ticket,
+            limits,
+            phase: Phase::Idle,
+            deadline: Box::pin(tokio::time::sleep(limits.keepalive_timeout)),
+            evicted,
+        }
+    }
+
+    fn slot(&self) -> &Slot {
+        &self.ticket.slot
+    }
+
+    /// The proxy logged a request on this connection: it is idle again.
+    fn notice_idle(&mut self) {
+        if self.phase != Phase::Idle && self.slot().idle_since.load(Ordering::Relaxed) != 0 {
+            self.phase = Phase::Idle;
+            let until = Instant::now() + self.limits.keepalive_timeout;
+            self.deadline.as_mut().reset(until);
+        }
+    }
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string())
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        this.notice_idle();
+        if this.phase == Phase::Idle && this.evicted.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(())); // end of stream: the connection closes
+        }
+        if this.phase != Phase::Busy && this.deadline.as_mut().poll(cx).is_ready() {
+            let label = if this.phase == Phase::Idle {
+                "keepalive_timeout"
+            } else {
+                "header_timeout"
+            };
+            metrics()
+                .connections_closed
+                .with_label_values(&[label])
+                .inc();
+            return match this.phase {
+                Phase::Idle => Poll::Ready(Ok(())),
+                _ => Poll::Ready(Err(timed_out(
+                    "the request headers did not arrive within server.header_timeout",
+                ))),
+            };
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let new = &buf.filled()[before..];
+        if new.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if this.phase == Phase::Idle {
+            // The first byte of a request: busy, and the header deadline starts.
+            this.slot().idle_since.store(0, Ordering::Relaxed);
+            this.phase = Phase::Headers { tail: [0; 3] };
+            let until = Instant::now() + this.limits.header_timeout;
+            this.deadline.as_mut().reset(until);
+        }
+        if let Phase::Headers { tail } = this.phase {
+            let (done, tail) = ends_headers(tail, new);
+            this.phase = if done {
+                Phase::Busy
+            } else {
+                Phase::Headers { tail }
+            };
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for Guarded {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for Guarded {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Guarded {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Guarded {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Guarded {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Guarded {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for Guarded {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+/// The peer address of a pingora stream, if it is an inet socket.
+fn peer_of(stream: &Stream) -> Option<SocketAddr> {
+    stream.get_socket_digest()?.peer_addr()?.as_inet().copied()
+}
+
+/// Wraps a pingora app (the HTTP proxy) so that every connection goes through
+/// `Connections`: a slot, and the deadlines of `Guarded`.
+pub struct Guard<A> {
+    inner: Arc<A>,
+    conns: Arc<Connections>,
+}
+
+impl<A> Guard<A> {
+    /// Guards `inner` with `conns`.
+    pub fn new(inner: A, conns: Arc<Connections>) -> Self {
+        Guard {
+            inner: Arc::new(inner),
+            conns,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let Some(peer) = peer_of(&stream) else {
+            return self.inner.process_new(stream, shutdown).await;
+        };
+        let ticket = self.conns.admit(peer)?;
+        let limits = self.conns.limits();
+        let guarded: Stream = Box::new(Guarded::new(stream, ticket, limits));
+        self.inner.process_new(guarded, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_headers_is_found_across_reads() {
+        assert!(ends_headers([0; 3], b"GET / HTTP/1.1\r\n\r\n").0);
+        let (done, tail) = ends_headers([0; 3], b"GET / HTTP/1.1\r\nHost: x\r");
+        assert!(!done);
+        let (done, tail) = ends_headers(tail, b"\n\r");
+        assert!(!done);
+        assert!(ends_headers(tail, b"\n").0);
+        assert!(!ends_headers([0; 3], b"\r\n\r").0);
+        assert!(!ends_headers([0; 3], b"").0);
+    }
+
+    fn limits(max: usize) -> Limits {
+        Limits {
+            max_connections: max,
+            keepalive_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn full_slots_evict_the_oldest_idle_connection_or_refuse() {
+        let conns = Connections::new(limits(2));
+        let p = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let a = conns.admit(p(1)).unwrap();
+        let b = conns.admit(p(2)).unwrap();
+        // both idle: the oldest goes (a, idle since it connected)
+        b.slot.idle_since.store(now_ms() + 5, Ordering::Relaxed);
+        a.slot.idle_since.store(1, Ordering::Relaxed);
+        let c = conns.admit(p(3)).unwrap();
+        // the victim was told to close (the notification waits for it)
+        let told = Arc::clone(&a.slot.evict).notified_owned();
+        assert!(tokio::time::timeout(Duration::from_secs(1), told).await.is_ok());
+        drop(a);
+        assert_eq!(conns.open(), 2);
+        // both busy: refused
+        b.slot.idle_since.store(0, Ordering::Relaxed);
+        c.slot.idle_since.store(0, Ordering::Relaxed);
+        assert!(conns.admit(p(4)).is_none());
+        // a request ends: idle again, so it can make room
+        conns.idle(&p(2));
+        let d = conns.admit(p(4));
+        assert!(d.is_some());
+        drop((b, c, d));
+        assert_eq!(conns.open(), 0);
+    }
+}

@@ -1,0 +1,217 @@
+//! Hostile and careless clients against the real gateway: idle, half-sent, trickling and
+//! keep-alive connections are closed within their timeouts; under `ulimit -n 256` a crowd
+//! of idle clients cannot starve it of descriptors; a host that stops answering (SYNs
+//! dropped, not refused) fails over within the connect timeout and is marked down by the
+//! active checks.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TIMEOUTS: &str = "keepalive_timeout = \"1s\"\nheader_timeout = \"600ms\"\n";
+
+/// A gateway with short connection timeouts on both listeners.
+async fn strict_gateway(up: &Upstream) -> Gateway {
+    Gateway::start_full(
+        &format!("{FAST_HEALTH}{}", instances(&[("cs_1", up), ("cs_2", up)])),
+        TIMEOUTS,
+        "header_timeout = \"600ms\"\n",
+        None,
+    )
+    .await
+}
+
+/// Reads until the peer closes the connection (EOF or reset); how long that took from
+/// `since`. Panics if it stays open past `within`.
+async fn closed_within(stream: &mut TcpStream, since: Instant, within: Duration) -> Duration {
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.saturating_sub(since.elapsed());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => panic!("still open after {within:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return since.elapsed(),
+            Ok(Ok(_)) => {} // a response; keep reading
+        }
+    }
+}
+
+const REQUEST: &[u8] = b"GET /x HTTP/1.1\r\nHost: gw\r\ncontextID: 4-4--cs_1cs_21\r\n\r\n";
+
+/// Reads one response (headers and a Content-Length body).
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before a full response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_half_sent_trickling_and_keepalive_connections_are_closed_in_time() {
+    let up = Upstream::start("A");
+    let gw = strict_gateway(&up).await;
+    let keepalive = Duration::from_secs(1);
+    let header = Duration::from_millis(600);
+    let slack = Duration::from_secs(2);
+
+    // a connection that never sends a byte
+    let mut idle = TcpStream::connect(gw.proxy).await.unwrap();
+    let t = closed_within(&mut idle, Instant::now(), keepalive + slack).await;
+    eprintln!("idle: closed after {t:?}");
+    assert!(t >= keepalive - Duration::from_millis(50), "{t:?}");
+
+    // half a request, then silence
+    let mut half = TcpStream::connect(gw.proxy).await.unwrap();
+    half.write_all(b"GET /x HTTP/1.1\r\nHost: gw\r\n")
+        .await
+        .unwrap();
+    let t = closed_within(&mut half, Instant::now(), header + slack).await;
+    eprintln!("half-sent: closed after {t:?}");
+
+    // a slowloris: one byte every 100ms, never finishing
+    let mut slow = TcpStream::connect(gw.proxy).await.unwrap();
+    let started = Instant::now();
+    let trickle = async {
+        for b in b"GET /x HTTP/1.1\r\nHost: gw\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            .iter()
+            .cycle()
+        {
+            if slow.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if started.elapsed() > header + slack {
+                panic!("the trickling client was not cut off");
+            }
+        }
+        started.elapsed()
+    };
+    let t = trickle.await;
+    eprintln!("slowloris: cut off after {t:?}");
+
+    // a keep-alive connection: served, then idle
+    let mut ka = TcpStream::connect(gw.proxy).await.unwrap();
+    ka.write_all(REQUEST).await.unwrap();
+    assert!(read_response(&mut ka).await.starts_with("HTTP/1.1 200"));
+    let t = closed_within(&mut ka, Instant::now(), keepalive + slack).await;
+    eprintln!("keep-alive idle after a request: closed after {t:?}");
+
+    // a keep-alive connection whose second request stops halfway
+    let mut ka2 = TcpStream::connect(gw.proxy).await.unwrap();
+    ka2.write_all(REQUEST).await.unwrap();
+    assert!(read_response(&mut ka2).await.starts_with("HTTP/1.1 200"));
+    ka2.write_all(b"GET /y HTTP/1.1\r\nHo").await.unwrap();
+    let t = closed_within(&mut ka2, Instant::now(), header + slack).await;
+    eprintln!("half a second request: closed after {t:?}");
+    assert!(
+        t < keepalive,
+        "the header deadline, not the idle one: {t:?}"
+    );
+
+    // the admin listener has its own
+    let mut admin = TcpStream::connect(gw.admin).await.unwrap();
+    admin
+        .write_all(b"GET /healthz HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let t = closed_within(&mut admin, Instant::now(), header + slack).await;
+    eprintln!("admin, half-sent: closed after {t:?}");
+
+    for reason in ["keepalive_timeout", "header_timeout"] {
+        assert!(
+            gw.metric("hagate_connections_closed_total", &[("reason", reason)])
+                .await
+                >= 2.0,
+            "{reason}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_hundred_idle_clients_under_ulimit_256_cannot_starve_the_gateway() {
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let gw = Gateway::start_with_nofile(
+        &format!("{FAST_HEALTH}{}", instances(&[("cs_1", &a), ("cs_2", &b)])),
+        256,
+    )
+    .await;
+    assert!(gw.log().contains("soft=256"), "{}", gw.log());
+    let checks_before = gw
+        .metric(
+            "hagate_health_checks_total",
+            &[("alias", "cs_1"), ("result", "pass")],
+        )
+        .await;
+    // 400 clients connect and say nothing
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        idle.push(TcpStream::connect(gw.proxy).await.unwrap());
+    }
+    // the gateway made room by closing the longest-idle ones, and kept serving
+    let c = client();
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "9").unwrap();
+    let (status, body) = get_haid(&c, &gw, &haid).await;
+    assert_eq!(
+        (status, body["server"].as_str()),
+        (200, Some("A")),
+        "{body}"
+    );
+    assert!(
+        gw.metric(
+            "hagate_connections_closed_total",
+            &[("reason", "evicted_idle")]
+        )
+        .await
+            > 0.0
+    );
+    let r = c.get(gw.admin_url("/v1/aliases")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // health checks keep running, and every instance stays live
+    eventually(
+        "several health checks under pressure",
+        Duration::from_secs(10),
+        || async {
+            let now = gw
+                .metric(
+                    "hagate_health_checks_total",
+                    &[("alias", "cs_1"), ("result", "pass")],
+                )
+                .await;
+            (now >= checks_before + 5.0).then_some(())
+        },
+    )
+    .await;
+    for alias in ["cs_1", "cs_2"] {
+        assert_eq!(
+            gw.metric("hagate_instance_up", &[("alias", alias)]).await,
+            1.0,
+            "{alias}"
+        );
+    }
+    assert!(!gw.log().contains("Too many open files"), "{}", gw.log());
+    drop(idle);
+}
