@@ -205,6 +205,15 @@ pub struct ServerConfig {
     /// (limit - reserve) / 2, since each proxied connection may need an upstream one too.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// The largest request head (request line plus headers) a client may send:
+    /// `max_header_bytes = "64KiB"` (1KiB-1MiB). A larger one, or one with more than 250
+    /// lines, is answered 431 with a JSON body.
+    #[serde(default = "default_header_bytes")]
+    pub max_header_bytes: bytesize::ByteSize,
+}
+
+fn default_header_bytes() -> bytesize::ByteSize {
+    bytesize::ByteSize::kib(64)
 }
 
 /// `[admin]`
@@ -737,6 +746,13 @@ impl Config {
             return Err(invalid(
                 "server.max_connections",
                 "must be between 1 and 1000000 (omit it to derive it from the fd limit)",
+            ));
+        }
+        let hb = self.server.max_header_bytes;
+        if hb < bytesize::ByteSize::kib(1) || hb >= bytesize::ByteSize::mib(1) {
+            return Err(invalid(
+                "server.max_header_bytes",
+                "must be at least 1KiB and under 1MiB",
             ));
         }
         if !(1..=10_000).contains(&self.admin.max_connections) {

@@ -51,7 +51,30 @@ pub struct Limits {
     pub keepalive_timeout: Duration,
     /// How long a request may take from its first byte to the end of its headers.
     pub header_timeout: Duration,
+    /// The largest request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
 }
+
+/// The most header lines a request may have; pingora refuses more than 256 headers with
+/// an empty 400, so the guard answers first.
+const MAX_HEADER_LINES: usize = 250;
+
+/// The answer to a request head that is too large, written by the guard itself (pingora
+/// would answer it with an empty 400).
+static TOO_LARGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let body = format!(
+        "{}\n",
+        serde_json::json!({
+            "error": "request_header_too_large",
+            "detail": format!("the request head is larger than server.max_header_bytes or has more than {MAX_HEADER_LINES} lines"),
+        })
+    );
+    format!(
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+});
 
 /// One open connection's shared state.
 #[derive(Debug)]
@@ -184,8 +207,15 @@ enum Phase {
     /// Waiting for the first byte of a request; the keep-alive deadline runs.
     Idle,
     /// Reading request headers; the header deadline runs. `tail` holds the last three
-    /// bytes seen, to find a `\r\n\r\n` split across reads.
-    Headers { tail: [u8; 3] },
+    /// bytes seen, to find a `\r\n\r\n` split across reads; `bytes` and `lines` count
+    /// the head so far.
+    Headers {
+        tail: [u8; 3],
+        bytes: usize,
+        lines: usize,
+    },
+    /// The head was too large: writing the 431 answer (this many bytes done), then closing.
+    Refusing { written: usize },
     /// Headers complete: the body and the response are someone else's business.
     Busy,
 }
@@ -198,6 +228,8 @@ struct Guarded {
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
     evicted: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    /// Bytes of the JSON 400 written in place of pingora's bare one.
+    replaced: usize,
 }
 
 impl std::fmt::Debug for Guarded {
@@ -209,19 +241,17 @@ impl std::fmt::Debug for Guarded {
     }
 }
 
-/// Whether `bytes`, read after `tail`, complete a header block; the new tail.
-fn ends_headers(tail: [u8; 3], bytes: &[u8]) -> (bool, [u8; 3]) {
-    let mut window = [0u8; 4];
-    window[..3].copy_from_slice(&tail);
+/// Where in `bytes`, read after `tail`, a header block ends (the offset just past its
+/// `\r\n\r\n`), if it does; and the new tail.
+fn ends_headers(tail: [u8; 3], bytes: &[u8]) -> (Option<usize>, [u8; 3]) {
     let mut last = tail;
-    for &b in bytes {
-        window = [last[0], last[1], last[2], b];
-        if &window == b"\r\n\r\n" {
-            return (true, last);
+    for (i, &b) in bytes.iter().enumerate() {
+        if [last[0], last[1], last[2], b] == *b"\r\n\r\n" {
+            return (Some(i + 1), last);
         }
         last = [last[1], last[2], b];
     }
-    (false, last)
+    (None, last)
 }
 
 impl Guarded {
@@ -234,6 +264,7 @@ impl Guarded {
             phase: Phase::Idle,
             deadline: Box::pin(tokio::time::sleep(limits.keepalive_timeout)),
             evicted,
+            replaced: 0,
         }
     }
 
@@ -262,6 +293,17 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if let Phase::Refusing { written } = &mut this.phase {
+            while *written < TOO_LARGE.len() {
+                match Pin::new(&mut this.inner).poll_write(cx, &TOO_LARGE[*written..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                    Poll::Ready(_) => return Poll::Ready(Ok(())),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let _ = ready!(Pin::new(&mut this.inner).poll_flush(cx));
+            return Poll::Ready(Ok(())); // end of stream: pingora closes the connection
+        }
         this.notice_idle();
         if this.phase == Phase::Idle && this.evicted.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Ok(())); // end of stream: the connection closes
@@ -292,20 +334,63 @@ impl AsyncRead for Guarded {
         if this.phase == Phase::Idle {
             // The first byte of a request: busy, and the header deadline starts.
             this.slot().idle_since.store(0, Ordering::Relaxed);
-            this.phase = Phase::Headers { tail: [0; 3] };
+            this.phase = Phase::Headers {
+                tail: [0; 3],
+                bytes: 0,
+                lines: 0,
+            };
             let until = Instant::now() + this.limits.header_timeout;
             this.deadline.as_mut().reset(until);
         }
-        if let Phase::Headers { tail } = this.phase {
-            let (done, tail) = ends_headers(tail, new);
-            this.phase = if done {
+        if let Phase::Headers { tail, bytes, lines } = this.phase {
+            let (end, tail) = ends_headers(tail, new);
+            let head = &new[..end.unwrap_or(new.len())];
+            let bytes = bytes + head.len();
+            let lines = lines + head.iter().filter(|&&b| b == b'\n').count();
+            this.phase = if bytes > this.limits.max_header_bytes || lines > MAX_HEADER_LINES {
+                metrics()
+                    .connections_closed
+                    .with_label_values(&["header_too_large"])
+                    .inc();
+                buf.set_filled(before); // pingora never sees this head
+                this.phase = Phase::Refusing { written: 0 };
+                return Pin::new(&mut *self).poll_read(cx, buf);
+            } else if end.is_some() {
                 Phase::Busy
             } else {
-                Phase::Headers { tail }
+                Phase::Headers { tail, bytes, lines }
             };
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// The start of the bare 400 that pingora writes for a request it cannot parse (bad
+/// framing, bad header syntax, conflicting Content-Length), before any hook can answer.
+const PINGORA_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\n";
+
+/// What the guard writes instead: the same status, with a JSON body.
+static BAD_REQUEST: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let body = format!(
+        "{}\n",
+        serde_json::json!({
+            "error": "bad_request",
+            "detail": "the request could not be parsed: bad framing (for example conflicting Content-Length headers) or bad header syntax",
+        })
+    );
+    format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+});
+
+/// Whether `buf` is exactly pingora's canned bare 400: its status and server lines, an
+/// empty body, and nothing after the header block.
+fn is_pingora_400(buf: &[u8]) -> bool {
+    buf.starts_with(PINGORA_400)
+        && buf.ends_with(b"\r\n\r\n")
+        && buf.windows(19).any(|w| w == b"Content-Length: 0\r\n")
 }
 
 impl AsyncWrite for Guarded {
@@ -314,7 +399,25 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        // Pingora's own bare 400, written whole in one piece: write the JSON answer in its
+        // place, and report the original as written. (Only pingora's canned error pages
+        // carry `Server: Pingora` with an empty body; hagate's answers and proxied ones
+        // pass through untouched.)
+        if this.replaced > 0 || is_pingora_400(buf) {
+            while this.replaced < BAD_REQUEST.len() {
+                let n = ready!(
+                    Pin::new(&mut this.inner).poll_write(cx, &BAD_REQUEST[this.replaced..])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                this.replaced += n;
+            }
+            this.replaced = 0;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -449,14 +552,17 @@ mod tests {
 
     #[test]
     fn the_end_of_headers_is_found_across_reads() {
-        assert!(ends_headers([0; 3], b"GET / HTTP/1.1\r\n\r\n").0);
-        let (done, tail) = ends_headers([0; 3], b"GET / HTTP/1.1\r\nHost: x\r");
-        assert!(!done);
-        let (done, tail) = ends_headers(tail, b"\n\r");
-        assert!(!done);
-        assert!(ends_headers(tail, b"\n").0);
-        assert!(!ends_headers([0; 3], b"\r\n\r").0);
-        assert!(!ends_headers([0; 3], b"").0);
+        assert_eq!(
+            ends_headers([0; 3], b"GET / HTTP/1.1\r\n\r\nbody").0,
+            Some(18)
+        );
+        let (end, tail) = ends_headers([0; 3], b"GET / HTTP/1.1\r\nHost: x\r");
+        assert_eq!(end, None);
+        let (end, tail) = ends_headers(tail, b"\n\r");
+        assert_eq!(end, None);
+        assert_eq!(ends_headers(tail, b"\nxyz").0, Some(1));
+        assert_eq!(ends_headers([0; 3], b"\r\n\r").0, None);
+        assert_eq!(ends_headers([0; 3], b"").0, None);
     }
 
     fn limits(max: usize) -> Limits {
@@ -464,6 +570,7 @@ mod tests {
             max_connections: max,
             keepalive_timeout: Duration::from_secs(60),
             header_timeout: Duration::from_secs(10),
+            max_header_bytes: 65536,
         }
     }
 
@@ -479,7 +586,9 @@ mod tests {
         let c = conns.admit(p(3)).unwrap();
         // the victim was told to close (the notification waits for it)
         let told = Arc::clone(&a.slot.evict).notified_owned();
-        assert!(tokio::time::timeout(Duration::from_secs(1), told).await.is_ok());
+        assert!(tokio::time::timeout(Duration::from_secs(1), told)
+            .await
+            .is_ok());
         drop(a);
         assert_eq!(conns.open(), 2);
         // both busy: refused

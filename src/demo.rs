@@ -136,6 +136,7 @@ impl DemoServer {
             "role": header("x-hagate-role"),
             "context_id": header("x-hagate-context-id"),
             "epoch": header("x-hagate-epoch"),
+            "content_length_headers": req.headers().get_all("content-length").iter().count(),
             "main_alias": main,
             "backup_alias": backup,
             "haid": minted,

@@ -446,6 +446,13 @@ impl ProxyHttp for Proxy {
         for name in ours {
             upstream.remove_header(&name);
         }
+        // Identical duplicates of Content-Length go up as one (pingora refuses differing ones).
+        let cl = http::header::CONTENT_LENGTH;
+        if upstream.headers.get_all(&cl).iter().nth(1).is_some() {
+            if let Some(v) = upstream.headers.get(&cl).cloned() {
+                upstream.insert_header(cl, v)?;
+            }
+        }
         if let Some(cur) = ctx.current {
             upstream.insert_header(ROLE, cur.role.as_str())?;
             // A membership-held alias: the holder's fencing token, so the context server

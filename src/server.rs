@@ -112,6 +112,7 @@ pub fn limits(config: &Config, nofile: u64) -> Limits {
             .unwrap_or(derived.max(16) as usize),
         keepalive_timeout: config.server.keepalive_timeout,
         header_timeout: config.server.header_timeout,
+        max_header_bytes: config.server.max_header_bytes.as_u64() as usize,
     }
 }
 

@@ -215,3 +215,87 @@ async fn four_hundred_idle_clients_under_ulimit_256_cannot_starve_the_gateway() 
     assert!(!gw.log().contains("Too many open files"), "{}", gw.log());
     drop(idle);
 }
+
+/// Sends `raw` on a fresh connection and reads the answer (status line, headers, body).
+async fn raw(gw: &Gateway, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn json_body(answer: &str) -> serde_json::Value {
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_pingora_would_answer_bare_gets_a_json_answer() {
+    let up = Upstream::start("A");
+    let gw = Gateway::start(&format!(
+        "{FAST_HEALTH}{}",
+        instances(&[("cs_1", &up), ("cs_2", &up)])
+    ))
+    .await;
+    // an oversized header block: 431 with JSON
+    let big = format!(
+        "GET /x HTTP/1.1\r\nHost: gw\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let answer = raw(&gw, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.200}");
+    assert_eq!(json_body(&answer)["error"], "request_header_too_large");
+    // too many header lines: 431 as well
+    let many: String = (0..300).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let answer = raw(
+        &gw,
+        format!("GET /x HTTP/1.1\r\nHost: gw\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.200}");
+    // two identical Content-Length headers are forwarded as one
+    let answer = raw(
+        &gw,
+        b"POST /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\ncontextID: 4-4--cs_1cs_21\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = json_body(&answer);
+    assert_eq!(
+        (
+            body["content_length_headers"].as_u64(),
+            body["body_bytes"].as_u64()
+        ),
+        (Some(1), Some(5)),
+        "{body}"
+    );
+    // two that differ are refused (by pingora's parser): no framing can be trusted
+    let answer = raw(
+        &gw,
+        b"POST /x HTTP/1.1\r\nHost: gw\r\ncontextID: 4-4--cs_1cs_21\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(json_body(&answer)["error"], "bad_request");
+    // a head pingora cannot parse (it answers before any hook runs): the guard puts a
+    // JSON body in place of its bare 400
+    let answer = raw(&gw, b"GET /x HTTP/1.1\r\nHost: gw\r\nBad Header\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(json_body(&answer)["error"], "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_instances_failing_mid_request_gets_a_json_502() {
+    let (mut a, mut b) = (Upstream::start("A"), Upstream::start("B"));
+    let gw = Gateway::start(&format!(
+        "[health.active]\nenabled = false\n[health.passive]\nenabled = false\n{}",
+        instances(&[("cs_1", &a), ("cs_2", &b)])
+    ))
+    .await;
+    a.kill();
+    b.kill();
+    let (status, body) = get_haid(&client(), &gw, "4-4--cs_1cs_21").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"], "upstream_failed", "{body}");
+}
