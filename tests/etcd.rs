@@ -94,15 +94,20 @@ async fn aliases(gw: &Gateway) -> Value {
 /// no holding began while another was live and that epochs strictly increase.
 async fn holder_history(etcd: &Etcd, prefix: &str, alias: &str) -> Vec<String> {
     let key = format!("{prefix}/alias/{alias}");
-    let mut c = etcd.client().await;
+    let c = etcd.client().await;
     let until = etcd.revision().await;
-    let mut stream = c
-        .watch(
-            key.as_str(),
-            Some(etcd_client::WatchOptions::new().with_start_revision(1)),
-        )
-        .await
-        .unwrap();
+    let mut stream = eventually("a watch on the history", Duration::from_secs(20), || {
+        let (mut c, key) = (c.clone(), key.clone());
+        async move {
+            c.watch(
+                key.as_str(),
+                Some(etcd_client::WatchOptions::new().with_start_revision(1)),
+            )
+            .await
+            .ok()
+        }
+    })
+    .await;
     let mut holders = Vec::new();
     let mut live: Option<(String, i64)> = None;
     let mut last_epoch = 0;

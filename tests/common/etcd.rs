@@ -187,10 +187,14 @@ impl Etcd {
         etcd_client::Client::connect(urls, None).await.unwrap()
     }
 
-    /// The current revision.
+    /// The current revision (retried through a leader election).
     pub async fn revision(&self) -> i64 {
-        let mut c = self.client().await;
-        c.get("/", None).await.unwrap().header().unwrap().revision()
+        let c = self.client().await;
+        eventually("etcd to answer a read", Duration::from_secs(20), || {
+            let mut c = c.clone();
+            async move { Some(c.get("/", None).await.ok()?.header()?.revision()) }
+        })
+        .await
     }
 
     /// The index of the member that is the raft leader.
