@@ -299,3 +299,119 @@ async fn both_instances_failing_mid_request_gets_a_json_502() {
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"], "upstream_failed", "{body}");
 }
+
+/// A tiny HTTP server on a listener with a backlog of one, that can vanish: drop every
+/// connection and stop accepting, with its backlog full, so that new SYNs are dropped
+/// (not refused), as when a host stops answering.
+struct Vanishing {
+    addr: std::net::SocketAddr,
+    listener: std::sync::Arc<tokio::net::TcpListener>,
+    server: tokio::task::JoinHandle<()>,
+    fillers: Vec<TcpStream>,
+}
+
+impl Vanishing {
+    async fn start() -> Vanishing {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = std::sync::Arc::new(sock.listen(1).unwrap());
+        let addr = listener.local_addr().unwrap();
+        let l = std::sync::Arc::clone(&listener);
+        let server = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
+                conns.spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let body = r#"{"server":"V"}"#;
+                        let answer = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Vanishing {
+            addr,
+            listener,
+            server,
+            fillers: Vec::new(),
+        }
+    }
+
+    /// Stops answering: closes every connection, stops accepting, fills the backlog.
+    async fn vanish(&mut self) {
+        self.server.abort(); // drops the accept loop and, with its JoinSet, every connection
+        let _ = (&mut self.server).await;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(self.addr))
+                .await
+            {
+                Ok(Ok(s)) => self.fillers.push(s),
+                Ok(Err(e)) => panic!("the vanished host refused instead of dropping: {e}"),
+                Err(_) => break, // a SYN that got no answer: the host has vanished
+            }
+            assert!(self.fillers.len() < 64, "the backlog never filled");
+        }
+        let _ = &self.listener;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_stops_answering_fails_over_within_the_connect_timeout() {
+    let mut v = Vanishing::start().await;
+    let b = Upstream::start("B");
+    let connect_timeout = Duration::from_millis(500);
+    let (interval, timeout, fall) = (Duration::from_millis(200), Duration::from_millis(200), 2u32);
+    let gw = Gateway::start(&format!(
+        "[upstream]\nconnect_timeout = \"{}ms\"\nread_timeout = \"5s\"\n\
+         [health.active]\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nfall = {fall}\nrise = 2\n\
+         [health.passive]\nenabled = false\n\
+         [instances.cs_1]\naddress = \"{}\"\n[instances.cs_2]\naddress = \"{}\"\n",
+        connect_timeout.as_millis(),
+        interval.as_millis(),
+        timeout.as_millis(),
+        v.addr,
+        b.addr
+    ))
+    .await;
+    let c = client();
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "5").unwrap();
+    eventually("the main to serve", Duration::from_secs(10), || async {
+        (get_haid(&c, &gw, &haid).await.1["server"] == "V").then_some(())
+    })
+    .await;
+    v.vanish().await;
+    let gone = Instant::now();
+    // a request now: the main's connect hangs until connect_timeout, then the backup answers
+    let sent = Instant::now();
+    let (status, body) = get_haid(&c, &gw, &haid).await;
+    let took = sent.elapsed();
+    eprintln!("request to a vanished main: answered by {} in {took:?} (connect_timeout {connect_timeout:?})", body["server"]);
+    assert_eq!(
+        (status, body["server"].as_str()),
+        (200, Some("B")),
+        "{body}"
+    );
+    assert!(took <= connect_timeout + Duration::from_secs(1), "{took:?}");
+    // and the active checks mark it down within fall x interval + timeout
+    let down = eventually(
+        "the vanished main to be marked down",
+        Duration::from_secs(10),
+        || async {
+            (gw.metric("hagate_instance_up", &[("alias", "cs_1")]).await == 0.0)
+                .then(|| gone.elapsed())
+        },
+    )
+    .await;
+    let bound = interval * fall + timeout;
+    eprintln!("marked down {down:?} after vanishing (fall x interval + timeout = {bound:?})");
+    assert!(down <= bound + Duration::from_secs(1), "{down:?}");
+}
