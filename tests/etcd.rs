@@ -662,3 +662,46 @@ async fn chaos_on_two_gateways_and_etcd_costs_no_errors() {
     .await;
     assert!(report.kills >= 3, "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_read_larger_than_a_grpc_message_is_paged() {
+    // 45k holder keys are about 4.3 MB: over tonic's 4 MiB message limit in one read
+    let etcd = Etcd::start().await;
+    let pre = prefix("paged");
+    let mut c = etcd.client().await;
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    let n = 45_000;
+    let keys: Vec<usize> = (0..n).collect();
+    for chunk in keys.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                etcd_client::TxnOp::put(
+                    format!("{pre}/alias/h_{i:06}"),
+                    format!(
+                        r#"{{"uuid":"uuid-{i:06}-padding-padding","address":"127.0.0.1:{}"}}"#,
+                        20000 + i % 100
+                    ),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    let up = Upstream::start("A");
+    let gw = Gateway::start(&format!(
+        "{}{}[health.active]\nenabled = false\n{}",
+        store_toml(&etcd, &pre, None),
+        membership_toml(),
+        instances(&[("seed", &up)])
+    ))
+    .await;
+    wait_ready(&gw, true).await;
+    // every key arrived, none twice (a page boundary is the risky part)
+    let t = aliases(&gw).await;
+    let instances = t["instances"].as_object().unwrap();
+    assert_eq!(instances.len(), n + 1);
+    for i in [0, 1999, 2000, 2001, 44_999] {
+        assert!(instances.contains_key(&format!("h_{i:06}")), "h_{i:06}");
+    }
+}

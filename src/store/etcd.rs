@@ -49,6 +49,13 @@ const SILENT_LIMIT: Duration = Duration::from_secs(3);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Keys per page of a full read.
+const PAGE: i64 = 2000;
+/// The largest watch response accepted. etcd sends all the events of one revision in one
+/// response (a lease that expires with many keys is one revision), and splitting them
+/// (`fragment`) would put one revision in several responses, which the dedupe rule would
+/// then cut. So the limit is raised well above tonic's 4 MiB default instead.
+const MAX_WATCH_MESSAGE: usize = 256 << 20;
 /// Snapshot writes are at most this frequent.
 const SNAPSHOT_DEBOUNCE: Duration = Duration::from_millis(200);
 
@@ -94,6 +101,18 @@ pub struct EtcdStore {
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("etcd {what}: {e}"))
+}
+
+/// The end of the key range of every key that starts with `prefix` (etcd's convention).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
 }
 
 fn unix_ms() -> u64 {
@@ -267,22 +286,34 @@ impl EtcdStore {
         Ok(self.timed("seed", c.txn(txn)).await?.succeeded())
     }
 
-    /// Reads the whole prefix.
+    /// Reads the whole prefix, in pages of `PAGE` keys all read at the revision of the
+    /// first page (one consistent snapshot, and no response near gRPC's size limit).
     async fn full_read(&self, c: &mut Client) -> Result<(StoreState, Applied), StoreError> {
-        let resp = self
-            .timed(
-                "read",
-                c.get(
-                    self.settings.prefix.clone() + "/",
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
-            .await?;
-        let header = resp.header().map_or(0, |h| h.revision());
-        let kvs: Vec<Kv> = resp.kvs().iter().map(to_kv).collect();
+        let start = self.settings.prefix.clone() + "/";
+        let end = prefix_end(start.as_bytes());
+        let mut kv = c.kv_client();
+        let mut key = start.into_bytes();
+        let mut revision = 0;
+        let mut kvs: Vec<Kv> = Vec::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self.timed("read", kv.get(key.clone(), Some(opts))).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            kvs.extend(resp.kvs().iter().map(to_kv));
+            let Some(last) = resp.kvs().last().filter(|_| resp.more()) else {
+                break;
+            };
+            key = last.key().to_vec();
+            key.push(0); // the next key after `last`
+        }
         Ok(StoreState::from_full_read(
             &self.settings.prefix,
-            header,
+            revision,
             &kvs,
         ))
     }
@@ -399,10 +430,13 @@ impl EtcdStore {
     async fn watch(&self, c: &mut Client, sink: &dyn StoreSink, backoff: &mut Backoff) -> WatchEnd {
         let from = self.revision.load(Ordering::Relaxed) + 1;
         let opts = WatchOptions::new().with_prefix().with_start_revision(from);
+        let mut watcher = c
+            .watch_client()
+            .max_decoding_message_size(MAX_WATCH_MESSAGE);
         let mut stream = match self
             .timed(
                 "watch",
-                c.watch(self.settings.prefix.clone() + "/", Some(opts)),
+                watcher.watch(self.settings.prefix.clone() + "/", Some(opts)),
             )
             .await
         {
@@ -798,6 +832,13 @@ mod tests {
             read_snapshot(&path),
             Err(SnapshotError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn the_prefix_range_ends_after_every_key_with_the_prefix() {
+        assert_eq!(prefix_end(b"/hagate/"), b"/hagate0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 
     #[test]
