@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 #[allow(unused_imports)]
 mod common;
 
-use common::etcd::{store_toml, Etcd};
+use common::etcd::{store_toml, write_holder_keys, Etcd};
 use common::*;
 
 const TOKEN: &str = "s3cret";
@@ -159,26 +159,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 async fn resync(sizes: &Sizes) {
     let etcd = Etcd::start().await;
     let prefix = "/bench/resync";
-    let mut c = etcd.client().await;
-    let lease = c.lease_grant(600, None).await.unwrap().id();
     let written = Instant::now();
-    let keys: Vec<usize> = (0..sizes.resync_holders).collect();
-    for chunk in keys.chunks(100) {
-        let ops: Vec<etcd_client::TxnOp> = chunk
-            .iter()
-            .map(|i| {
-                etcd_client::TxnOp::put(
-                    format!("{prefix}/alias/h_{i:06}"),
-                    format!(
-                        r#"{{"uuid":"u{i}","address":"127.0.0.1:{}"}}"#,
-                        20000 + i % 100
-                    ),
-                    Some(etcd_client::PutOptions::new().with_lease(lease)),
-                )
-            })
-            .collect();
-        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
-    }
+    write_holder_keys(&etcd, prefix, sizes.resync_holders, "").await;
     println!(
         "wrote {} holder keys in {:?}",
         sizes.resync_holders,

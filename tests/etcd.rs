@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::etcd::{store_toml, store_toml_at, Cut, Etcd};
+use common::etcd::{store_toml, store_toml_at, write_holder_keys, Cut, Etcd};
 use common::*;
 use serde_json::{json, Value};
 
@@ -58,6 +58,28 @@ async fn wait_ready(gw: &Gateway, want: bool) {
         (ready(gw).await == want).then_some(())
     })
     .await
+}
+
+/// Requests for `haid` from 4 loops, alternating between the two gateways.
+fn load_on_both(gw1: &Gateway, gw2: &Gateway, haid: &str) -> Load {
+    let (u1, u2) = (gw1.url("/ctx"), gw2.url("/ctx"));
+    let haid = haid.to_string();
+    Load::start(4, move |c, w, _| {
+        c.get(if w % 2 == 0 { &u1 } else { &u2 })
+            .header("contextID", &haid)
+    })
+}
+
+/// A gateway that reaches etcd's first member through a relay the test can cut.
+async fn relayed_gateway(etcd: &Etcd, pre: &str, ups: &[(&str, &Upstream)]) -> (Gateway, Cut) {
+    let member = format!("127.0.0.1:{}", etcd.members[0].client_port);
+    let relay = Cut::start(member.parse().unwrap()).await;
+    let gw = etcd_gateway(
+        &store_toml_at(&format!("{:?}", relay.url()), pre, None),
+        ups,
+    )
+    .await;
+    (gw, relay)
 }
 
 fn agent(gws: &[&Gateway], alias: &str, server: &Upstream) -> Agent {
@@ -209,15 +231,7 @@ async fn two_gateways_share_holders_and_the_alias_table_within_a_second() {
     assert_eq!(get_haid(&client(), &gw2, &haid).await.1["server"], "C");
 
     // a bad table is refused with the field named, and the old one keeps serving
-    let r = client()
-        .put(gw2.admin_url("/v1/aliases"))
-        .json(&json!({"instances": {"cs_1": {"address": "10.0.0:80"}}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["field"], "instances.cs_1.address", "{body}");
+    put_bad_table(&gw2).await;
     assert_eq!(aliases(&gw1).await["revision"], put["revision"]);
 }
 
@@ -241,14 +255,7 @@ async fn a_killed_holder_is_replaced_on_both_gateways_within_t_plus_i_with_no_er
     for gw in [&gw1, &gw2] {
         routed_within(gw, &haid, "A", Instant::now()).await;
     }
-    let load = {
-        let (u1, u2) = (gw1.url("/ctx"), gw2.url("/ctx"));
-        let haid = haid.clone();
-        Load::start(4, move |c, w, _| {
-            c.get(if w % 2 == 0 { &u1 } else { &u2 })
-                .header("contextID", &haid)
-        })
-    };
+    let load = load_on_both(&gw1, &gw2, &haid);
     holder_a.kill();
     a.kill();
     let killed = Instant::now();
@@ -366,30 +373,13 @@ async fn etcd_killed_under_load_costs_no_errors_and_everything_resyncs_after() {
     )
     .await;
     // gateway 2 reaches etcd through a relay the test can cut
-    let relay = Cut::start(
-        format!("127.0.0.1:{}", etcd.members[0].client_port)
-            .parse()
-            .unwrap(),
-    )
-    .await;
-    let gw2 = etcd_gateway(
-        &store_toml_at(&format!("{:?}", relay.url()), &pre, None),
-        &[("cs_1", &a), ("cs_2", &b)],
-    )
-    .await;
+    let (gw2, relay) = relayed_gateway(&etcd, &pre, &[("cs_1", &a), ("cs_2", &b)]).await;
     let _holder = agent(&[&gw1, &gw2], "cs_1", &a);
     wait_primary_at(&gw1, "cs_1", &a).await;
     wait_ready(&gw1, true).await;
     wait_ready(&gw2, true).await;
     let haid = hagate::haid::encode("cs_1", &["cs_2"], "31").unwrap();
-    let load = {
-        let (u1, u2) = (gw1.url("/ctx"), gw2.url("/ctx"));
-        let haid = haid.clone();
-        Load::start(4, move |c, w, _| {
-            c.get(if w % 2 == 0 { &u1 } else { &u2 })
-                .header("contextID", &haid)
-        })
-    };
+    let load = load_on_both(&gw1, &gw2, &haid);
     etcd.members[0].kill();
     wait_ready(&gw1, false).await;
     wait_ready(&gw2, false).await;
@@ -451,17 +441,7 @@ async fn compaction_while_a_gateway_is_cut_off_forces_one_full_resync_and_loses_
     let ups: Vec<Upstream> = (0..4).map(|i| Upstream::start(&format!("U{i}"))).collect();
     let pre = prefix("compact");
     let gw1 = etcd_gateway(&store_toml(&etcd, &pre, None), &[("cs_1", &ups[0])]).await;
-    let relay = Cut::start(
-        format!("127.0.0.1:{}", etcd.members[0].client_port)
-            .parse()
-            .unwrap(),
-    )
-    .await;
-    let gw2 = etcd_gateway(
-        &store_toml_at(&format!("{:?}", relay.url()), &pre, None),
-        &[("cs_1", &ups[0])],
-    )
-    .await;
+    let (gw2, relay) = relayed_gateway(&etcd, &pre, &[("cs_1", &ups[0])]).await;
     wait_ready(&gw2, true).await;
     relay.sever();
     wait_ready(&gw2, false).await;
@@ -575,14 +555,7 @@ async fn killing_the_leader_of_a_three_member_etcd_keeps_routing_and_one_holder(
     wait_primary_at(&gw1, "cs_1", &a).await;
     let _standby = agent(&[&gw2, &gw1], "cs_1", &s);
     let haid = hagate::haid::encode("cs_1", &["cs_2"], "61").unwrap();
-    let load = {
-        let (u1, u2) = (gw1.url("/ctx"), gw2.url("/ctx"));
-        let haid = haid.clone();
-        Load::start(4, move |c, w, _| {
-            c.get(if w % 2 == 0 { &u1 } else { &u2 })
-                .header("contextID", &haid)
-        })
-    };
+    let load = load_on_both(&gw1, &gw2, &haid);
     let leader = etcd.leader().await;
     etcd.members[leader].kill();
     let killed = Instant::now();
@@ -668,26 +641,8 @@ async fn a_full_read_larger_than_a_grpc_message_is_paged() {
     // 45k holder keys are about 4.3 MB: over tonic's 4 MiB message limit in one read
     let etcd = Etcd::start().await;
     let pre = prefix("paged");
-    let mut c = etcd.client().await;
-    let lease = c.lease_grant(600, None).await.unwrap().id();
     let n = 45_000;
-    let keys: Vec<usize> = (0..n).collect();
-    for chunk in keys.chunks(100) {
-        let ops: Vec<etcd_client::TxnOp> = chunk
-            .iter()
-            .map(|i| {
-                etcd_client::TxnOp::put(
-                    format!("{pre}/alias/h_{i:06}"),
-                    format!(
-                        r#"{{"uuid":"uuid-{i:06}-padding-padding","address":"127.0.0.1:{}"}}"#,
-                        20000 + i % 100
-                    ),
-                    Some(etcd_client::PutOptions::new().with_lease(lease)),
-                )
-            })
-            .collect();
-        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
-    }
+    write_holder_keys(&etcd, &pre, n, "-padding-padding").await;
     let up = Upstream::start("A");
     let gw = Gateway::start(&format!(
         "{}{}[health.active]\nenabled = false\n{}",

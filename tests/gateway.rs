@@ -337,15 +337,7 @@ async fn alias_table_swaps_under_load_cost_no_errors() {
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     }
     // a bad table is refused with the field named, and the old one keeps serving
-    let r = c
-        .put(gw.admin_url("/v1/aliases"))
-        .json(&json!({"instances": {"cs_1": {"address": "10.0.0:80"}}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["field"], "instances.cs_1.address");
+    put_bad_table(&gw).await;
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut errors) = (0, Vec::new());
     for w in workers {
@@ -493,14 +485,20 @@ async fn a_reloaded_health_config_restarts_the_checks() {
     gw.wait_served_by(&haid, "cs_1").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conflicting_context_ids_are_refused_and_identical_ones_routed() {
+/// Servers A (`cs_1`) and B (`cs_2`) behind one gateway.
+async fn two() -> (Upstream, Upstream, Gateway) {
     let (a, b) = (Upstream::start("A"), Upstream::start("B"));
     let gw = Gateway::start(&format!(
         "{FAST_HEALTH}{}",
         instances(&[("cs_1", &a), ("cs_2", &b)])
     ))
     .await;
+    (a, b, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_context_ids_are_refused_and_identical_ones_routed() {
+    let (_a, _b, gw) = two().await;
     let c = client();
     let one = hagate::haid::encode("cs_1", &["cs_2"], "7").unwrap();
     let other = hagate::haid::encode("cs_2", &["cs_1"], "7").unwrap();
@@ -538,12 +536,7 @@ async fn conflicting_context_ids_are_refused_and_identical_ones_routed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_haid_split_inside_a_surrogate_pair_is_accepted_as_linkis_does() {
-    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
-    let gw = Gateway::start(&format!(
-        "{FAST_HEALTH}{}",
-        instances(&[("cs_1", &a), ("cs_2", &b)])
-    ))
-    .await;
+    let (_a, _b, gw) = two().await;
     let c = client();
     // main cs_1; the backup is "cs" plus a lone high surrogate; a third alias takes the
     // low half: Linkis accepts it, and the broken backup matches nothing

@@ -203,26 +203,37 @@ fn params_need_t_above_2i() {
     assert_eq!(Params::new(ms(0), ms(200)), Err(ParamsError::ZeroInterval));
 }
 
-#[test]
-fn a_holder_steps_down_when_another_is_named_or_health_fails() {
+/// A standby agent `a` for `cs_1`, and a `GetPrimary` answer with no holder.
+fn fresh_agent() -> (AgentCore, Primary) {
     let params = Params::new(Duration::from_millis(I), Duration::from_millis(T)).unwrap();
     let alias = Alias::try_from("cs_1".to_string()).unwrap();
-    let mut a = AgentCore::new("a".into(), alias, "127.0.0.1:1".into(), params, 0);
+    let agent = AgentCore::new("a".into(), alias, "127.0.0.1:1".into(), params, 0);
     let empty = Primary {
         holder: None,
         token: 0,
     };
-    let Decision::Heartbeat(hb) = a.on_primary(0, true, Some(&empty)) else {
-        panic!()
-    };
-    let entry = crate::store::Entry {
-        uuid: "a".into(),
+    (agent, empty)
+}
+
+/// The entry a store writes for `hb` at revision `rev` (a claim: the epoch is `rev`).
+fn entry_of(hb: &crate::store::Heartbeat, rev: u64) -> crate::store::Entry {
+    crate::store::Entry {
+        uuid: hb.uuid.clone(),
         alias: hb.alias.clone(),
         address: hb.address.clone(),
         timestamp_ms: 0,
-        revision: 5,
-        epoch: 5,
+        revision: rev,
+        epoch: rev,
+    }
+}
+
+#[test]
+fn a_holder_steps_down_when_another_is_named_or_health_fails() {
+    let (mut a, empty) = fresh_agent();
+    let Decision::Heartbeat(hb) = a.on_primary(0, true, Some(&empty)) else {
+        panic!()
     };
+    let entry = entry_of(&hb, 5);
     a.on_heartbeat(
         0,
         0,
@@ -277,13 +288,7 @@ fn a_holder_steps_down_when_another_is_named_or_health_fails() {
 
 #[test]
 fn a_standby_with_an_unhealthy_server_waits_without_claiming() {
-    let params = Params::new(Duration::from_millis(I), Duration::from_millis(T)).unwrap();
-    let alias = Alias::try_from("cs_1".to_string()).unwrap();
-    let mut a = AgentCore::new("a".into(), alias, "127.0.0.1:1".into(), params, 0);
-    let empty = Primary {
-        holder: None,
-        token: 0,
-    };
+    let (mut a, empty) = fresh_agent();
     // A context server that takes a while to start: the standby neither claims nor exits.
     for k in 0..20 {
         assert_eq!(a.on_primary(k * I, false, Some(&empty)), Decision::Wait);
@@ -302,14 +307,7 @@ fn a_standby_with_an_unhealthy_server_waits_without_claiming() {
     let Decision::Heartbeat(hb) = a.on_primary(22 * I, true, Some(&empty)) else {
         panic!()
     };
-    let entry = crate::store::Entry {
-        uuid: "a".into(),
-        alias: hb.alias.clone(),
-        address: hb.address.clone(),
-        timestamp_ms: 0,
-        revision: 9,
-        epoch: 9,
-    };
+    let entry = entry_of(&hb, 9);
     a.on_heartbeat(
         22 * I,
         22 * I,

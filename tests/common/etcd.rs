@@ -216,6 +216,30 @@ impl Etcd {
     }
 }
 
+/// Writes `n` holder keys `h_000000`... under `prefix`, on one long lease, in txns of 100;
+/// each uuid ends with `pad`.
+pub async fn write_holder_keys(etcd: &Etcd, prefix: &str, n: usize, pad: &str) {
+    let mut c = etcd.client().await;
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    let keys: Vec<usize> = (0..n).collect();
+    for chunk in keys.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                etcd_client::TxnOp::put(
+                    format!("{prefix}/alias/h_{i:06}"),
+                    format!(
+                        r#"{{"uuid":"uuid-{i:06}{pad}","address":"127.0.0.1:{}"}}"#,
+                        20000 + i % 100
+                    ),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+}
+
 /// A `[store]` section for `prefix` on `etcd`, with a snapshot file if given.
 pub fn store_toml(etcd: &Etcd, prefix: &str, snapshot: Option<&std::path::Path>) -> String {
     store_toml_at(&etcd.endpoints_toml(), prefix, snapshot)

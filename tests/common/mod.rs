@@ -733,3 +733,18 @@ pub async fn chaos(
         takeovers,
     }
 }
+
+/// Sends a `PUT /v1/aliases` with a bad address and checks that it is refused with the
+/// field named; the answer.
+pub async fn put_bad_table(gw: &Gateway) -> Value {
+    let r = client()
+        .put(gw.admin_url("/v1/aliases"))
+        .json(&serde_json::json!({"instances": {"cs_1": {"address": "10.0.0:80"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["field"], "instances.cs_1.address", "{body}");
+    body
+}
