@@ -580,13 +580,17 @@ async fn killing_the_leader_of_a_three_member_etcd_keeps_routing_and_one_holder(
     assert!(!history.is_empty());
     // someone holds cs_1 (the holder may have stepped down during the election, and a
     // standby taken over), and both gateways name the same one
-    eventually("both gateways to name one holder", Duration::from_secs(20), || async {
-        let (h1, h2) = (
-            primary_holder(&gw1, "cs_1").await,
-            primary_holder(&gw2, "cs_1").await,
-        );
-        (h1["uuid"].is_string() && h1["uuid"] == h2["uuid"]).then_some(())
-    })
+    eventually(
+        "both gateways to name one holder",
+        Duration::from_secs(20),
+        || async {
+            let (h1, h2) = (
+                primary_holder(&gw1, "cs_1").await,
+                primary_holder(&gw2, "cs_1").await,
+            );
+            (h1["uuid"].is_string() && h1["uuid"] == h2["uuid"]).then_some(())
+        },
+    )
     .await;
 }
 
