@@ -186,11 +186,20 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             // Loads every plugin as a reload would: file, hash, compile, limits, configure.
             let plugins = hagate::plugin::PluginSet::load(&cfg.plugins, None)
                 .with_context(|| config.display().to_string())?;
+            let store = match cfg.store.kind {
+                hagate::config::StoreKind::Embedded => "embedded store".to_string(),
+                hagate::config::StoreKind::Etcd => format!(
+                    "etcd store at {} under {}",
+                    cfg.store.endpoints.join(","),
+                    cfg.store.prefix
+                ),
+            };
             println!(
-                "{}: ok ({} instances, {} plugins, proxy on {}, admin on {})",
+                "{}: ok ({} instances, {} plugins, {store}, membership {}, proxy on {}, admin on {})",
                 config.display(),
                 cfg.instances.len(),
                 plugins.plugins().len(),
+                if cfg.membership.enabled { "on" } else { "off" },
                 cfg.server.listen,
                 cfg.admin.listen
             );

@@ -120,6 +120,25 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("the process collector is registered once");
+        let build_info = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "hagate_build_info",
+                    "Always 1; the labels say which hagate runs.",
+                ),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let requests = counter_vec(
             &r,
             "hagate_requests_total",

@@ -33,6 +33,19 @@ fn every_shipped_config_passes_check() {
             path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+        // one summary line: instances, plugins, store, membership, listeners
+        let summary = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            summary.contains(": ok (")
+                && summary.contains(" store")
+                && summary.contains("membership o")
+                && summary.contains("proxy on ")
+                && summary.contains("admin on "),
+            "{summary}"
+        );
+        if path.ends_with("etcd.toml") {
+            assert!(summary.contains("etcd store at http://"), "{summary}");
+        }
         checked += 1;
     }
     assert!(checked >= 3, "only {checked} configs found");

@@ -497,6 +497,39 @@ async fn two() -> (Upstream, Upstream, Gateway) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_include_process_and_build_info() {
+    let (_a, _b, gw) = two().await;
+    let text = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "hagate_build_info{version=\"",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(series)),
+            "{series} missing"
+        );
+    }
+    assert!(gw.metric("process_open_fds", &[]).await > 0.0);
+    assert_eq!(
+        gw.metric(
+            "hagate_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_context_ids_are_refused_and_identical_ones_routed() {
     let (_a, _b, gw) = two().await;
     let c = client();
