@@ -499,14 +499,7 @@ async fn two() -> (Upstream, Upstream, Gateway) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_include_process_and_build_info() {
     let (_a, _b, gw) = two().await;
-    let text = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics_text().await;
     for series in [
         "process_cpu_seconds_total ",
         "process_resident_memory_bytes ",

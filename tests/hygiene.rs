@@ -95,6 +95,8 @@ async fn idle_half_sent_trickling_and_keepalive_connections_are_closed_in_time()
     // a slowloris: one byte every 100ms, never finishing
     let mut slow = TcpStream::connect(gw.proxy).await.unwrap();
     let started = Instant::now();
+    // the attack's own pace: a byte every 100ms (pacing, not waiting for anything)
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
     let trickle = async {
         for b in b"GET /x HTTP/1.1\r\nHost: gw\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
             .iter()
@@ -103,7 +105,7 @@ async fn idle_half_sent_trickling_and_keepalive_connections_are_closed_in_time()
             if slow.write_all(&[*b]).await.is_err() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            pace.tick().await;
             if started.elapsed() > header + slack {
                 panic!("the trickling client was not cut off");
             }

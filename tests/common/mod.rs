@@ -313,16 +313,21 @@ impl Gateway {
         self.child.id()
     }
 
-    /// The value of the series `name` whose labels include all of `labels`, or 0.
-    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = client()
+    /// The text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        client()
             .get(self.admin_url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The value of the series `name` whose labels include all of `labels`, or 0.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.metrics_text().await;
         let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
         text.lines()
             .filter(|l| !l.starts_with('#'))
