@@ -309,7 +309,8 @@ impl Gateway {
             &[]
         };
         let mut merged = merge(&statics, live, config.membership.prefer);
-        let tables = match TableHolder::new(&merged) {
+        let built = validate_table(&statics).and_then(|()| TableHolder::new(&merged));
+        let tables = match built {
             Ok(t) => t,
             Err(error) if origin != TableOrigin::Config => {
                 tracing::warn!(%error, field = %error.field(), "the snapshot's table does not build; starting from the config's [instances]");
@@ -450,7 +451,15 @@ impl Gateway {
         let settings = self.settings();
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = &state.table {
-            let checked = validate_table(&t.instances).and_then(|()| {
+            // Validate the table on its own only when it changed (a holder change reuses
+            // the table already validated); building 100k aliases is not free.
+            let unchanged = *self.lock_statics() == t.instances;
+            let checked = (if unchanged {
+                Ok(())
+            } else {
+                validate_table(&t.instances)
+            })
+            .and_then(|()| {
                 self.publish_locked(&mut published, &settings.config, &t.instances, false)
             });
             match checked {

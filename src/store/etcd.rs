@@ -464,25 +464,20 @@ impl EtcdStore {
                 Err(e) => return WatchEnd::Lost(e.to_string()),
             };
             self.heard();
-            let mut state = StoreState::clone(&self.applied());
+            let applied = self.revision.load(Ordering::Relaxed);
             let header = resp.header().map_or(0, |h| h.revision());
-            match judge(
-                state.revision,
-                header,
-                resp.compact_revision(),
-                resp.canceled(),
-            ) {
+            match judge(applied, header, resp.compact_revision(), resp.canceled()) {
                 WatchVerdict::Continue => {}
                 WatchVerdict::ResyncCompacted => {
                     tracing::warn!(
-                        applied = state.revision,
+                        applied,
                         compacted_to = resp.compact_revision(),
                         "etcd compacted past the applied revision: reading everything again"
                     );
                     return WatchEnd::Resync("compacted");
                 }
                 WatchVerdict::ResyncBackwards => {
-                    tracing::warn!(applied = state.revision, etcd = header,
+                    tracing::warn!(applied, etcd = header,
                         "etcd's revision went backwards (wiped and restarted?): reading everything again");
                     return WatchEnd::Resync("revision_backwards");
                 }
@@ -500,8 +495,9 @@ impl EtcdStore {
                 tracing::info!(from, "etcd watch running");
             }
             if resp.events().is_empty() {
-                continue;
+                continue; // created, or a progress reply: nothing to copy or apply
             }
+            let mut state = StoreState::clone(&self.applied());
             let events: Vec<Event> = resp
                 .events()
                 .iter()
