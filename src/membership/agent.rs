@@ -62,9 +62,6 @@ struct HeartbeatAnswer {
     took_over: Option<String>,
 }
 
-/// The least an agent waits for any answer.
-const MIN_WAIT: Duration = Duration::from_millis(50);
-
 struct Shell {
     http: reqwest::Client,
     opts: AgentOptions,
@@ -78,10 +75,9 @@ impl Shell {
         self.started.elapsed().as_millis() as u64
     }
 
-    async fn healthy(&self, budget: Duration) -> bool {
+    async fn healthy(&self) -> bool {
         self.http
             .get(&self.opts.health_url)
-            .timeout(budget)
             .send()
             .await
             .is_ok_and(|r| r.status().is_success())
@@ -92,16 +88,13 @@ impl Shell {
     /// each gateway at most once.
     async fn send(
         &self,
-        budget: Duration,
         build: impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> Option<reqwest::Response> {
         let n = self.opts.gateways.len();
-        // the budget is shared by the gateways the call may have to try
-        let per_try = (budget / n as u32).max(MIN_WAIT);
         for _ in 0..n {
             let i = self.current.load(Ordering::Relaxed) % n;
             let base = self.opts.gateways[i].trim_end_matches('/');
-            let failure = match build(base).timeout(per_try).send().await {
+            let failure = match build(base).send().await {
                 Ok(r) if !r.status().is_server_error() => return Some(r),
                 Ok(r) => format!("answered {}", r.status()),
                 Err(e) => e.to_string(),
@@ -115,10 +108,10 @@ impl Shell {
         None
     }
 
-    async fn primary(&self, budget: Duration) -> Option<Primary> {
+    async fn primary(&self) -> Option<Primary> {
         let alias = &self.opts.alias;
         let r = self
-            .send(budget, |base| {
+            .send(|base| {
                 self.http
                     .get(format!("{base}/v1/membership/primary/{alias}"))
             })
@@ -133,13 +126,9 @@ impl Shell {
         })
     }
 
-    async fn heartbeat(
-        &self,
-        budget: Duration,
-        hb: &Heartbeat,
-    ) -> Result<Option<HeartbeatOutcome>, AgentError> {
+    async fn heartbeat(&self, hb: &Heartbeat) -> Result<Option<HeartbeatOutcome>, AgentError> {
         let Some(r) = self
-            .send(budget, |base| {
+            .send(|base| {
                 self.http
                     .post(format!("{base}/v1/membership/heartbeat"))
                     .bearer_auth(&self.opts.token)
@@ -171,7 +160,11 @@ impl Shell {
 /// Runs the agent until it steps down.
 pub async fn run(opts: AgentOptions, uuid: String) -> AgentError {
     let interval = opts.params.interval;
-    let http = match reqwest::Client::builder().no_proxy().build() {
+    let http = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout((interval / 2).max(Duration::from_millis(50)))
+        .build()
+    {
         Ok(c) => c,
         Err(e) => return AgentError::Client(e.to_string()),
     };
@@ -197,16 +190,14 @@ pub async fn run(opts: AgentOptions, uuid: String) -> AgentError {
     let mut role = core.role();
     loop {
         tick.tick().await;
-        // Each wait is bounded by the step-down timer: answers are useful until it fires.
-        let budget = |core: &AgentCore| core.time_left(shell.now_ms()).max(MIN_WAIT);
-        let healthy = shell.healthy(budget(&core).min(interval)).await;
-        let primary = shell.primary(budget(&core)).await;
+        let healthy = shell.healthy().await;
+        let primary = shell.primary().await;
         match core.on_primary(shell.now_ms(), healthy, primary.as_ref()) {
             Decision::Wait => {}
             Decision::StepDown(why) => return why.into(),
             Decision::Heartbeat(hb) => {
                 let sent = shell.now_ms();
-                let outcome = match shell.heartbeat(budget(&core), &hb).await {
+                let outcome = match shell.heartbeat(&hb).await {
                     Ok(o) => o,
                     Err(e) => return e,
                 };

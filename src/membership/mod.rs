@@ -148,27 +148,13 @@ impl AgentCore {
                 .is_some_and(|t| now_ms.saturating_sub(t) < self.params.step_down_ms())
     }
 
-    /// When the step-down timer started: the last accepted heartbeat's send time for a
-    /// holder, the last answer of any kind otherwise.
-    fn timer_start(&self) -> u64 {
-        match self.role {
-            Role::Holder => self.last_accepted.unwrap_or(self.last_answer),
-            _ => self.last_answer,
-        }
-    }
-
     /// The timer rule: too long without an answer.
     pub fn timed_out(&self, now_ms: u64) -> Option<StepDown> {
-        (now_ms.saturating_sub(self.timer_start()) >= self.params.step_down_ms())
-            .then_some(StepDown::NoAnswer)
-    }
-
-    /// How long the agent may still wait for an answer before its step-down timer fires.
-    /// A slow store is waited for this long, and never longer: a fixed request timeout
-    /// shorter than this would make a slow but healthy store cost every holder.
-    pub fn time_left(&self, now_ms: u64) -> Duration {
-        let elapsed = now_ms.saturating_sub(self.timer_start());
-        Duration::from_millis(self.params.step_down_ms().saturating_sub(elapsed))
+        let since = match self.role {
+            Role::Holder => self.last_accepted.unwrap_or(self.last_answer),
+            _ => self.last_answer,
+        };
+        (now_ms.saturating_sub(since) >= self.params.step_down_ms()).then_some(StepDown::NoAnswer)
     }
 
     fn heartbeat(&self, last_seen: u64) -> Decision {

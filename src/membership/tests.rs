@@ -322,33 +322,3 @@ fn a_standby_with_an_unhealthy_server_waits_without_claiming() {
         Decision::StepDown(StepDown::Unhealthy)
     );
 }
-
-#[test]
-fn an_agent_waits_for_answers_exactly_until_its_step_down_timer() {
-    let (mut a, empty) = fresh_agent();
-    let window = Duration::from_millis(T - I);
-    assert_eq!(a.time_left(0), window);
-    let Decision::Heartbeat(hb) = a.on_primary(0, true, Some(&empty)) else {
-        panic!()
-    };
-    let entry = entry_of(&hb, 3);
-    a.on_heartbeat(
-        10,
-        10,
-        Some(&HeartbeatOutcome::Accepted {
-            entry: entry.clone(),
-            took_over: None,
-        }),
-    );
-    let mine = Primary {
-        holder: Some(entry),
-        token: 3,
-    };
-    a.on_primary(I, true, Some(&mine));
-    assert_eq!(a.role(), Role::Holder);
-    // a holder's window runs from its last accepted heartbeat's send time (10)
-    assert_eq!(a.time_left(I), window - Duration::from_millis(I - 10));
-    assert_eq!(a.time_left(10 + (T - I)), Duration::ZERO);
-    assert_eq!(a.time_left(10 * T), Duration::ZERO);
-    assert!(a.timed_out(10 + (T - I)).is_some());
-}
