@@ -8,6 +8,9 @@
 //!   request) is closed to make room, as nginx reuses keep-alive connections when it runs
 //!   out; if none is idle, the new connection is closed. So silent clients can never
 //!   starve the gateway of descriptors, and a client that sends a request gets served.
+//!   The decision is made in pingora's accept loop (a connection filter, `Admit`), which
+//!   waits for an evicted connection to close before it accepts again: the open
+//!   descriptors never exceed the cap, however busy the runtime is.
 //! - **`server.keepalive_timeout`.** A connection idle that long is closed: before its first
 //!   request, and between requests. (Pingora itself re-arms HTTP/1.1 keep-alive with no
 //!   timeout after each request.)
@@ -23,13 +26,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::ConnectionFilter;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType,
@@ -83,6 +87,8 @@ struct Slot {
     idle_since: AtomicU64,
     /// Told to close (it was the oldest idle connection when the slots ran out).
     evict: Arc<Notify>,
+    /// It was told to close (and counts in `Connections::evicting` until it has).
+    evicted: AtomicBool,
 }
 
 /// Every open connection of the proxy listener.
@@ -91,6 +97,12 @@ pub struct Connections {
     limits: Mutex<Limits>,
     open: AtomicUsize,
     slots: Mutex<HashMap<SocketAddr, Arc<Slot>>>,
+    /// Connections told to close that have not closed yet.
+    evicting: AtomicUsize,
+    /// Told whenever a connection closes.
+    closed: Notify,
+    /// Slots taken in the accept loop, for connections not yet handed to the app.
+    reserved: Mutex<HashMap<SocketAddr, (Ticket, Instant)>>,
 }
 
 impl Connections {
@@ -100,6 +112,9 @@ impl Connections {
             limits: Mutex::new(limits),
             open: AtomicUsize::new(0),
             slots: Mutex::new(HashMap::new()),
+            evicting: AtomicUsize::new(0),
+            closed: Notify::new(),
+            reserved: Mutex::new(HashMap::new()),
         })
     }
 
@@ -127,51 +142,132 @@ impl Connections {
         }
     }
 
-    /// Takes a slot for a new connection from `peer`, closing the oldest idle connection
-    /// if every slot is taken. `None`: every connection is busy, refuse this one.
-    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<Ticket> {
+    /// Decides on a connection just accepted from `peer`: a slot for it (kept in
+    /// `reserved` until `Guard::process_new` takes it), or a wait for an evicted
+    /// connection to close, or a refusal (every connection is busy).
+    fn try_admit(self: &Arc<Self>, peer: SocketAddr) -> Admission {
         let max = self.limits().max_connections;
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if self.open.load(Ordering::Relaxed) >= max {
-            let oldest = slots
-                .iter()
-                .filter_map(|(peer, s)| {
-                    let t = s.idle_since.load(Ordering::Relaxed);
-                    (t != 0).then_some((t, *peer))
-                })
-                .min();
-            match oldest.and_then(|(_, p)| slots.remove(&p)) {
-                Some(victim) => {
-                    victim.evict.notify_one();
-                    metrics()
-                        .connections_closed
-                        .with_label_values(&["evicted_idle"])
-                        .inc();
+        if self.open.load(Ordering::Relaxed) < max {
+            self.open.fetch_add(1, Ordering::Relaxed);
+            metrics()
+                .connections_open
+                .with_label_values(&["proxy"])
+                .inc();
+            let slot = Arc::new(Slot {
+                idle_since: AtomicU64::new(now_ms()),
+                evict: Arc::new(Notify::new()),
+                evicted: AtomicBool::new(false),
+            });
+            slots.insert(peer, Arc::clone(&slot));
+            return Admission::Admitted(Ticket {
+                conns: Arc::clone(self),
+                peer,
+                slot,
+            });
+        }
+        if self.evicting.load(Ordering::Relaxed) > 0 {
+            return Admission::Wait;
+        }
+        let oldest = slots
+            .iter()
+            .filter_map(|(peer, s)| {
+                let t = s.idle_since.load(Ordering::Relaxed);
+                (t != 0).then_some((t, *peer))
+            })
+            .min();
+        match oldest.and_then(|(_, p)| slots.remove(&p)) {
+            Some(victim) => {
+                victim.evicted.store(true, Ordering::Relaxed);
+                self.evicting.fetch_add(1, Ordering::Relaxed);
+                victim.evict.notify_one();
+                metrics()
+                    .connections_closed
+                    .with_label_values(&["evicted_idle"])
+                    .inc();
+                Admission::Wait
+            }
+            None => Admission::Refuse,
+        }
+    }
+
+    /// Admits a connection just accepted from `peer`, waiting (at most `EVICTION_WAIT`)
+    /// for the longest-idle connection to close if every slot is taken. Runs in pingora's
+    /// accept loop, so while it waits no other connection is accepted: the descriptors
+    /// open never exceed `max_connections` plus the one being decided.
+    async fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<Ticket> {
+        let deadline = Instant::now() + EVICTION_WAIT;
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            match self.try_admit(peer) {
+                Admission::Admitted(ticket) => return Some(ticket),
+                Admission::Wait => {
+                    if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                        break;
+                    }
                 }
-                None => {
-                    metrics()
-                        .connections_closed
-                        .with_label_values(&["refused_full"])
-                        .inc();
-                    return None;
-                }
+                Admission::Refuse => break,
             }
         }
-        self.open.fetch_add(1, Ordering::Relaxed);
         metrics()
-            .connections_open
-            .with_label_values(&["proxy"])
+            .connections_closed
+            .with_label_values(&["refused_full"])
             .inc();
-        let slot = Arc::new(Slot {
-            idle_since: AtomicU64::new(now_ms()),
-            evict: Arc::new(Notify::new()),
-        });
-        slots.insert(peer, Arc::clone(&slot));
-        Some(Ticket {
-            conns: Arc::clone(self),
-            peer,
-            slot,
-        })
+        None
+    }
+
+    /// The slot reserved for `peer` by the connection filter, if any.
+    fn take_reserved(&self, peer: &SocketAddr) -> Option<Ticket> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        // a connection whose handshake failed never reaches the app: free its slot
+        if reserved.len() > 1 {
+            reserved.retain(|_, (_, at)| at.elapsed() < HANDSHAKE_LIMIT);
+        }
+        reserved.remove(peer).map(|(ticket, _)| ticket)
+    }
+}
+
+/// How long an accepted connection may wait for an evicted one to close.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// Longer than pingora's handshake timeout (60 s): a reserved slot not taken by then
+/// belongs to a connection that never reached the app.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(65);
+
+/// What to do with a connection just accepted.
+enum Admission {
+    Admitted(Ticket),
+    /// Every slot is taken and an evicted connection is closing.
+    Wait,
+    /// Every slot is taken by a busy connection.
+    Refuse,
+}
+
+/// Pingora's accept loop asks here before it takes a connection on: the cap is enforced
+/// before the connection has a task of its own, so refusals and evictions cannot pile up
+/// behind a busy runtime.
+/// The connection filter that admits connections to the proxy listener (installed on
+/// pingora's listening service with `set_connection_filter`).
+#[derive(Debug)]
+pub struct Admit(pub Arc<Connections>);
+
+#[async_trait]
+impl ConnectionFilter for Admit {
+    async fn should_accept(&self, addr: Option<&SocketAddr>) -> bool {
+        let Some(peer) = addr.copied() else {
+            return true;
+        };
+        match self.0.admit(peer).await {
+            Some(ticket) => {
+                let mut reserved = self.0.reserved.lock().unwrap_or_else(|p| p.into_inner());
+                // a peer address is unique among open connections
+                reserved.insert(peer, (ticket, Instant::now()));
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -198,6 +294,11 @@ impl Drop for Ticket {
         {
             slots.remove(&self.peer);
         }
+        drop(slots);
+        if self.slot.evicted.load(Ordering::Relaxed) {
+            self.conns.evicting.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.conns.closed.notify_waiters();
     }
 }
 
@@ -535,7 +636,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
         let Some(peer) = peer_of(&stream) else {
             return self.inner.process_new(stream, shutdown).await;
         };
-        let ticket = self.conns.admit(peer)?;
+        let ticket = match self.conns.take_reserved(&peer) {
+            Some(ticket) => ticket,
+            None => self.conns.admit(peer).await?,
+        };
         let limits = self.conns.limits();
         let guarded: Stream = Box::new(Guarded::new(stream, ticket, limits));
         self.inner.process_new(guarded, shutdown).await
@@ -574,32 +678,64 @@ mod tests {
         }
     }
 
+    fn admitted(a: Admission) -> Ticket {
+        match a {
+            Admission::Admitted(t) => t,
+            Admission::Wait => panic!("wait"),
+            Admission::Refuse => panic!("refused"),
+        }
+    }
+
     #[tokio::test]
-    async fn full_slots_evict_the_oldest_idle_connection_or_refuse() {
+    async fn full_slots_evict_the_oldest_idle_connection_and_wait_for_it_or_refuse() {
         let conns = Connections::new(limits(2));
         let p = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-        let a = conns.admit(p(1)).unwrap();
-        let b = conns.admit(p(2)).unwrap();
-        // both idle: the oldest goes (a, idle since it connected)
+        let a = admitted(conns.try_admit(p(1)));
+        let b = admitted(conns.try_admit(p(2)));
+        // both idle: the oldest is told to close (a, idle since it connected)
         b.slot.idle_since.store(now_ms() + 5, Ordering::Relaxed);
         a.slot.idle_since.store(1, Ordering::Relaxed);
-        let c = conns.admit(p(3)).unwrap();
-        // the victim was told to close (the notification waits for it)
+        assert!(matches!(conns.try_admit(p(3)), Admission::Wait));
         let told = Arc::clone(&a.slot.evict).notified_owned();
         assert!(tokio::time::timeout(Duration::from_secs(1), told)
             .await
             .is_ok());
+        // while it has not closed, nobody else is told and nobody is admitted
+        assert!(matches!(conns.try_admit(p(3)), Admission::Wait));
+        assert_eq!(conns.evicting.load(Ordering::Relaxed), 1);
+        // it closes: the waiting connection gets its slot
+        let waiting = tokio::spawn({
+            let conns = Arc::clone(&conns);
+            async move { conns.admit(p(3)).await }
+        });
         drop(a);
-        assert_eq!(conns.open(), 2);
-        // both busy: refused
+        let c = waiting.await.unwrap().expect("admitted once a closed");
+        assert_eq!(
+            (conns.open(), conns.evicting.load(Ordering::Relaxed)),
+            (2, 0)
+        );
+        // both busy: refused at once
         b.slot.idle_since.store(0, Ordering::Relaxed);
         c.slot.idle_since.store(0, Ordering::Relaxed);
-        assert!(conns.admit(p(4)).is_none());
+        assert!(conns.admit(p(4)).await.is_none());
         // a request ends: idle again, so it can make room
         conns.idle(&p(2));
-        let d = conns.admit(p(4));
-        assert!(d.is_some());
-        drop((b, c, d));
+        assert!(matches!(conns.try_admit(p(4)), Admission::Wait));
+        drop(b);
+        let d = admitted(conns.try_admit(p(4)));
+        drop((c, d));
+        assert_eq!(conns.open(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_reserved_slot_goes_to_its_connection() {
+        let conns = Connections::new(limits(1));
+        let peer = SocketAddr::from(([127, 0, 0, 1], 9));
+        assert!(Admit(Arc::clone(&conns)).should_accept(Some(&peer)).await);
+        assert_eq!(conns.open(), 1);
+        let ticket = conns.take_reserved(&peer).expect("reserved");
+        assert!(conns.take_reserved(&peer).is_none());
+        drop(ticket);
         assert_eq!(conns.open(), 0);
     }
 }

@@ -12,7 +12,7 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
 use crate::config::Config;
-use crate::conn::{Connections, Guard, Limits};
+use crate::conn::{Admit, Connections, Guard, Limits};
 use crate::gateway::Gateway;
 use crate::http_server::ServeLimits;
 use crate::metrics::metrics;
@@ -218,6 +218,7 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infall
         "hagate proxy".to_string(),
         Guard::new(app, Arc::clone(&conns)),
     );
+    proxy.set_connection_filter(Arc::new(Admit(Arc::clone(&conns))));
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
     server.add_service(background_service(
