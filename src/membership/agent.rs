@@ -6,7 +6,8 @@
 //!
 //! Several gateways (sharing one etcd) can be given. The agent talks to one at a time and
 //! moves on to the next when a request to it fails (no answer, or a 5xx), so the loss of
-//! one gateway costs at most one request's timeout.
+//! one gateway costs at most one request's timeout (I). The step-down timer runs beside the
+//! requests, so a slow answer never delays a step-down, and is used if it comes in time.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -162,7 +163,7 @@ pub async fn run(opts: AgentOptions, uuid: String) -> AgentError {
     let interval = opts.params.interval;
     let http = match reqwest::Client::builder()
         .no_proxy()
-        .timeout((interval / 2).max(Duration::from_millis(50)))
+        .timeout(interval.max(Duration::from_millis(50)))
         .build()
     {
         Ok(c) => c,
@@ -190,21 +191,16 @@ pub async fn run(opts: AgentOptions, uuid: String) -> AgentError {
     let mut role = core.role();
     loop {
         tick.tick().await;
-        let healthy = shell.healthy().await;
-        let primary = shell.primary().await;
-        match core.on_primary(shell.now_ms(), healthy, primary.as_ref()) {
-            Decision::Wait => {}
-            Decision::StepDown(why) => return why.into(),
-            Decision::Heartbeat(hb) => {
-                let sent = shell.now_ms();
-                let outcome = match shell.heartbeat(&hb).await {
-                    Ok(o) => o,
-                    Err(e) => return e,
-                };
-                if let Some(why) = core.on_heartbeat(shell.now_ms(), sent, outcome.as_ref()) {
-                    return why.into();
-                }
-            }
+        // The step-down timer runs beside the interval's requests: a holder stops on
+        // time however slowly the gateway answers, and an answer that is merely slow
+        // (each request may take up to I) is still used when it comes in time.
+        let step_down = shell.started + Duration::from_millis(core.step_down_at());
+        let interval_done = tokio::select! {
+            done = one_interval(&shell, &mut core) => done,
+            () = tokio::time::sleep_until(step_down.into()) => Err(StepDown::NoAnswer.into()),
+        };
+        if let Err(why) = interval_done {
+            return why;
         }
         if core.role() != role {
             role = core.role();
@@ -214,6 +210,24 @@ pub async fn run(opts: AgentOptions, uuid: String) -> AgentError {
                 Role::Holder => "holder",
             };
             tracing::info!(alias = %opts.alias, role = name, "agent role changed");
+        }
+    }
+}
+
+/// One interval: the local health, `GetPrimary`, and the heartbeat the core decides on.
+async fn one_interval(shell: &Shell, core: &mut AgentCore) -> Result<(), AgentError> {
+    let healthy = shell.healthy().await;
+    let primary = shell.primary().await;
+    match core.on_primary(shell.now_ms(), healthy, primary.as_ref()) {
+        Decision::Wait => Ok(()),
+        Decision::StepDown(why) => Err(why.into()),
+        Decision::Heartbeat(hb) => {
+            let sent = shell.now_ms();
+            let outcome = shell.heartbeat(&hb).await?;
+            match core.on_heartbeat(shell.now_ms(), sent, outcome.as_ref()) {
+                Some(why) => Err(why.into()),
+                None => Ok(()),
+            }
         }
     }
 }

@@ -150,11 +150,17 @@ impl AgentCore {
 
     /// The timer rule: too long without an answer.
     pub fn timed_out(&self, now_ms: u64) -> Option<StepDown> {
+        (now_ms >= self.step_down_at()).then_some(StepDown::NoAnswer)
+    }
+
+    /// When the timer rule fires (in the caller's ms), unless an answer comes first: `T − I`
+    /// after the last accepted heartbeat was sent (a holder) or the last answer (others).
+    pub fn step_down_at(&self) -> u64 {
         let since = match self.role {
             Role::Holder => self.last_accepted.unwrap_or(self.last_answer),
             _ => self.last_answer,
         };
-        (now_ms.saturating_sub(since) >= self.params.step_down_ms()).then_some(StepDown::NoAnswer)
+        since + self.params.step_down_ms()
     }
 
     fn heartbeat(&self, last_seen: u64) -> Decision {

@@ -322,3 +322,33 @@ fn a_standby_with_an_unhealthy_server_waits_without_claiming() {
         Decision::StepDown(StepDown::Unhealthy)
     );
 }
+
+#[test]
+fn the_step_down_timer_runs_from_the_last_accepted_send_for_a_holder() {
+    let (mut core, empty) = fresh_agent();
+    // a standby: T − I after the last answer
+    assert_eq!(core.step_down_at(), T - I);
+    let Decision::Heartbeat(claim) = core.on_primary(40, true, Some(&empty)) else {
+        panic!("an empty role is claimed");
+    };
+    assert_eq!(core.step_down_at(), 40 + T - I);
+    let entry = entry_of(&claim, 1);
+    let accepted = HeartbeatOutcome::Accepted {
+        entry: entry.clone(),
+        took_over: None,
+    };
+    assert_eq!(core.on_heartbeat(90, 50, Some(&accepted)), None);
+    let me = Primary {
+        holder: Some(entry),
+        token: 1,
+    };
+    assert!(matches!(
+        core.on_primary(200, true, Some(&me)),
+        Decision::Heartbeat(_)
+    ));
+    // a holder: T − I after it *sent* its last accepted heartbeat, not after later answers
+    assert_eq!(core.role(), Role::Holder);
+    assert_eq!(core.step_down_at(), 50 + T - I);
+    assert_eq!(core.timed_out(50 + T - I - 1), None);
+    assert_eq!(core.timed_out(50 + T - I), Some(StepDown::NoAnswer));
+}
