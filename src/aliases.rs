@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
 
 use crate::health::{InstanceState, StateRegistry};
+use crate::metrics::InstanceMetrics;
 pub use crate::model::{Alias, AliasError, InstanceSpec};
 
 /// One resolved instance.
@@ -32,6 +33,17 @@ pub struct Instance {
     /// The membership holder's epoch, when a holder's address is in use: forwarded as
     /// `x-hagate-epoch` so that a context server can refuse a stale route.
     pub epoch: Option<u64>,
+    /// Its request metrics, resolved at its first request (not at build: a 100k-alias
+    /// table is built without touching the registry).
+    metrics: OnceLock<InstanceMetrics>,
+}
+
+impl Instance {
+    /// Its request metrics (`hagate_instance_requests_total{alias}`, ...).
+    pub fn metrics(&self) -> &InstanceMetrics {
+        self.metrics
+            .get_or_init(|| InstanceMetrics::for_alias(self.alias.as_str()))
+    }
 }
 
 /// Why a table could not be built. `field()` gives the TOML path of the culprit.
@@ -125,6 +137,7 @@ impl AliasTable {
                 weight: spec.weight,
                 state: states.state_for(address),
                 epoch: spec.epoch,
+                metrics: OnceLock::new(),
             });
         }
         Ok(AliasTable {

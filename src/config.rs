@@ -97,6 +97,42 @@ pub struct Config {
     /// is placed by the first plugin with a `match` entry that fits it, else natively.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
+    /// `[log]`: the log format and the access log.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`
+///
+/// ```toml
+/// [log]
+/// format = "json"   # or "text" (the default); read at start
+/// access = true     # one event per request, target hagate::access; hot-reloaded
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `format = "text"`: human-readable lines, or `"json"`: one JSON object per line. The
+    /// level comes from `RUST_LOG` (default `info`). Read at start: a reload that changes
+    /// it is logged and takes effect at the next start (or `hagate run --upgrade`).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// `access = false`: log one event per request (method, path, status, role, alias,
+    /// upstream, attempts, failed_over, duration_us, context_id) at INFO with target
+    /// `hagate::access`.
+    #[serde(default)]
+    pub access: bool,
+}
+
+/// `log.format`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[[plugins]]`: one Wasm placement plugin.

@@ -553,11 +553,12 @@ impl Gateway {
                 old.config.admin.listen != config.admin.listen,
             ),
             ("store", old.config.store != config.store),
+            ("log.format", old.config.log.format != config.log.format),
         ] {
             if changed {
                 tracing::warn!(
                     field,
-                    "changed in the config file; restart hagate to apply it"
+                    "changed in the config file; restart hagate (or `hagate run --upgrade`) to apply it"
                 );
             }
         }

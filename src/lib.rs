@@ -32,6 +32,7 @@ pub mod gateway;
 pub mod haid;
 pub mod health;
 pub mod http_server;
+pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod model;

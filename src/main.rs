@@ -159,14 +159,12 @@ enum HaidCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match dispatch(Cli::parse().command) {
+    let cmd = Cli::parse().command;
+    // `run` reads its log format from its config first
+    if !matches!(cmd, Cmd::Run { .. }) {
+        hagate::logging::init(hagate::config::LogFormat::Text);
+    }
+    match dispatch(cmd) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hagate: {e:#}");
@@ -179,6 +177,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
         Cmd::Run { config } => {
             let cfg = Config::load(&config)?;
+            hagate::logging::init(cfg.log.format);
             match hagate::server::run(cfg, Some(config))? {}
         }
         Cmd::Check { config } => {

@@ -6,11 +6,48 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::haid::HaidError;
+
+/// The buckets of request durations, in seconds.
+const REQUEST_BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Status classes, the `class` label of `hagate_instance_requests_total`.
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// One alias's request metrics, resolved once (a `with_label_values` lookup hashes and
+/// locks), then used by every request it serves.
+#[derive(Debug, Clone)]
+pub struct InstanceMetrics {
+    by_class: [IntCounter; 6],
+    duration: Histogram,
+}
+
+impl InstanceMetrics {
+    /// The children for `alias`.
+    pub fn for_alias(alias: &str) -> Self {
+        let m = metrics();
+        InstanceMetrics {
+            by_class: CLASSES.map(|class| m.instance_requests.with_label_values(&[alias, class])),
+            duration: m.instance_duration.with_label_values(&[alias]),
+        }
+    }
+
+    /// One request answered with `status` (0: none was written) after `elapsed`.
+    pub fn observe(&self, status: u16, elapsed: std::time::Duration) {
+        let class = match status {
+            100..=599 => usize::from(status / 100 - 1),
+            _ => 5,
+        };
+        self.by_class[class].inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
 
 /// All metrics, registered once in their own registry.
 pub struct Metrics {
@@ -83,6 +120,11 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// `hagate_connections_open{listener}`: open connections on the proxy and admin listeners.
     pub connections_open: IntGaugeVec,
+    /// `hagate_instance_requests_total{alias,class}`: requests an instance served, by
+    /// status class (2xx ... 5xx, or error when no answer was written).
+    pub instance_requests: IntCounterVec,
+    /// `hagate_instance_request_duration_seconds{alias}`.
+    pub instance_duration: HistogramVec,
     /// `hagate_local_resource_errors_total{during}`: EMFILE, ENFILE, ENOBUFS or ENOMEM met
     /// while connecting upstream or health checking; never counted against the upstream.
     pub local_resource_errors: IntCounterVec,
@@ -145,18 +187,36 @@ impl Metrics {
             "Requests answered, by the role of the instance that served them and status.",
             &["role", "status"],
         );
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "hagate_request_duration_seconds",
-                "Time from request to the end of the response, by role.",
+        let request_duration = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "hagate_request_duration_seconds",
+                    "Time from request to the end of the response, by role.",
+                )
+                .buckets(REQUEST_BUCKETS.to_vec()),
+                &["role"],
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-            &["role"],
-        )
-        .expect("valid metric");
-        let request_duration = register(&r, request_duration);
+            .expect("valid metric"),
+        );
+        let instance_requests = counter_vec(
+            &r,
+            "hagate_instance_requests_total",
+            "Requests an instance served (the last attempt's instance), by status class.",
+            &["alias", "class"],
+        );
+        let instance_duration = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "hagate_instance_request_duration_seconds",
+                    "Time from request to the end of the response, by the instance that served it.",
+                )
+                .buckets(REQUEST_BUCKETS.to_vec()),
+                &["alias"],
+            )
+            .expect("valid metric"),
+        );
         let failovers = counter_vec(
             &r,
             "hagate_failovers_total",
@@ -345,6 +405,8 @@ impl Metrics {
         );
         Metrics {
             registry: r,
+            instance_requests,
+            instance_duration,
             connections_closed,
             connections_open,
             local_resource_errors,

@@ -70,6 +70,10 @@ pub struct Ctx {
     context_id: Option<HeaderValue>,
     /// Whether this request was placed (no HAID): send the aliases upstream.
     placed: bool,
+    /// Upstream attempts made (connections tried).
+    attempts: u8,
+    /// Whether an attempt went to the other instance after the first choice failed.
+    failed_over: bool,
 }
 
 /// The next upstream attempt.
@@ -392,6 +396,8 @@ impl ProxyHttp for Proxy {
             inflight: None,
             context_id: None,
             placed: false,
+            attempts: 0,
+            failed_over: false,
         }
     }
 
@@ -412,7 +418,9 @@ impl ProxyHttp for Proxy {
         .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream left to try"))?;
         if ctx.next == Next::Fallback {
             ctx.next = Next::Done;
+            ctx.failed_over = true;
         }
+        ctx.attempts = ctx.attempts.saturating_add(1);
         let (Some(table), Some(settings)) = (ctx.table.as_ref(), ctx.settings.as_ref()) else {
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -531,6 +539,16 @@ impl ProxyHttp for Proxy {
     }
 
     /// Every error pingora would answer with its own page gets a JSON body instead.
+    /// A client's own trouble (it went away, reset, or sent garbage) is not logged as an
+    /// ERROR; it is in the metrics and, when on, the access log.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        let downstream = e.esource() == &ErrorSource::Downstream;
+        if downstream {
+            tracing::debug!(error = %e, "client-side failure");
+        }
+        downstream
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let (status, body) = match (e.etype(), e.esource()) {
             _ if ctx.local_trouble => (
@@ -633,9 +651,33 @@ impl ProxyHttp for Proxy {
         m.requests
             .with_label_values(&[role, status_label(status)])
             .inc();
+        let elapsed = ctx.started.elapsed();
         m.request_duration
             .with_label_values(&[role])
-            .observe(ctx.started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
+        let instance = ctx
+            .current
+            .zip(ctx.table.as_ref())
+            .map(|(t, table)| table.get(t.instance));
+        if let Some(inst) = instance {
+            inst.metrics().observe(status, elapsed);
+        }
+        if ctx.settings.as_ref().is_some_and(|s| s.config.log.access) {
+            let req = session.req_header();
+            tracing::info!(
+                target: "hagate::access",
+                method = %req.method,
+                path = req.uri.path(),
+                status,
+                role,
+                alias = instance.map(|i| i.alias.as_str()),
+                upstream = instance.map(|i| tracing::field::display(i.address)),
+                attempts = ctx.attempts,
+                failed_over = ctx.failed_over,
+                duration_us = elapsed.as_micros() as u64,
+                context_id = ctx.context_id.as_ref().and_then(|v| v.to_str().ok()),
+            );
+        }
         ctx.inflight = None;
         // The request is over: its connection is idle (and may be evicted) until the next.
         if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {

@@ -350,6 +350,18 @@ impl Gateway {
         .await
     }
 
+    /// Waits until a reload of `plugin` has been counted with `result` (ok or error). A
+    /// debug build's cranelift takes seconds to compile a plugin, over 10 s with both
+    /// cores busy, so this waits as long as `the_admin_api_answers_while_a_slow_reload_compiles`.
+    pub async fn wait_plugin_reload(&self, plugin: &str, result: &str) {
+        let labels = [("plugin", plugin), ("result", result)];
+        let what = format!("a reload of plugin {plugin} with result {result}");
+        eventually(&what, Duration::from_secs(120), || async {
+            (self.metric("hagate_plugin_reloads_total", &labels).await >= 1.0).then_some(())
+        })
+        .await
+    }
+
     /// Waits until a request for `haid` is answered by the server named `server`.
     pub async fn wait_served_by(&self, haid: &str, server: &str) {
         let c = client();

@@ -1,0 +1,148 @@
+//! What an operator runs hagate with: JSON logs and the access log, per-instance metrics,
+//! quiet logs for clients that go away. Real gateway, real demo servers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// The log's JSON lines (every line must be one).
+fn json_lines(log: &str) -> Vec<Value> {
+    log.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn access_events(log: &str) -> Vec<Value> {
+    json_lines(log)
+        .into_iter()
+        .filter(|v| v["target"] == "hagate::access")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_one_access_event_per_request_and_clients_leaving_are_no_errors() {
+    let b = Upstream::start("B");
+    // cs_1 refuses connections: its requests fail over to cs_2 (with no active checks,
+    // the failover happens on the request, not by routing)
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let gw = Gateway::start(&format!(
+        "[log]\nformat = \"json\"\naccess = true\n\n[health.active]\nenabled = false\n\n[instances.cs_1]\naddress = \"{dead_addr}\"\n{}",
+        instances(&[("cs_2", &b)])
+    ))
+    .await;
+    let c = client();
+    let haid = hagate::haid::encode("cs_2", &["cs_1"], "4711").unwrap();
+    let r = c
+        .get(gw.url("/api/v1/ctx"))
+        .header("contextID", &haid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let over = hagate::haid::encode("cs_1", &["cs_2"], "4712").unwrap();
+    let r = c
+        .post(gw.url("/api/v1/over"))
+        .header("contextID", &over)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // a client that sends half a body and leaves
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    let head = format!(
+        "POST /api/v1/gone HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\nContent-Length: 1000\r\n\r\nabc"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    drop(s);
+
+    let events = eventually("three access events", Duration::from_secs(10), || {
+        let log = gw.log();
+        async move {
+            let events = access_events(&log);
+            (events.len() >= 3).then_some(events)
+        }
+    })
+    .await;
+    let by_path = |p: &str| {
+        events
+            .iter()
+            .find(|e| e["path"] == p)
+            .unwrap_or_else(|| panic!("no access event for {p}: {events:?}"))
+            .clone()
+    };
+    let ok = by_path("/api/v1/ctx");
+    assert_eq!(ok["level"], "INFO");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["role"], "main");
+    assert_eq!(ok["alias"], "cs_2");
+    assert_eq!(ok["upstream"], b.addr.to_string());
+    assert_eq!(ok["attempts"], 1);
+    assert_eq!(ok["failed_over"], false);
+    assert_eq!(ok["context_id"], "4711");
+    assert!(ok["duration_us"].as_u64().is_some_and(|d| d > 0), "{ok}");
+
+    let over = by_path("/api/v1/over");
+    assert_eq!(over["status"], 200);
+    assert_eq!(over["role"], "backup");
+    assert_eq!(over["alias"], "cs_2");
+    assert_eq!(over["attempts"], 2);
+    assert_eq!(over["failed_over"], true);
+    assert_eq!(over["context_id"], "4712");
+
+    let gone = by_path("/api/v1/gone");
+    assert_eq!(gone["alias"], "cs_2");
+
+    // per-instance request metrics
+    assert_eq!(
+        gw.metric(
+            "hagate_instance_requests_total",
+            &[("alias", "cs_2"), ("class", "2xx")]
+        )
+        .await,
+        2.0
+    );
+    assert!(
+        gw.metric(
+            "hagate_instance_request_duration_seconds_count",
+            &[("alias", "cs_2")]
+        )
+        .await
+            >= 2.0
+    );
+    // the client that left is not an ERROR (pingora logs it as one)
+    let errors: Vec<Value> = json_lines(&gw.log())
+        .into_iter()
+        .filter(|v| v["level"] == "ERROR")
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_is_off_by_default_and_text_is_the_default_format() {
+    let a = Upstream::start("A");
+    let gw = Gateway::start(&instances(&[("cs_1", &a), ("cs_2", &a)])).await;
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "1").unwrap();
+    let (status, _) = get_haid(&client(), &gw, &haid).await;
+    assert_eq!(status, 200);
+    gw.wait_metric(
+        "hagate_instance_requests_total",
+        &[("alias", "cs_1"), ("class", "2xx")],
+        1.0,
+    )
+    .await;
+    let log = gw.log();
+    assert!(log.contains("hagate is serving"), "{log}");
+    assert!(!log.contains("hagate::access"), "{log}");
+    assert!(log.lines().all(|l| !l.starts_with('{')), "{log}");
+}
