@@ -246,6 +246,38 @@ pub struct ServerConfig {
     /// lines, is answered 431 with a JSON body.
     #[serde(default = "default_header_bytes")]
     pub max_header_bytes: bytesize::ByteSize,
+    /// Where the running gateway writes its pid: `pid_file = "/run/hagate/hagate.pid"`.
+    /// `hagate run --upgrade` reads it to find the gateway it replaces. Default:
+    /// `/tmp/hagate-<proxy port>.pid`.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// The Unix socket over which a running gateway hands its listening sockets to the one
+    /// that replaces it (`hagate run --upgrade`): `upgrade_sock = "/run/hagate/upgrade.sock"`.
+    /// Default: `/tmp/hagate-<proxy port>.upgrade.sock`.
+    #[serde(default)]
+    pub upgrade_sock: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    fn port_tag(&self) -> String {
+        self.listen
+            .rsplit_once(':')
+            .map_or_else(|| "0".to_string(), |(_, port)| port.to_string())
+    }
+
+    /// `pid_file`, or its default.
+    pub fn pid_file(&self) -> PathBuf {
+        self.pid_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/hagate-{}.pid", self.port_tag())))
+    }
+
+    /// `upgrade_sock`, or its default.
+    pub fn upgrade_sock(&self) -> PathBuf {
+        self.upgrade_sock.clone().unwrap_or_else(|| {
+            PathBuf::from(format!("/tmp/hagate-{}.upgrade.sock", self.port_tag()))
+        })
+    }
 }
 
 fn default_header_bytes() -> bytesize::ByteSize {
@@ -541,6 +573,12 @@ impl Config {
             if let Some(snap) = &mut config.store.snapshot {
                 *snap = dir.join(&*snap);
             }
+            for path in [&mut config.server.pid_file, &mut config.server.upgrade_sock]
+                .into_iter()
+                .flatten()
+            {
+                *path = dir.join(&*path);
+            }
         }
         Ok(config)
     }
@@ -567,6 +605,17 @@ impl Config {
             return Err(invalid(
                 "admin.listen",
                 format!("{admin} overlaps server.listen ({listen}); the two listeners need their own addresses"),
+            ));
+        }
+        // sun_path holds 108 bytes with its NUL; pingora would panic on a longer path
+        let sock = self.server.upgrade_sock();
+        if sock.as_os_str().len() > 107 {
+            return Err(invalid(
+                "server.upgrade_sock",
+                format!(
+                    "{} is longer than a Unix socket path may be (107 bytes)",
+                    sock.display()
+                ),
             ));
         }
         if !admin.ip().is_loopback() && self.admin.token.is_none() {

@@ -645,7 +645,21 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
         self.inner.process_new(guarded, shutdown).await
     }
 
+    /// The listener stopped accepting (SIGTERM, or an upgrade handed it to a new process).
+    /// Pingora's cleanup would close every idle keep-alive connection at once, and a client
+    /// sending its next request on one at that instant would get a reset. So first let each
+    /// open connection end by itself: pingora answers every request from now on with
+    /// `Connection: close`. What is still open at the end of the grace period is closed.
     async fn cleanup(&self) {
+        let deadline = Instant::now() + self.conns.limits().keepalive_timeout;
+        loop {
+            let closed = self.conns.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.conns.open() == 0 || tokio::time::timeout_at(deadline, closed).await.is_err() {
+                break;
+            }
+        }
         self.inner.cleanup().await
     }
 }

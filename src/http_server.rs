@@ -69,20 +69,31 @@ pub async fn serve<F, Fut>(
         let handler = handler.clone();
         let (slots, open) = (Arc::clone(&slots), Arc::clone(&open));
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
-            });
-            let _ = http1::Builder::new()
-                .keep_alive(true)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            serve_connection(stream, limits, handler).await;
             drop(permit);
             open(in_use(&slots));
         });
     }
+}
+
+/// Serves `handler` on one connection until it closes, closing it if a request head takes
+/// longer than `limits.header_timeout` (counted from the connection or the last answer).
+pub async fn serve_connection<S, F, Fut>(stream: S, limits: ServeLimits, handler: F)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    });
+    let _ = http1::Builder::new()
+        .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// A JSON reply.

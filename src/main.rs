@@ -32,6 +32,11 @@ enum Cmd {
         /// The config file (hot-reloaded on change and on SIGHUP).
         #[arg(long, short, default_value = "config/hagate.toml")]
         config: PathBuf,
+        /// Replace the gateway running with this config without dropping a connection:
+        /// take over its listening sockets (it is found through `server.pid_file`), and let
+        /// it finish its requests and exit.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file: exit 0 if it is valid, else name the bad field.
     Check {
@@ -175,10 +180,10 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Run { config } => {
+        Cmd::Run { config, upgrade } => {
             let cfg = Config::load(&config)?;
             hagate::logging::init(cfg.log.format);
-            match hagate::server::run(cfg, Some(config))? {}
+            match hagate::server::run(cfg, Some(config), upgrade)? {}
         }
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
@@ -505,5 +510,5 @@ curl -s http://{admin}/v1/aliases
         main_pid = main.1.id(),
         backup_alias = backup.0,
     );
-    match hagate::server::run(config, None)? {}
+    match hagate::server::run(config, None, false)? {}
 }

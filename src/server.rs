@@ -1,13 +1,16 @@
 //! Assembles a running gateway: the pingora server with the proxy service, and one
 //! background service for the control plane (admin API, active health checks, reload).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::server::configuration::ServerConf;
+use pingora::apps::ServerApp;
+use pingora::listeners::ConnectionFilter;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
@@ -20,6 +23,7 @@ use crate::proxy::Proxy;
 use crate::store::etcd::StoreSink;
 use crate::{admin, health, reload};
 use pingora::services::listening::Service;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +42,13 @@ pub enum StartError {
     /// The config is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// `hagate run --upgrade` found no gateway to replace.
+    #[error("upgrade: {0}")]
+    Upgrade(String),
 }
 
 struct ControlPlane {
     gateway: Arc<Gateway>,
-    admin: Mutex<Option<std::net::TcpListener>>,
     conns: Arc<Connections>,
     nofile: u64,
 }
@@ -50,32 +56,6 @@ struct ControlPlane {
 #[async_trait]
 impl BackgroundService for ControlPlane {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let listener = self.admin.lock().ok().and_then(|mut l| l.take());
-        if let Some(listener) = listener {
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => {
-                    let gw = Arc::clone(&self.gateway);
-                    let admin = &gw.settings().config.admin;
-                    let limits = ServeLimits {
-                        max_connections: admin.max_connections,
-                        header_timeout: admin.header_timeout,
-                    };
-                    let open = |n: usize| {
-                        metrics()
-                            .connections_open
-                            .with_label_values(&["admin"])
-                            .set(n as i64)
-                    };
-                    tokio::spawn(crate::http_server::serve(
-                        listener,
-                        limits,
-                        open,
-                        move |req| admin::handle(Arc::clone(&gw), req),
-                    ));
-                }
-                Err(error) => tracing::error!(%error, "admin listener failed"),
-            }
-        }
         tokio::spawn(health::active::supervise(Arc::clone(&self.gateway)));
         tokio::spawn(follow_limits(
             Arc::clone(&self.gateway),
@@ -95,6 +75,90 @@ impl BackgroundService for ControlPlane {
         tokio::spawn(reload::watch_config(Arc::clone(&self.gateway)));
         tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway)));
         let _ = shutdown.changed().await;
+    }
+}
+
+/// The admin API as a pingora app, so that its listener is handed over with the proxy's
+/// on `hagate run --upgrade`. Each connection takes one of `admin.max_connections` slots;
+/// the slot is taken in the accept loop (a connection filter), so above the cap new
+/// connections wait in the listen backlog, as before the cap.
+struct AdminApp {
+    gateway: Arc<Gateway>,
+    limits: ServeLimits,
+    slots: Arc<Semaphore>,
+    /// Slots taken in the accept loop, for connections not yet handed to the app.
+    reserved: Mutex<HashMap<SocketAddr, OwnedSemaphorePermit>>,
+}
+
+impl AdminApp {
+    fn count(&self) {
+        let open = self.limits.max_connections - self.slots.available_permits();
+        metrics()
+            .connections_open
+            .with_label_values(&["admin"])
+            .set(open as i64);
+    }
+}
+
+/// The admin listener's connection filter: waits for a free slot before it lets pingora
+/// take a connection on.
+#[derive(Debug)]
+struct AdminSlots(Arc<AdminApp>);
+
+impl std::fmt::Debug for AdminApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminApp")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl ConnectionFilter for AdminSlots {
+    async fn should_accept(&self, addr: Option<&SocketAddr>) -> bool {
+        let Some(peer) = addr.copied() else {
+            return true;
+        };
+        let Ok(permit) = Arc::clone(&self.0.slots).acquire_owned().await else {
+            return false;
+        };
+        let mut reserved = self.0.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        reserved.insert(peer, permit);
+        true
+    }
+}
+
+/// The one `AdminApp` of a gateway, shared by the listening service and its filter.
+struct SharedAdmin(Arc<AdminApp>);
+
+#[async_trait]
+impl ServerApp for SharedAdmin {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: pingora::protocols::Stream,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<pingora::protocols::Stream> {
+        let app = &self.0;
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
+        let reserved = peer.and_then(|p| {
+            let mut reserved = app.reserved.lock().unwrap_or_else(|p| p.into_inner());
+            reserved.remove(&p)
+        });
+        let permit = match reserved {
+            Some(p) => p,
+            None => Arc::clone(&app.slots).try_acquire_owned().ok()?,
+        };
+        app.count();
+        let gw = Arc::clone(&app.gateway);
+        crate::http_server::serve_connection(stream, app.limits, move |req| {
+            admin::handle(Arc::clone(&gw), req)
+        })
+        .await;
+        drop(permit);
+        app.count();
+        None
     }
 }
 
@@ -167,48 +231,63 @@ async fn expire_holders(gateway: Arc<Gateway>) {
 }
 
 /// Starts the gateway and serves until the process is told to stop (SIGTERM, SIGINT).
-pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infallible, StartError> {
+///
+/// With `upgrade`, it replaces the gateway running with the same config without dropping a
+/// connection (pingora's graceful upgrade): it tells the old process (found through
+/// `server.pid_file`) to hand over its listening sockets through `server.upgrade_sock`,
+/// serves on them, and the old process finishes its requests and exits.
+pub fn run(
+    config: Config,
+    path: Option<PathBuf>,
+    upgrade: bool,
+) -> Result<std::convert::Infallible, StartError> {
     let admin_addr = config.admin_addr()?;
     let listen = config.listen_addr()?;
     let threads = config.server.threads;
     let work_stealing = config.server.work_stealing;
     let grace = config.server.grace_period.as_secs();
+    let pid_file = config.server.pid_file();
+    let upgrade_sock = config.server.upgrade_sock();
+    let admin_limits = ServeLimits {
+        max_connections: config.admin.max_connections,
+        header_timeout: config.admin.header_timeout,
+    };
+    let old = if upgrade {
+        Some(running_pid(&pid_file)?)
+    } else {
+        // Fail with a clear message before pingora tries (it would only log and exit).
+        for (field, addr) in [("server.listen", listen), ("admin.listen", admin_addr)] {
+            drop(
+                std::net::TcpListener::bind(addr).map_err(|source| StartError::Bind {
+                    field,
+                    addr,
+                    source,
+                })?,
+            );
+        }
+        None
+    };
     let nofile = raise_nofile();
     let conns = Connections::new(limits(&config, nofile));
     tracing::info!(limits = ?conns.limits(), "proxy connection limits");
     let gateway = Gateway::new(config, path)?;
-    let admin = std::net::TcpListener::bind(admin_addr).map_err(|source| StartError::Bind {
-        field: "admin.listen",
-        addr: admin_addr,
-        source,
-    })?;
-    admin
-        .set_nonblocking(true)
-        .map_err(|source| StartError::Bind {
-            field: "admin.listen",
-            addr: admin_addr,
-            source,
-        })?;
-    // Fail with a clear message before pingora tries (it would only log and exit).
-    drop(
-        std::net::TcpListener::bind(listen).map_err(|source| StartError::Bind {
-            field: "server.listen",
-            addr: listen,
-            source,
-        })?,
-    );
 
     let mut conf = ServerConf {
         threads,
         work_stealing,
         grace_period_seconds: Some(grace),
         graceful_shutdown_timeout_seconds: Some(grace),
+        upgrade_sock: upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };
     // At most: the first choice, once more on a fresh connection if a pooled one was
     // stale, then the fallback. `proxy` decides which attempts happen.
     conf.max_retries = 3;
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
 
     let app = pingora::proxy::http_proxy(
         &server.configuration,
@@ -221,16 +300,86 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<std::convert::Infall
     proxy.set_connection_filter(Arc::new(Admit(Arc::clone(&conns))));
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
+
+    let admin_app = Arc::new(AdminApp {
+        gateway: Arc::clone(&gateway),
+        limits: admin_limits,
+        slots: Arc::new(Semaphore::new(admin_limits.max_connections)),
+        reserved: Mutex::new(HashMap::new()),
+    });
+    let mut admin = Service::with_listeners(
+        "hagate admin".to_string(),
+        pingora::listeners::Listeners::tcp(&admin_addr.to_string()),
+        SharedAdmin(Arc::clone(&admin_app)),
+    );
+    admin.threads = Some(1);
+    admin.set_connection_filter(Arc::new(AdminSlots(admin_app)));
+    server.add_service(admin);
+
     server.add_service(background_service(
         "control plane",
         ControlPlane {
             gateway: Arc::clone(&gateway),
-            admin: Mutex::new(Some(admin)),
             conns,
             nofile,
         },
     ));
-    tracing::info!(%listen, admin = %admin_addr, "hagate is serving");
+    if let Some(old) = old {
+        // The old process connects to our upgrade socket (retrying for 5 s) once told;
+        // bootstrap below listens on it and takes the sockets.
+        tracing::info!(pid = old, sock = %upgrade_sock.display(), "upgrading: asking the running gateway for its listeners");
+        if let Err(error) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old),
+            nix::sys::signal::Signal::SIGQUIT,
+        ) {
+            return Err(StartError::Upgrade(format!(
+                "cannot signal the running gateway (pid {old}): {error}"
+            )));
+        }
+    }
     server.bootstrap();
-    server.run_forever()
+    write_pid_file(&pid_file);
+    tracing::info!(%listen, admin = %admin_addr, upgraded = upgrade, "hagate is serving");
+    server.run(pingora::server::RunArgs::default());
+    remove_pid_file(&pid_file);
+    std::process::exit(0)
+}
+
+/// The pid in `pid_file`, if that process is running.
+fn running_pid(pid_file: &std::path::Path) -> Result<i32, StartError> {
+    let text = std::fs::read_to_string(pid_file).map_err(|e| {
+        StartError::Upgrade(format!(
+            "server.pid_file {}: {e} (is a gateway with this config running?)",
+            pid_file.display()
+        ))
+    })?;
+    let pid: i32 = text.trim().parse().map_err(|_| {
+        StartError::Upgrade(format!(
+            "server.pid_file {} holds {text:?}, not a pid",
+            pid_file.display()
+        ))
+    })?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).map_err(|e| {
+        StartError::Upgrade(format!(
+            "server.pid_file {} names pid {pid}, which is not running: {e}",
+            pid_file.display()
+        ))
+    })?;
+    Ok(pid)
+}
+
+fn write_pid_file(pid_file: &std::path::Path) {
+    if let Err(error) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
+        tracing::warn!(%error, path = %pid_file.display(), "cannot write server.pid_file; `hagate run --upgrade` will not find this gateway");
+    }
+}
+
+/// Removes the pid file if it still names this process (after an upgrade it names the
+/// new one).
+fn remove_pid_file(pid_file: &std::path::Path) {
+    let ours =
+        std::fs::read_to_string(pid_file).is_ok_and(|t| t.trim() == std::process::id().to_string());
+    if ours {
+        let _ = std::fs::remove_file(pid_file);
+    }
 }

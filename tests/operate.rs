@@ -146,3 +146,68 @@ async fn the_access_log_is_off_by_default_and_text_is_the_default_format() {
     assert!(!log.contains("hagate::access"), "{log}");
     assert!(log.lines().all(|l| !l.starts_with('{')), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_under_load_fails_no_request_and_the_new_process_serves() {
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let mut gw = Gateway::start_full(
+        &instances(&[("cs_1", &a), ("cs_2", &b)]),
+        "pid_file = \"hagate.pid\"\nupgrade_sock = \"upgrade.sock\"",
+        "",
+        None,
+    )
+    .await;
+    let pid_file = gw.dir.path().join("hagate.pid");
+    let old_pid = gw.pid();
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        old_pid.to_string()
+    );
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "7").unwrap();
+    // keep-alive clients, each sending one request after another, all the way through
+    let load = {
+        let (proxy, haid) = (gw.proxy, haid.clone());
+        Load::start(4, move |c, _, i| {
+            c.post(format!("http://{proxy}/api/v1/n/{i}"))
+                .header("contextID", &haid)
+                .body("x".repeat(64))
+        })
+    };
+    eventually(
+        "requests before the upgrade",
+        Duration::from_secs(10),
+        || async { (load.ok() > 50).then_some(()) },
+    )
+    .await;
+    gw.upgrade().await;
+    let new_pid = gw.pid();
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        new_pid.to_string()
+    );
+    // the new process serves the proxy and the admin API
+    let before = load.ok();
+    eventually(
+        "requests after the upgrade",
+        Duration::from_secs(10),
+        || async { (load.ok() > before + 50).then_some(()) },
+    )
+    .await;
+    let served = gw
+        .metric(
+            "hagate_requests_total",
+            &[("role", "main"), ("status", "200")],
+        )
+        .await;
+    assert!(served > 0.0, "the new process served nothing");
+    let (ok, errors) = load.finish().await;
+    assert!(
+        errors.is_empty(),
+        "{} failed of {}: {errors:?}",
+        errors.len(),
+        ok + errors.len() as u64
+    );
+    let log = gw.log();
+    assert!(log.contains("upgraded=true"), "{log}");
+}

@@ -242,7 +242,12 @@ impl Gateway {
         );
         let path = dir.path().join("hagate.toml");
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("hagate.log")).unwrap();
+        // appended to, so that a process that replaces it (`upgrade`) can log there too
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("hagate.log"))
+            .unwrap();
         let mut cmd = match nofile {
             None => Command::new(BIN),
             Some(n) => {
@@ -290,6 +295,35 @@ impl Gateway {
                 gw.log()
             );
         }
+    }
+
+    /// Replaces the running gateway with a new process on the same config
+    /// (`hagate run --upgrade`), and returns once the old one has exited. The new process
+    /// logs to the same file.
+    pub async fn upgrade(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("hagate.log"))
+            .unwrap();
+        let new = Command::new(BIN)
+            .args(["run", "--upgrade", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hagate run --upgrade");
+        let mut old = std::mem::replace(&mut self.child, new);
+        let status = eventually(
+            "the old gateway to exit after the upgrade",
+            Duration::from_secs(60),
+            || {
+                let exited = old.try_wait().unwrap();
+                async move { exited }
+            },
+        )
+        .await;
+        assert!(status.success(), "the old gateway exited with {status}");
     }
 
     /// Whether the gateway process is still running.
