@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test hagate: cmake (pingora's
 # zlib-ng), protoc (etcd-client), etcd and etcdctl (the tests start their own etcd; the
-# package does not start one), rustfmt, clippy and the wasm32-wasip2 target. Idempotent: it
+# package's service is kept from starting), promtool (Debian's prometheus package; the
+# deploy/ tests), rustfmt, clippy and the wasm32-wasip2 target. Idempotent: it
 # installs only what is missing. Sourced by scripts/demo.sh, scripts/test.sh and .ci/run.
 set -euo pipefail
 
@@ -12,6 +13,7 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)   # etcd-client's build.rs
 [ -x /usr/bin/etcd ] || missing+=(etcd-server)                      # the etcd tests start their own
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)        # tests compact and inspect with it
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)        # tests check deploy/'s rules and /metrics
 if [ "${HAGATE_LOAD_TOOLS:-0}" = 1 ]; then                  # benches/load.sh only
   command -v nginx >/dev/null 2>&1 || missing+=(nginx)
   command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
@@ -22,7 +24,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
+  # Only the tools are wanted: keep the packages' services (etcd, prometheus, which would
+  # listen on 9090, the demo's admin port) from starting, now and at boot.
+  policy=/usr/sbin/policy-rc.d
+  had_policy=0
+  [ -e "$policy" ] && had_policy=1
+  if [ "$had_policy" = 0 ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod +x "$policy"
+  fi
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  [ "$had_policy" = 1 ] || $sudo rm -f "$policy"
+  if [ -d /run/systemd/system ]; then
+    for unit in etcd prometheus prometheus-node-exporter; do
+      $sudo systemctl disable --now "$unit" >/dev/null 2>&1 || true
+    done
+  fi
 fi
 if command -v rustup >/dev/null 2>&1; then
   for component in rustfmt clippy; do

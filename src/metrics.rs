@@ -403,6 +403,22 @@ impl Metrics {
             "Local resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM), by what hit them: upstream or health_check.",
             &["during"],
         );
+        // Series that alerts take a rate of exist from the start, at 0.
+        for reason in [
+            "keepalive_timeout",
+            "header_timeout",
+            "header_too_large",
+            "evicted_idle",
+            "refused_full",
+        ] {
+            connections_closed.with_label_values(&[reason]);
+        }
+        for during in ["upstream", "health_check"] {
+            local_resource_errors.with_label_values(&[during]);
+        }
+        for listener in ["proxy", "admin"] {
+            connections_open.with_label_values(&[listener]);
+        }
         Metrics {
             registry: r,
             instance_requests,
