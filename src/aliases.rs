@@ -66,6 +66,14 @@ pub enum TableError {
         /// The address as written.
         address: String,
     },
+    /// A host name that has never resolved.
+    #[error("cannot resolve the host name of {address:?}")]
+    Unresolved {
+        /// The alias whose address it is.
+        alias: String,
+        /// The address as written.
+        address: String,
+    },
     /// An address no connection can reach (port 0, unspecified, broadcast, multicast).
     #[error("{address}: {reason}")]
     Unroutable {
@@ -86,7 +94,9 @@ impl TableError {
     pub fn field(&self) -> String {
         match self {
             TableError::Alias { alias, .. } => format!("instances.{alias}"),
-            TableError::Address { alias, .. } | TableError::Unroutable { alias, .. } => {
+            TableError::Address { alias, .. }
+            | TableError::Unresolved { alias, .. }
+            | TableError::Unroutable { alias, .. } => {
                 format!("instances.{alias}.address")
             }
             TableError::Empty => "instances".into(),
@@ -120,10 +130,22 @@ impl AliasTable {
                 alias: name.clone(),
                 source,
             })?;
-            let address: SocketAddr = spec.address.parse().map_err(|_| TableError::Address {
-                alias: name.clone(),
-                address: spec.address.clone(),
-            })?;
+            let address: SocketAddr = match spec.address.parse() {
+                Ok(a) => a,
+                // a host name: its last resolved address (tables never wait on DNS)
+                Err(_) if crate::dns::is_host_name(&spec.address) => {
+                    crate::dns::cached(&spec.address).ok_or_else(|| TableError::Unresolved {
+                        alias: name.clone(),
+                        address: spec.address.clone(),
+                    })?
+                }
+                Err(_) => {
+                    return Err(TableError::Address {
+                        alias: name.clone(),
+                        address: spec.address.clone(),
+                    })
+                }
+            };
             crate::model::routable(&address).map_err(|reason| TableError::Unroutable {
                 alias: name.clone(),
                 address: spec.address.clone(),

@@ -256,6 +256,49 @@ pub struct ServerConfig {
     /// Default: `/tmp/hagate-<proxy port>.upgrade.sock`.
     #[serde(default)]
     pub upgrade_sock: Option<PathBuf>,
+    /// TLS on the proxy listener: `tls = { cert = "cert.pem", key = "key.pem" }` (PEM files,
+    /// relative to the config file; the certificate file may hold the chain). Read at start:
+    /// new certificates take effect with `hagate run --upgrade`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `server.tls`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM.
+    pub cert: PathBuf,
+    /// The private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// Checks that both files can be read and hold what they should: the error names
+    /// `server.tls.cert` or `server.tls.key`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, path, wants) in [
+            ("server.tls.cert", &self.cert, &["CERTIFICATE"][..]),
+            (
+                "server.tls.key",
+                &self.key,
+                &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"][..],
+            ),
+        ] {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+            let found = wants
+                .iter()
+                .any(|label| text.contains(&format!("-----BEGIN {label}-----")));
+            if !found {
+                return Err(invalid(
+                    field,
+                    format!("{} holds no PEM {} block", path.display(), wants[0]),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ServerConfig {
@@ -488,6 +531,10 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection is kept: `idle_timeout = "60s"`.
     #[serde(default = "secs::<60>", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How often instance host names (`address = "cs-1.internal:9108"`) are resolved
+    /// again, in the background: `dns_refresh = "30s"` (100ms-1h).
+    #[serde(default = "secs::<30>", with = "humantime_serde")]
+    pub dns_refresh: Duration,
 }
 
 /// `[health]`
@@ -579,18 +626,46 @@ impl Config {
             {
                 *path = dir.join(&*path);
             }
+            if let Some(tls) = &mut config.server.tls {
+                tls.cert = dir.join(&tls.cert);
+                tls.key = dir.join(&tls.key);
+            }
+        }
+        // what depends on the files the config names, once paths are resolved
+        config.validate_upgrade_sock()?;
+        if let Some(tls) = &config.server.tls {
+            tls.validate()?;
         }
         Ok(config)
     }
 
-    /// Parses and validates TOML text.
+    /// Parses and validates TOML text. Host names among the instances' addresses that
+    /// were never resolved are resolved here (blocking).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<config>"),
             message: e.to_string(),
         })?;
+        crate::dns::resolve(crate::dns::unresolved(
+            config.instances.values().map(|s| s.address.as_str()),
+        ));
         config.validate()?;
         Ok(config)
+    }
+
+    fn validate_upgrade_sock(&self) -> Result<(), ConfigError> {
+        // sun_path holds 108 bytes with its NUL; pingora would panic on a longer path
+        let sock = self.server.upgrade_sock();
+        if sock.as_os_str().len() > 107 {
+            return Err(invalid(
+                "server.upgrade_sock",
+                format!(
+                    "{} is longer than a Unix socket path may be (107 bytes)",
+                    sock.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks every field; the error names the TOML path of the first bad one.
@@ -607,17 +682,7 @@ impl Config {
                 format!("{admin} overlaps server.listen ({listen}); the two listeners need their own addresses"),
             ));
         }
-        // sun_path holds 108 bytes with its NUL; pingora would panic on a longer path
-        let sock = self.server.upgrade_sock();
-        if sock.as_os_str().len() > 107 {
-            return Err(invalid(
-                "server.upgrade_sock",
-                format!(
-                    "{} is longer than a Unix socket path may be (107 bytes)",
-                    sock.display()
-                ),
-            ));
-        }
+        self.validate_upgrade_sock()?;
         if !admin.ip().is_loopback() && self.admin.token.is_none() {
             return Err(invalid(
                 "admin.token",
@@ -796,6 +861,12 @@ impl Config {
             ("upstream.read_timeout", u.read_timeout, MS, HOUR),
             ("upstream.write_timeout", u.write_timeout, MS, HOUR),
             ("upstream.idle_timeout", u.idle_timeout, MS, HOUR),
+            (
+                "upstream.dns_refresh",
+                u.dns_refresh,
+                Duration::from_millis(100),
+                HOUR,
+            ),
             (
                 "health.active.interval",
                 a.interval,

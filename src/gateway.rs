@@ -86,6 +86,8 @@ pub enum SwapSource {
     Membership,
     /// The etcd watch: a table or holder change made through any gateway.
     Etcd,
+    /// A host name in the table resolves to a new address.
+    Dns,
 }
 
 impl SwapSource {
@@ -96,6 +98,7 @@ impl SwapSource {
             SwapSource::Api => "api",
             SwapSource::Membership => "membership",
             SwapSource::Etcd => "etcd",
+            SwapSource::Dns => "dns",
         }
     }
 }
@@ -145,6 +148,9 @@ pub enum ReloadError {
     /// There is no config file to reload (the gateway runs on an in-memory config).
     #[error("no config file to reload")]
     NoFile,
+    /// The thread that loaded the config failed.
+    #[error("loading the config failed: {0}")]
+    Join(String),
 }
 
 /// Why `PUT /v1/aliases` was refused.
@@ -225,6 +231,20 @@ pub fn merge(
         }
     }
     merged
+}
+
+/// Resolves the host names in `specs` that were never resolved, on a blocking thread.
+async fn resolve_names(specs: &BTreeMap<String, InstanceSpec>) {
+    let names: Vec<String> = crate::dns::unresolved(specs.values().map(|s| s.address.as_str()))
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if !names.is_empty() {
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::dns::resolve(names.iter().map(String::as_str))
+        })
+        .await;
+    }
 }
 
 /// Whether `specs` builds a table on its own (without holders merged in).
@@ -451,6 +471,19 @@ impl Gateway {
         let settings = self.settings();
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = &state.table {
+            let names = crate::dns::unresolved(t.instances.values().map(|s| s.address.as_str()));
+            if !names.is_empty() {
+                // a table written by another gateway names a host this one never resolved
+                let resolve = || crate::dns::resolve(names.iter().copied());
+                match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                    Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                        tokio::task::block_in_place(resolve);
+                    }
+                    _ => {
+                        resolve();
+                    }
+                }
+            }
             // Validate the table on its own only when it changed (a holder change reuses
             // the table already validated); building 100k aliases is not free.
             let unchanged = *self.lock_statics() == t.instances;
@@ -487,6 +520,34 @@ impl Gateway {
             Ok(Some(t)) => self.swapped(SwapSource::Etcd, &t),
             Ok(None) => {}
             Err(e) => self.refused(SwapSource::Etcd, &format!("{}: {e}", e.field())),
+        }
+    }
+
+    /// The host names among the addresses of the table in use (static and merged).
+    pub fn host_names(&self) -> Vec<String> {
+        let published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let statics = self.lock_statics();
+        let mut names: Vec<String> = statics
+            .values()
+            .chain(published.values())
+            .map(|s| s.address.clone())
+            .filter(|a| crate::dns::is_host_name(a))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Builds the table again from the same specs: a host name in it resolves to a new
+    /// address. The swap counts with source `dns`.
+    pub fn rebuild_for_dns(&self) {
+        let settings = self.settings();
+        let statics = self.lock_statics().clone();
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        match self.publish_locked(&mut published, &settings.config, &statics, true) {
+            Ok(Some(t)) => self.swapped(SwapSource::Dns, &t),
+            Ok(None) => {}
+            Err(e) => self.refused(SwapSource::Dns, &format!("{}: {e}", e.field())),
         }
     }
 
@@ -540,8 +601,11 @@ impl Gateway {
     }
 
     async fn try_reload(&self) -> Result<Arc<AliasTable>, ReloadError> {
-        let path = self.config_path.as_deref().ok_or(ReloadError::NoFile)?;
-        let config = Config::load(path)?;
+        let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
+        // reading, validating and resolving host names happen off the runtime
+        let config = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| ReloadError::Join(e.to_string()))??;
         let old = self.settings();
         for (field, changed) in [
             (
@@ -554,6 +618,7 @@ impl Gateway {
             ),
             ("store", old.config.store != config.store),
             ("log.format", old.config.log.format != config.log.format),
+            ("server.tls", old.config.server.tls != config.server.tls),
         ] {
             if changed {
                 tracing::warn!(
@@ -619,6 +684,7 @@ impl Gateway {
         if specs.is_empty() {
             return Err(TableError::Empty.into());
         }
+        resolve_names(specs).await;
         // The table on its own: a live holder must not hide a bad static address.
         validate_table(specs)?;
         let settings = self.settings();

@@ -28,6 +28,7 @@ pub mod config;
 pub mod conn;
 pub mod context_id;
 pub mod demo;
+pub mod dns;
 pub mod gateway;
 pub mod haid;
 pub mod health;

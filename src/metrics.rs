@@ -125,6 +125,9 @@ pub struct Metrics {
     pub instance_requests: IntCounterVec,
     /// `hagate_instance_request_duration_seconds{alias}`.
     pub instance_duration: HistogramVec,
+    /// `hagate_dns_lookups_total{result}`: host-name lookups of instance addresses, ok or
+    /// error (an error keeps the last good address).
+    pub dns_lookups: IntCounterVec,
     /// `hagate_local_resource_errors_total{during}`: EMFILE, ENFILE, ENOBUFS or ENOMEM met
     /// while connecting upstream or health checking; never counted against the upstream.
     pub local_resource_errors: IntCounterVec,
@@ -416,11 +419,21 @@ impl Metrics {
         for during in ["upstream", "health_check"] {
             local_resource_errors.with_label_values(&[during]);
         }
+        let dns_lookups = counter_vec(
+            &r,
+            "hagate_dns_lookups_total",
+            "Host-name lookups of instance addresses, by result (an error keeps the last good address).",
+            &["result"],
+        );
+        for result in ["ok", "error"] {
+            dns_lookups.with_label_values(&[result]);
+        }
         for listener in ["proxy", "admin"] {
             connections_open.with_label_values(&[listener]);
         }
         Metrics {
             registry: r,
+            dns_lookups,
             instance_requests,
             instance_duration,
             connections_closed,

@@ -96,7 +96,8 @@ impl fmt::Display for Alias {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSpec {
-    /// `address = "127.0.0.1:9116"`: an IP socket address.
+    /// `address = "127.0.0.1:9116"`: an IP socket address, or `"cs-1.internal:9116"`: a host
+    /// name, resolved in the background (`dns`).
     pub address: String,
     /// `labels = { zone = "a", tenant = "t1" }`: free-form, passed to placement.
     #[serde(default)]

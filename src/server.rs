@@ -42,6 +42,9 @@ pub enum StartError {
     /// The config is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The certificate or key of `server.tls` could not be loaded.
+    #[error("server.tls: {0}")]
+    Tls(String),
     /// `hagate run --upgrade` found no gateway to replace.
     #[error("upgrade: {0}")]
     Upgrade(String),
@@ -72,6 +75,7 @@ impl BackgroundService for ControlPlane {
                 tokio::spawn(expire_holders(Arc::clone(&self.gateway)));
             }
         }
+        tokio::spawn(refresh_host_names(Arc::clone(&self.gateway)));
         tokio::spawn(reload::watch_config(Arc::clone(&self.gateway)));
         tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway)));
         let _ = shutdown.changed().await;
@@ -215,6 +219,27 @@ pub fn raise_nofile() -> u64 {
     }
 }
 
+/// Resolves the table's host names again every `upstream.dns_refresh`, on a blocking
+/// thread, and rebuilds the table when one resolves to a new address.
+async fn refresh_host_names(gateway: Arc<Gateway>) {
+    loop {
+        let period = gateway.settings().config.upstream.dns_refresh;
+        tokio::time::sleep(period).await;
+        let names = gateway.host_names();
+        if names.is_empty() {
+            continue;
+        }
+        let changed = tokio::task::spawn_blocking(move || {
+            crate::dns::resolve(names.iter().map(String::as_str))
+        })
+        .await
+        .unwrap_or(false);
+        if changed {
+            gateway.rebuild_for_dns();
+        }
+    }
+}
+
 /// Notices holders whose heartbeats expired (nothing else would): re-merges the table
 /// every half interval while membership is enabled.
 async fn expire_holders(gateway: Arc<Gateway>) {
@@ -248,6 +273,7 @@ pub fn run(
     let grace = config.server.grace_period.as_secs();
     let pid_file = config.server.pid_file();
     let upgrade_sock = config.server.upgrade_sock();
+    let tls = config.server.tls.clone();
     let admin_limits = ServeLimits {
         max_connections: config.admin.max_connections,
         header_timeout: config.admin.header_timeout,
@@ -298,7 +324,16 @@ pub fn run(
         Guard::new(app, Arc::clone(&conns)),
     );
     proxy.set_connection_filter(Arc::new(Admit(Arc::clone(&conns))));
-    proxy.add_tcp(&listen.to_string());
+    match &tls {
+        Some(tls) => proxy
+            .add_tls(
+                &listen.to_string(),
+                &tls.cert.to_string_lossy(),
+                &tls.key.to_string_lossy(),
+            )
+            .map_err(|e| StartError::Tls(e.to_string()))?,
+        None => proxy.add_tcp(&listen.to_string()),
+    }
     server.add_service(proxy);
 
     let admin_app = Arc::new(AdminApp {
@@ -339,7 +374,7 @@ pub fn run(
     }
     server.bootstrap();
     write_pid_file(&pid_file);
-    tracing::info!(%listen, admin = %admin_addr, upgraded = upgrade, "hagate is serving");
+    tracing::info!(%listen, admin = %admin_addr, tls = tls.is_some(), upgraded = upgrade, "hagate is serving");
     server.run(pingora::server::RunArgs::default());
     remove_pid_file(&pid_file);
     std::process::exit(0)

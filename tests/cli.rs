@@ -1,4 +1,4 @@
-//! The `hagate` command line: `check` on every shipped config, `haid encode|decode`,
+//! The `hagate` command line: `check` on every shipped config and on the Linkis guide's, `haid encode|decode`,
 //! `plugin test`, and `agent`'s argument checks.
 
 mod common;
@@ -52,6 +52,33 @@ fn every_shipped_config_passes_check() {
 }
 
 #[test]
+fn the_linkis_guide_config_is_valid() {
+    let guide = std::fs::read_to_string(repo_path("docs/linkis.md")).unwrap();
+    let (_, rest) = guide
+        .split_once("## A complete config")
+        .expect("docs/linkis.md has a complete config");
+    let toml = rest
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block after the heading");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("linkis.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = check(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("2 instances") && summary.contains("etcd store at http://10.0.0.21:2379"),
+        "{summary}"
+    );
+}
+
+#[test]
 fn check_names_the_bad_field_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     for (text, field) in [
@@ -76,6 +103,14 @@ fn check_names_the_bad_field_and_fails() {
         (
             "[instances.cs_1]\naddress = \"127.0.0.1:0\"\n",
             "instances.cs_1.address: 127.0.0.1:0: port 0",
+        ),
+        (
+            "[instances.cs_1]\naddress = \"no-such-host.invalid:80\"\n",
+            "instances.cs_1.address: cannot resolve the host name of \"no-such-host.invalid:80\"",
+        ),
+        (
+            "[upstream]\ndns_refresh = \"1ms\"\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n",
+            "upstream.dns_refresh",
         ),
         (
             "[instances.cs_1]\naddress = \"0.0.0.0:80\"\n",

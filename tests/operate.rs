@@ -211,3 +211,177 @@ async fn an_upgrade_under_load_fails_no_request_and_the_new_process_serves() {
     let log = gw.log();
     assert!(log.contains("upgraded=true"), "{log}");
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, made with openssl in `dir`.
+fn make_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// `curl` over TLS, trusting `ca`: (status, body).
+fn curl_tls(ca: &std::path::Path, url: &str, headers: &[&str]) -> (u16, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        "--cacert",
+    ])
+    .arg(ca);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("curl (scripts/setup.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        status.trim().parse().unwrap_or(0),
+        format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_the_proxy_listener_routes_by_haid_and_refuses_plaintext() {
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(certs.path());
+    let gw = Gateway::start_full(
+        &instances(&[("cs_1", &a), ("cs_2", &b)]),
+        &format!(
+            "tls = {{ cert = {:?}, key = {:?} }}",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+        "",
+        None,
+    )
+    .await;
+    let haid = hagate::haid::encode("cs_2", &["cs_1"], "77").unwrap();
+    let port = gw.proxy.port();
+    for host in ["localhost", "127.0.0.1"] {
+        let url = format!("https://{host}:{port}/api/v1/x");
+        let (status, body) = tokio::task::spawn_blocking({
+            let (cert, haid) = (cert.clone(), haid.clone());
+            move || curl_tls(&cert, &url, &[&format!("contextID: {haid}")])
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(body.lines().next().unwrap_or("")).unwrap();
+        assert_eq!(
+            (v["server"].as_str(), v["context_id"].as_str()),
+            (Some("B"), Some("77"))
+        );
+    }
+    // plain HTTP on the TLS port gets no HTTP answer
+    let plain = client()
+        .get(format!("http://127.0.0.1:{port}/api/v1/x"))
+        .header("contextID", &haid)
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
+    assert!(gw.log().contains("tls=true"), "{}", gw.log());
+}
+
+#[test]
+fn a_bad_tls_key_is_refused_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = make_cert(dir.path());
+    let config = dir.path().join("hagate.toml");
+    // the certificate given as the key
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ntls = {{ cert = {:?}, key = {:?} }}\n[instances.cs_1]\naddress = \"127.0.0.1:9\"\n",
+            cert.display().to_string(),
+            cert.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.tls.key") && err.contains("PRIVATE KEY"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_named_by_host_name_are_resolved_in_the_background_and_routed() {
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let gw = Gateway::start(&format!(
+        "{FAST_HEALTH}dns_refresh = \"200ms\"\n\n[instances.cs_1]\naddress = \"localhost:{}\"\n{}",
+        a.addr.port(),
+        instances(&[("cs_2", &b)])
+    ))
+    .await;
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "9").unwrap();
+    gw.wait_served_by(&haid, "A").await;
+    // health belongs to the resolved address
+    let up = gw.metrics_text().await;
+    assert!(
+        up.lines().any(|l| l.starts_with("hagate_instance_up{")
+            && l.contains("alias=\"cs_1\"")
+            && l.contains(&format!("127.0.0.1:{}", a.addr.port()))
+            && l.ends_with(" 1")),
+        "{up}"
+    );
+    // resolved again every dns_refresh, in the background
+    let first = gw
+        .metric("hagate_dns_lookups_total", &[("result", "ok")])
+        .await;
+    gw.wait_metric("hagate_dns_lookups_total", &[("result", "ok")], first + 3.0)
+        .await;
+    // a table naming a host that does not resolve is refused, with the field named
+    let r = client()
+        .put(gw.admin_url("/v1/aliases"))
+        .json(&serde_json::json!({"instances": {
+            "cs_1": {"address": format!("localhost:{}", a.addr.port())},
+            "cs_2": {"address": "no-such-host.invalid:80"},
+        }}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["field"], "instances.cs_2.address", "{body}");
+    // and the old table still routes
+    gw.wait_served_by(&haid, "A").await;
+}
