@@ -9,7 +9,7 @@
 //! one gateway costs at most one request's timeout (I). The step-down timer runs beside the
 //! requests, so a slow answer never delays a step-down, and is used if it comes in time.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -193,11 +193,22 @@ pub async fn run(opts: AgentOptions, uuid: String) -> AgentError {
         tick.tick().await;
         // The step-down timer runs beside the interval's requests: a holder stops on
         // time however slowly the gateway answers, and an answer that is merely slow
-        // (each request may take up to I) is still used when it comes in time.
-        let step_down = shell.started + Duration::from_millis(core.step_down_at());
+        // (each request may take up to I) is still used when it comes in time. Each
+        // answer moves the deadline (`one_interval` stores it), so the timer re-reads it.
+        let deadline = AtomicU64::new(core.step_down_at());
+        let timer = async {
+            loop {
+                let (at, now) = (deadline.load(Ordering::Relaxed), shell.now_ms());
+                if now >= at {
+                    return;
+                }
+                // re-read at least hourly (a standby's deadline is "never")
+                tokio::time::sleep(Duration::from_millis((at - now).min(3_600_000))).await;
+            }
+        };
         let interval_done = tokio::select! {
-            done = one_interval(&shell, &mut core) => done,
-            () = tokio::time::sleep_until(step_down.into()) => Err(StepDown::NoAnswer.into()),
+            done = one_interval(&shell, &mut core, &deadline) => done,
+            () = timer => Err(StepDown::NoAnswer.into()),
         };
         if let Err(why) = interval_done {
             return why;
@@ -215,16 +226,25 @@ pub async fn run(opts: AgentOptions, uuid: String) -> AgentError {
 }
 
 /// One interval: the local health, `GetPrimary`, and the heartbeat the core decides on.
-async fn one_interval(shell: &Shell, core: &mut AgentCore) -> Result<(), AgentError> {
+/// After each answer it stores the core's step-down deadline in `deadline`.
+async fn one_interval(
+    shell: &Shell,
+    core: &mut AgentCore,
+    deadline: &AtomicU64,
+) -> Result<(), AgentError> {
     let healthy = shell.healthy().await;
     let primary = shell.primary().await;
-    match core.on_primary(shell.now_ms(), healthy, primary.as_ref()) {
+    let decision = core.on_primary(shell.now_ms(), healthy, primary.as_ref());
+    deadline.store(core.step_down_at(), Ordering::Relaxed);
+    match decision {
         Decision::Wait => Ok(()),
         Decision::StepDown(why) => Err(why.into()),
         Decision::Heartbeat(hb) => {
             let sent = shell.now_ms();
             let outcome = shell.heartbeat(&hb).await?;
-            match core.on_heartbeat(shell.now_ms(), sent, outcome.as_ref()) {
+            let stepped = core.on_heartbeat(shell.now_ms(), sent, outcome.as_ref());
+            deadline.store(core.step_down_at(), Ordering::Relaxed);
+            match stepped {
                 Some(why) => Err(why.into()),
                 None => Ok(()),
             }

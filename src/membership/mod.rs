@@ -81,7 +81,7 @@ pub enum StepDown {
     /// `GetPrimary` named another instance while this one held the role.
     #[error("the gateway names another holder ({0})")]
     OtherHolder(String),
-    /// No accepted heartbeat (as holder) or no answer at all (as standby) for `T − I`.
+    /// No accepted heartbeat for `T − I` while holding the alias.
     #[error("no answer from the gateway for T - I")]
     NoAnswer,
     /// A renewal was discarded: someone else wrote the entry.
@@ -154,13 +154,19 @@ impl AgentCore {
     }
 
     /// When the timer rule fires (in the caller's ms), unless an answer comes first: `T − I`
-    /// after the last accepted heartbeat was sent (a holder) or the last answer (others).
+    /// after the last accepted heartbeat was sent, for an agent that holds the alias (named
+    /// by `GetPrimary`, or a claimant whose claim was accepted). Never (`u64::MAX`) for a
+    /// standby: it holds nothing, so a gateway that does not answer is no reason to leave;
+    /// it keeps waiting, and claims once it hears from a gateway again.
     pub fn step_down_at(&self) -> u64 {
-        let since = match self.role {
-            Role::Holder => self.last_accepted.unwrap_or(self.last_answer),
-            _ => self.last_answer,
-        };
-        since + self.params.step_down_ms()
+        let holds = self.role == Role::Holder
+            || (self.role == Role::Claiming && self.last_accepted.is_some());
+        if !holds {
+            return u64::MAX;
+        }
+        self.last_accepted
+            .unwrap_or(self.last_answer)
+            .saturating_add(self.params.step_down_ms())
     }
 
     fn heartbeat(&self, last_seen: u64) -> Decision {

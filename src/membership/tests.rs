@@ -326,18 +326,22 @@ fn a_standby_with_an_unhealthy_server_waits_without_claiming() {
 #[test]
 fn the_step_down_timer_runs_from_the_last_accepted_send_for_a_holder() {
     let (mut core, empty) = fresh_agent();
-    // a standby: T − I after the last answer
-    assert_eq!(core.step_down_at(), T - I);
+    // a standby holds nothing: no answer for any time is no reason to leave
+    assert_eq!(core.step_down_at(), u64::MAX);
+    assert_eq!(core.timed_out(100 * T), None);
     let Decision::Heartbeat(claim) = core.on_primary(40, true, Some(&empty)) else {
         panic!("an empty role is claimed");
     };
-    assert_eq!(core.step_down_at(), 40 + T - I);
+    // a claimant whose claim has not been accepted holds nothing either
+    assert_eq!(core.step_down_at(), u64::MAX);
     let entry = entry_of(&claim, 1);
     let accepted = HeartbeatOutcome::Accepted {
         entry: entry.clone(),
         took_over: None,
     };
     assert_eq!(core.on_heartbeat(90, 50, Some(&accepted)), None);
+    // an accepted claimant holds the entry: its timer runs from the send
+    assert_eq!(core.step_down_at(), 50 + T - I);
     let me = Primary {
         holder: Some(entry),
         token: 1,
