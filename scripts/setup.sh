@@ -2,7 +2,8 @@
 # Installs what a fresh Debian machine lacks to build and test hagate: cmake (pingora's
 # zlib-ng), protoc (etcd-client), etcd and etcdctl (the tests start their own etcd; the
 # package's service is kept from starting), promtool (Debian's prometheus package; the
-# deploy/ tests), rustfmt, clippy and the wasm32-wasip2 target. Idempotent: it
+# deploy/ tests), curl and openssl (the TLS tests), schemathesis from PyPI (the admin API
+# tests), rustfmt, clippy and the wasm32-wasip2 target. Idempotent: it
 # installs only what is missing. Sourced by scripts/demo.sh, scripts/test.sh and .ci/run.
 set -euo pipefail
 
@@ -42,6 +43,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
       $sudo systemctl disable --now "$unit" >/dev/null 2>&1 || true
     done
   fi
+fi
+# schemathesis (PyPI) fuzzes the admin API from docs/admin-openapi.yaml (tests/openapi.rs).
+scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
+if ! command -v schemathesis >/dev/null 2>&1 && [ ! -x "$scripts_dir/schemathesis" ]; then
+  echo "setup: installing schemathesis (pip)" >&2
+  python3 -m pip install --quiet schemathesis \
+    || python3 -m pip install --quiet --break-system-packages schemathesis
 fi
 if command -v rustup >/dev/null 2>&1; then
   for component in rustfmt clippy; do
