@@ -37,6 +37,7 @@ pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod placement;
 pub mod plugin;
 pub mod proxy;

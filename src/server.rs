@@ -78,6 +78,9 @@ impl BackgroundService for ControlPlane {
         tokio::spawn(refresh_host_names(Arc::clone(&self.gateway)));
         tokio::spawn(reload::watch_config(Arc::clone(&self.gateway)));
         tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway)));
+        tokio::spawn(crate::notify::upgrade_on_sigusr2(
+            self.gateway.config_path().map(std::path::Path::to_path_buf),
+        ));
         let _ = shutdown.changed().await;
     }
 }
@@ -374,6 +377,7 @@ pub fn run(
     }
     server.bootstrap();
     write_pid_file(&pid_file);
+    crate::notify::ready();
     tracing::info!(%listen, admin = %admin_addr, tls = tls.is_some(), upgraded = upgrade, "hagate is serving");
     server.run(pingora::server::RunArgs::default());
     remove_pid_file(&pid_file);

@@ -385,3 +385,82 @@ async fn instances_named_by_host_name_are_resolved_in_the_background_and_routed(
     // and the old table still routes
     gw.wait_served_by(&haid, "A").await;
 }
+
+/// Kills a process that is not our child (the successor a gateway started) when dropped.
+struct Successor(Option<u32>);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// The messages the gateway sent to the `NOTIFY_SOCKET` bound at `sock`, until `until`
+/// holds for one of them.
+async fn notified(sock: &std::os::unix::net::UnixDatagram, until: impl Fn(&str) -> bool) -> String {
+    eventually("an sd_notify message", Duration::from_secs(60), || {
+        let mut buf = [0u8; 256];
+        let got = sock
+            .recv(&mut buf)
+            .ok()
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+        let found = got.filter(|m| until(m));
+        async move { found }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_a_successor_that_tells_the_service_manager_its_pid() {
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut gw = Gateway::start_env(
+        &instances(&[("cs_1", &a), ("cs_2", &b)]),
+        "pid_file = \"hagate.pid\"\nupgrade_sock = \"upgrade.sock\"",
+        "",
+        None,
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    )
+    .await;
+    let old = gw.pid();
+    let first = notified(&sock, |m| m.contains("READY=1")).await;
+    assert!(first.contains(&format!("MAINPID={old}")), "{first}");
+
+    // as `systemctl kill -s USR2 hagate` would
+    signal(gw.pid(), "USR2");
+    let second = notified(&sock, |m| {
+        m.contains("READY=1") && !m.contains(&format!("MAINPID={old}"))
+    })
+    .await;
+    let new: u32 = second
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {second:?}"));
+    let _successor = Successor(Some(new));
+    // the old process hands over and exits; the successor serves
+    eventually("the old gateway to exit", Duration::from_secs(60), || {
+        let running = gw.still_running();
+        async move { (!running).then_some(()) }
+    })
+    .await;
+    let pid_file = gw.dir.path().join("hagate.pid");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        new.to_string()
+    );
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "3").unwrap();
+    let (status, body) = get_haid(&client(), &gw, &haid).await;
+    assert_eq!(
+        (status, body["server"].as_str()),
+        (200, Some("A")),
+        "{body}"
+    );
+}

@@ -218,9 +218,20 @@ impl Gateway {
         admin_extra: &str,
         nofile: Option<u64>,
     ) -> Self {
+        Self::start_env(body, server_extra, admin_extra, nofile, &[]).await
+    }
+
+    /// `start_full`, with extra environment variables for the gateway process.
+    pub async fn start_env(
+        body: &str,
+        server_extra: &str,
+        admin_extra: &str,
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Self {
         // Another process may still take a port first; then start again on new ones.
         for _ in 0..5 {
-            if let Some(gw) = Self::try_start(body, server_extra, admin_extra, nofile).await {
+            if let Some(gw) = Self::try_start(body, server_extra, admin_extra, nofile, env).await {
                 return gw;
             }
         }
@@ -233,6 +244,7 @@ impl Gateway {
         server_extra: &str,
         admin_extra: &str,
         nofile: Option<u64>,
+        env: &[(&str, &str)],
     ) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let proxy: SocketAddr = format!("127.0.0.1:{}", gateway_port()).parse().unwrap();
@@ -262,6 +274,7 @@ impl Gateway {
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
