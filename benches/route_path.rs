@@ -20,6 +20,8 @@ fn table(n: usize) -> TableHolder {
                     labels: BTreeMap::new(),
                     weight: 1,
                     prefer: None,
+                    tls: false,
+                    sni: None,
                     epoch: None,
                 },
             )

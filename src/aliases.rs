@@ -33,6 +33,10 @@ pub struct Instance {
     /// The membership holder's epoch, when a holder's address is in use: forwarded as
     /// `x-hagate-epoch` so that a context server can refuse a stale route.
     pub epoch: Option<u64>,
+    /// Speak TLS to it.
+    pub tls: bool,
+    /// The TLS server name: `sni`, else the host name of its address, else empty.
+    pub sni: String,
     /// Its request metrics, resolved at its first request (not at build: a 100k-alias
     /// table is built without touching the registry).
     metrics: OnceLock<InstanceMetrics>,
@@ -159,6 +163,16 @@ impl AliasTable {
                 weight: spec.weight,
                 state: states.state_for(address),
                 epoch: spec.epoch,
+                tls: spec.tls,
+                sni: spec.sni.clone().unwrap_or_else(|| {
+                    if crate::dns::is_host_name(&spec.address) {
+                        spec.address
+                            .rsplit_once(':')
+                            .map_or_else(String::new, |(host, _)| host.to_string())
+                    } else {
+                        String::new()
+                    }
+                }),
                 metrics: OnceLock::new(),
             });
         }
@@ -213,6 +227,8 @@ impl AliasTable {
                         labels: i.labels.clone(),
                         weight: i.weight,
                         prefer: None,
+                        tls: false,
+                        sni: None,
                         epoch: i.epoch,
                     },
                 )
@@ -277,6 +293,8 @@ mod tests {
                         labels: BTreeMap::new(),
                         weight: 1,
                         prefer: None,
+                        tls: false,
+                        sni: None,
                         epoch: None,
                     },
                 )

@@ -277,28 +277,30 @@ impl TlsConfig {
     /// Checks that both files can be read and hold what they should: the error names
     /// `server.tls.cert` or `server.tls.key`.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (field, path, wants) in [
-            ("server.tls.cert", &self.cert, &["CERTIFICATE"][..]),
-            (
-                "server.tls.key",
-                &self.key,
-                &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"][..],
-            ),
-        ] {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
-            let found = wants
-                .iter()
-                .any(|label| text.contains(&format!("-----BEGIN {label}-----")));
-            if !found {
-                return Err(invalid(
-                    field,
-                    format!("{} holds no PEM {} block", path.display(), wants[0]),
-                ));
-            }
-        }
-        Ok(())
+        pem_file("server.tls.cert", &self.cert, &["CERTIFICATE"])?;
+        pem_file(
+            "server.tls.key",
+            &self.key,
+            &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
+        )
     }
+}
+
+/// Checks that `path` can be read and holds a PEM block with one of the `labels`; the
+/// error names `field`.
+fn pem_file(field: &str, path: &Path, labels: &[&str]) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+    let found = labels
+        .iter()
+        .any(|label| text.contains(&format!("-----BEGIN {label}-----")));
+    if !found {
+        return Err(invalid(
+            field,
+            format!("{} holds no PEM {} block", path.display(), labels[0]),
+        ));
+    }
+    Ok(())
 }
 
 impl ServerConfig {
@@ -535,6 +537,11 @@ pub struct UpstreamConfig {
     /// again, in the background: `dns_refresh = "30s"` (100ms-1h).
     #[serde(default = "secs::<30>", with = "humantime_serde")]
     pub dns_refresh: Duration,
+    /// The CA certificates (PEM) that instances with `tls = true` are verified against:
+    /// `ca_file = "ca.pem"` (relative to the config file). Default: the system's roots.
+    /// Read at start.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[health]`
@@ -630,11 +637,17 @@ impl Config {
                 tls.cert = dir.join(&tls.cert);
                 tls.key = dir.join(&tls.key);
             }
+            if let Some(ca) = &mut config.upstream.ca_file {
+                *ca = dir.join(&*ca);
+            }
         }
         // what depends on the files the config names, once paths are resolved
         config.validate_upgrade_sock()?;
         if let Some(tls) = &config.server.tls {
             tls.validate()?;
+        }
+        if let Some(ca) = &config.upstream.ca_file {
+            pem_file("upstream.ca_file", ca, &["CERTIFICATE"])?;
         }
         Ok(config)
     }

@@ -224,6 +224,8 @@ pub fn merge(
                         labels: BTreeMap::new(),
                         weight: 1,
                         prefer: None,
+                        tls: false,
+                        sni: None,
                         epoch: Some(h.epoch),
                     },
                 );
@@ -740,18 +742,21 @@ impl crate::health::active::CheckTargets for Gateway {
         self.settings().config.health.active.clone()
     }
 
-    fn targets(
-        &self,
-    ) -> Vec<(
-        std::net::SocketAddr,
-        String,
-        Arc<crate::health::InstanceState>,
-    )> {
+    fn targets(&self) -> Vec<crate::health::active::CheckTarget> {
         self.table()
             .instances()
             .iter()
-            .map(|i| (i.address, i.alias.to_string(), Arc::clone(&i.state)))
+            .map(|i| crate::health::active::CheckTarget {
+                addr: i.address,
+                alias: i.alias.to_string(),
+                state: Arc::clone(&i.state),
+                tls: i.tls.then(|| i.sni.clone()),
+            })
             .collect()
+    }
+
+    fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.settings().config.upstream.ca_file.clone()
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
@@ -770,6 +775,8 @@ mod tests {
             labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
             weight: 2,
             prefer,
+            tls: false,
+            sni: None,
             epoch: None,
         }
     }

@@ -109,6 +109,15 @@ pub struct InstanceSpec {
     /// `prefer = "static"`: overrides `membership.prefer` for this alias.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefer: Option<Prefer>,
+    /// `tls = true`: speak TLS to this instance (proxied requests and health checks),
+    /// verifying its certificate against `upstream.ca_file` (else the system's roots).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
+    /// `sni = "cs-1.prod.internal"`: the server name sent and verified with TLS. Default:
+    /// the host name of `address`, or none when `address` is an IP (the certificate must
+    /// then name the IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
     /// The epoch (fencing token) of the membership holder whose address this is; set by
     /// the membership merge, never read from config or the API.
     #[serde(skip)]

@@ -431,7 +431,7 @@ impl ProxyHttp for Proxy {
         ctx.inflight = Some(inst.state.start_request());
         ctx.current = Some(target);
         let up = &settings.config.upstream;
-        let mut peer = HttpPeer::new(inst.address, false, String::new());
+        let mut peer = HttpPeer::new(inst.address, inst.tls, inst.sni.clone());
         peer.options.connection_timeout = Some(up.connect_timeout);
         peer.options.read_timeout = Some(up.read_timeout);
         peer.options.write_timeout = Some(up.write_timeout);

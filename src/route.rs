@@ -133,6 +133,8 @@ mod tests {
                         labels: BTreeMap::new(),
                         weight: 1,
                         prefer: None,
+                        tls: false,
+                        sni: None,
                         epoch: None,
                     },
                 )

@@ -277,6 +277,7 @@ pub fn run(
     let pid_file = config.server.pid_file();
     let upgrade_sock = config.server.upgrade_sock();
     let tls = config.server.tls.clone();
+    let ca_file = config.upstream.ca_file.clone();
     let admin_limits = ServeLimits {
         max_connections: config.admin.max_connections,
         header_timeout: config.admin.header_timeout,
@@ -307,6 +308,7 @@ pub fn run(
         grace_period_seconds: Some(grace),
         graceful_shutdown_timeout_seconds: Some(grace),
         upgrade_sock: upgrade_sock.display().to_string(),
+        ca_file: ca_file.map(|p| p.display().to_string()),
         ..ServerConf::default()
     };
     // At most: the first choice, once more on a fresh connection if a pooled one was

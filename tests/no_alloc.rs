@@ -48,6 +48,8 @@ fn decode_resolve_route_allocates_nothing() {
                     labels: BTreeMap::new(),
                     weight: 1,
                     prefer: None,
+                    tls: false,
+                    sni: None,
                     epoch: None,
                 },
             )

@@ -212,37 +212,88 @@ async fn an_upgrade_under_load_fails_no_request_and_the_new_process_serves() {
     assert!(log.contains("upgraded=true"), "{log}");
 }
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, made with openssl in `dir`.
-fn make_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl (scripts/setup.sh installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+/// A test CA and a server certificate it signed for `localhost` and 127.0.0.1, made with
+/// openssl in `dir`: (CA certificate, server certificate, server key). (rustls refuses a
+/// self-signed CA certificate used as the server's own.)
+fn make_cert(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |name: &str| dir.join(name);
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/setup.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "1",
+                "-subj",
+                "/CN=hagate test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
     );
-    (cert, key)
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "server.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        p("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "cert.pem",
+    ]);
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
 }
 
 /// `curl` over TLS, trusting `ca`: (status, body).
@@ -276,7 +327,7 @@ fn curl_tls(ca: &std::path::Path, url: &str, headers: &[&str]) -> (u16, String) 
 async fn tls_on_the_proxy_listener_routes_by_haid_and_refuses_plaintext() {
     let (a, b) = (Upstream::start("A"), Upstream::start("B"));
     let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(certs.path());
+    let (ca, cert, key) = make_cert(certs.path());
     let gw = Gateway::start_full(
         &instances(&[("cs_1", &a), ("cs_2", &b)]),
         &format!(
@@ -293,8 +344,8 @@ async fn tls_on_the_proxy_listener_routes_by_haid_and_refuses_plaintext() {
     for host in ["localhost", "127.0.0.1"] {
         let url = format!("https://{host}:{port}/api/v1/x");
         let (status, body) = tokio::task::spawn_blocking({
-            let (cert, haid) = (cert.clone(), haid.clone());
-            move || curl_tls(&cert, &url, &[&format!("contextID: {haid}")])
+            let (ca, haid) = (ca.clone(), haid.clone());
+            move || curl_tls(&ca, &url, &[&format!("contextID: {haid}")])
         })
         .await
         .unwrap();
@@ -318,7 +369,7 @@ async fn tls_on_the_proxy_listener_routes_by_haid_and_refuses_plaintext() {
 #[test]
 fn a_bad_tls_key_is_refused_with_the_field_named() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, _) = make_cert(dir.path());
+    let (_, cert, _) = make_cert(dir.path());
     let config = dir.path().join("hagate.toml");
     // the certificate given as the key
     std::fs::write(
@@ -461,6 +512,72 @@ async fn sigusr2_starts_a_successor_that_tells_the_service_manager_its_pid() {
     assert_eq!(
         (status, body["server"].as_str()),
         (200, Some("A")),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_upstreams_verifies_the_server_name_for_requests_and_health_checks() {
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_cert(certs.path());
+    // the TLS upstreams: gateways with a TLS listener, in front of A (two, because health
+    // belongs to an address, and the two aliases below must not share one)
+    let tls_body = instances(&[("cs_1", &a), ("cs_2", &a)]);
+    let tls_server = format!(
+        "tls = {{ cert = {:?}, key = {:?} }}",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let tls_gateway = || Gateway::start_full(&tls_body, &tls_server, "", None);
+    let (tls_1, tls_3) = (tls_gateway().await, tls_gateway().await);
+    let (port, port_3) = (tls_1.proxy.port(), tls_3.proxy.port());
+    let gw = Gateway::start(&format!(
+        "{FAST_HEALTH}ca_file = {:?}\n\n\
+         [instances.cs_1]\naddress = \"127.0.0.1:{port}\"\ntls = true\nsni = \"localhost\"\n\n\
+         [instances.cs_3]\naddress = \"127.0.0.1:{port_3}\"\ntls = true\nsni = \"wrong.example\"\n\n{}",
+        ca.display().to_string(),
+        instances(&[("cs_2", &b)])
+    ))
+    .await;
+    let c = client();
+    // the name matches the certificate: served over TLS by A, and healthy
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "21").unwrap();
+    let (status, body) = get_haid(&c, &gw, &haid).await;
+    assert_eq!(
+        (status, body["server"].as_str()),
+        (200, Some("A")),
+        "{body}"
+    );
+    let checks = gw
+        .metric(
+            "hagate_health_checks_total",
+            &[("alias", "cs_1"), ("result", "pass")],
+        )
+        .await;
+    gw.wait_metric(
+        "hagate_health_checks_total",
+        &[("alias", "cs_1"), ("result", "pass")],
+        checks + 2.0,
+    )
+    .await;
+    // a name the certificate does not carry: refused by verification, so its checks fail
+    // and its contexts are served by their backup
+    gw.wait_metric(
+        "hagate_health_checks_total",
+        &[("alias", "cs_3"), ("result", "fail")],
+        2.0,
+    )
+    .await;
+    assert_eq!(
+        gw.metric("hagate_instance_up", &[("alias", "cs_3")]).await,
+        0.0
+    );
+    let haid = hagate::haid::encode("cs_3", &["cs_2"], "22").unwrap();
+    let (status, body) = get_haid(&c, &gw, &haid).await;
+    assert_eq!(
+        (status, body["server"].as_str()),
+        (200, Some("B")),
         "{body}"
     );
 }
