@@ -455,13 +455,20 @@ impl Gateway {
             Ok(h) => *self.holders.lock().unwrap_or_else(|p| p.into_inner()) = h,
             Err(error) => tracing::warn!(%error, "membership store: keeping the last holders"),
         }
+        self.republish(SwapSource::Membership, false);
+    }
+
+    /// Merges the static table with the holders again and swaps the result in, counted
+    /// under `source`: only if it changed, unless `force` (the specs are equal but an
+    /// address behind a host name moved).
+    fn republish(&self, source: SwapSource, force: bool) {
         let settings = self.settings();
         let statics = self.lock_statics().clone();
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-        match self.publish_locked(&mut published, &settings.config, &statics, false) {
-            Ok(Some(t)) => self.swapped(SwapSource::Membership, &t),
+        match self.publish_locked(&mut published, &settings.config, &statics, force) {
+            Ok(Some(t)) => self.swapped(source, &t),
             Ok(None) => {}
-            Err(e) => self.refused(SwapSource::Membership, &format!("{}: {e}", e.field())),
+            Err(e) => self.refused(source, &format!("{}: {e}", e.field())),
         }
     }
 
@@ -543,14 +550,7 @@ impl Gateway {
     /// Builds the table again from the same specs: a host name in it resolves to a new
     /// address. The swap counts with source `dns`.
     pub fn rebuild_for_dns(&self) {
-        let settings = self.settings();
-        let statics = self.lock_statics().clone();
-        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-        match self.publish_locked(&mut published, &settings.config, &statics, true) {
-            Ok(Some(t)) => self.swapped(SwapSource::Dns, &t),
-            Ok(None) => {}
-            Err(e) => self.refused(SwapSource::Dns, &format!("{}: {e}", e.field())),
-        }
+        self.republish(SwapSource::Dns, true);
     }
 
     fn lock_statics(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, InstanceSpec>> {

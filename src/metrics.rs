@@ -154,6 +154,23 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     )
 }
 
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> HistogramVec {
+    register(
+        r,
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )
+        .expect("valid metric"),
+    )
+}
+
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     register(r, IntCounter::new(name, help).expect("valid metric"))
 }
@@ -190,17 +207,12 @@ impl Metrics {
             "Requests answered, by the role of the instance that served them and status.",
             &["role", "status"],
         );
-        let request_duration = register(
+        let request_duration = histogram_vec(
             &r,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "hagate_request_duration_seconds",
-                    "Time from request to the end of the response, by role.",
-                )
-                .buckets(REQUEST_BUCKETS.to_vec()),
-                &["role"],
-            )
-            .expect("valid metric"),
+            "hagate_request_duration_seconds",
+            "Time from request to the end of the response, by role.",
+            &REQUEST_BUCKETS,
+            &["role"],
         );
         let instance_requests = counter_vec(
             &r,
@@ -208,17 +220,12 @@ impl Metrics {
             "Requests an instance served (the last attempt's instance), by status class.",
             &["alias", "class"],
         );
-        let instance_duration = register(
+        let instance_duration = histogram_vec(
             &r,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "hagate_instance_request_duration_seconds",
-                    "Time from request to the end of the response, by the instance that served it.",
-                )
-                .buckets(REQUEST_BUCKETS.to_vec()),
-                &["alias"],
-            )
-            .expect("valid metric"),
+            "hagate_instance_request_duration_seconds",
+            "Time from request to the end of the response, by the instance that served it.",
+            &REQUEST_BUCKETS,
+            &["alias"],
         );
         let failovers = counter_vec(
             &r,
@@ -306,20 +313,15 @@ impl Metrics {
              fallback when the native policy answered for a failed call).",
             &["plugin", "outcome"],
         );
-        let plugin_call_seconds = register(
+        let plugin_call_seconds = histogram_vec(
             &r,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "hagate_plugin_call_seconds",
-                    "Duration of one placement plugin call.",
-                )
-                .buckets(vec![
-                    0.000_002, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25,
-                    0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05,
-                ]),
-                &["plugin"],
-            )
-            .expect("valid metric"),
+            "hagate_plugin_call_seconds",
+            "Duration of one placement plugin call.",
+            &[
+                0.000_002, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5,
+                0.001, 0.0025, 0.005, 0.01, 0.05,
+            ],
+            &["plugin"],
         );
         let plugin_reloads = counter_vec(
             &r,
