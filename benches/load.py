@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Side-by-side load comparison on loopback; run through benches/load.sh.
+
+Targets: the upstream itself (direct), nginx, HAProxy and hagate (one or more builds), each a
+reverse proxy with one worker in front of the same nginx upstream answering 1 KiB from
+memory. hagate routes every request by a HAID header.
+
+Each round runs wrk against every target in turn (the order rotates each round), and reads
+the target's CPU time (utime + stime of all its processes, from /proc/PID/stat) before and
+after. The headline figure is CPU microseconds per request: CPU time over the run divided by
+the requests wrk saw served. It is far steadier than req/s on a shared machine. Best and
+median over the rounds are reported, and the ratios are taken between figures of the same
+run.
+
+With oha on the PATH (cargo install oha), a second phase measures latency at a constant rate:
+half of the best hagate throughput seen, direct and through each proxy, and reports the p99
+added over direct (goal P2).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+DURATION = os.environ.get("DURATION", "10s")
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+CONNS = int(os.environ.get("CONNS", "32"))
+RATE_DURATION = os.environ.get("RATE_DURATION", "10s")
+TICK = os.sysconf("SC_CLK_TCK")
+BODY = "x" * 1024
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_ticks(pids):
+    """utime + stime of the processes (each with all its threads), in clock ticks."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name may hold spaces: fields are counted after its ')'.
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_ready(port, path="/health", deadline=20.0):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    sys.exit(f"load: nothing answered on port {port} within {deadline} s")
+
+
+def parse_wrk(out):
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    scale = {"us": 1.0, "ms": 1000.0, "s": 1e6}[m.group(2)]
+    return reqs, rps, float(m.group(1)) * scale
+
+
+class Target:
+    def __init__(self, name, port, procs, headers):
+        self.name, self.port, self.procs, self.headers = name, port, procs, headers
+        self.rps, self.p99, self.cpu = [], [], []
+
+    def pids(self):
+        pids = []
+        for p in self.procs:
+            pids.append(p.pid)
+            pids.extend(children(p.pid))
+        return pids
+
+    def run(self):
+        args = ["wrk", "-t1", f"-c{CONNS}", f"-d{DURATION}", "--latency"]
+        for h in self.headers:
+            args += ["-H", h]
+        args.append(f"http://127.0.0.1:{self.port}/api/rest_j/v1/contextservice/get")
+        pids = self.pids()
+        before = cpu_ticks(pids)
+        out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        after = cpu_ticks(pids)
+        if "Non-2xx" in out or "Socket errors" in out:
+            sys.exit(f"load: {self.name} answered errors:\n{out}")
+        reqs, rps, p99 = parse_wrk(out)
+        self.rps.append(rps)
+        self.p99.append(p99)
+        self.cpu.append((after - before) / TICK * 1e6 / reqs)
+
+
+def main():
+    bins = os.environ.get("HAGATE_BINS", "").split()
+    if not bins:
+        sys.exit("load: HAGATE_BINS is empty (run benches/load.sh)")
+    work = tempfile.mkdtemp(prefix="hagate-load.")
+    procs = []
+
+    def start(args, **kw):
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, **kw)
+        procs.append(p)
+        return p
+
+    def stop(*_):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        up, ngx, hap = free_port(), free_port(), free_port()
+        with open(f"{work}/upstream.conf", "w") as f:
+            f.write(f"""worker_processes 2; daemon off; pid {work}/up.pid; error_log {work}/up.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{up}; location / {{ return 200 "{BODY}"; }} }} }}
+""")
+        with open(f"{work}/nginx.conf", "w") as f:
+            f.write(f"""worker_processes 1; daemon off; pid {work}/ngx.pid; error_log {work}/ngx.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  upstream up {{ server 127.0.0.1:{up}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{ngx};
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
+""")
+        with open(f"{work}/haproxy.cfg", "w") as f:
+            f.write(f"""global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:{hap}
+  default_backend b
+backend b
+  server s1 127.0.0.1:{up}
+""")
+        start(["nginx", "-c", f"{work}/upstream.conf"])
+        direct = Target("direct", up, [procs[-1]], [])
+        start(["nginx", "-c", f"{work}/nginx.conf"])
+        targets = [direct, Target("nginx", ngx, [procs[-1]], [])]
+        start(["haproxy", "-f", f"{work}/haproxy.cfg", "-db"], stderr=subprocess.DEVNULL)
+        targets.append(Target("haproxy", hap, [procs[-1]], []))
+
+        haid = None
+        for spec in bins:
+            name, _, path = spec.partition("=")
+            port, admin = free_port(), free_port()
+            conf = f"{work}/{name}.toml"
+            with open(conf, "w") as f:
+                f.write(f"""[server]
+listen = "127.0.0.1:{port}"
+threads = 1
+[admin]
+listen = "127.0.0.1:{admin}"
+[instances.cs_1_bench]
+address = "127.0.0.1:{up}"
+[instances.cs_2_bench]
+address = "127.0.0.1:{up}"
+""")
+            if haid is None:
+                haid = subprocess.run(
+                    [path, "haid", "encode", "--main", "cs_1_bench", "--backup", "cs_2_bench",
+                     "--id", "1024"], capture_output=True, text=True, check=True).stdout.strip()
+            err = open(f"{work}/{name}.err", "w")
+            start([path, "run", "--config", conf], stderr=err,
+                  env=dict(os.environ, RUST_LOG="warn"))
+            targets.append(Target(name, port, [procs[-1]], [f"contextID: {haid}"]))
+
+        for t in targets:
+            wait_ready(t.port)
+        # One short warm-up each: pools filled, pages touched.
+        global DURATION
+        measured, DURATION = DURATION, "2s"
+        for t in targets:
+            t.run()
+            t.rps.clear(), t.p99.clear(), t.cpu.clear()
+        DURATION = measured
+
+        for r in range(ROUNDS):
+            order = targets[r % len(targets):] + targets[:r % len(targets)]
+            for t in order:
+                t.run()
+                print(f"round {r + 1}/{ROUNDS} {t.name:<10} {t.rps[-1]:>9.0f} req/s "
+                      f"p99 {t.p99[-1]:>7.0f} us  {t.cpu[-1]:>6.1f} CPU us/req", file=sys.stderr)
+
+        report(targets, rate_phase(targets))
+    finally:
+        stop()
+
+
+def rate_phase(targets):
+    """p99 at a constant rate (half of hagate's best throughput), with oha if present."""
+    if shutil.which("oha") is None:
+        return None
+    hagates = targets[3:]
+    rate = int(min(max(t.rps) for t in hagates) / 2)
+    p99 = {}
+    for t in targets:
+        args = ["oha", "--no-tui", "--output-format", "json", "-z", RATE_DURATION,
+                "-q", str(rate), "-c", str(CONNS)]
+        for h in t.headers:
+            args += ["-H", h]
+        args.append(f"http://127.0.0.1:{t.port}/api/rest_j/v1/contextservice/get")
+        out = json.loads(subprocess.run(args, capture_output=True, text=True,
+                                        check=True).stdout)
+        codes = out.get("statusCodeDistribution", {})
+        if set(codes) - {"200"}:
+            sys.exit(f"load: {t.name} answered {codes} at a constant rate")
+        p99[t.name] = out["latencyPercentiles"]["p99"] * 1e6
+    return rate, p99
+
+
+def report(targets, rated):
+    def med(xs):
+        return statistics.median(xs)
+
+    print(f"\nwrk -t1 -c{CONNS} -d{DURATION}, {ROUNDS} interleaved rounds, 1 KiB answers, "
+          f"one worker each, loopback, {os.cpu_count()} cores")
+    print(f"{'target':<10} {'req/s best':>11} {'median':>9} {'p99 us best':>12} {'median':>8}"
+          f" {'CPU us/req best':>16} {'median':>8}")
+    for t in targets:
+        print(f"{t.name:<10} {max(t.rps):>11.0f} {med(t.rps):>9.0f} {min(t.p99):>12.0f} "
+              f"{med(t.p99):>8.0f} {min(t.cpu):>16.1f} {med(t.cpu):>8.1f}")
+    by = {t.name: t for t in targets}
+    print("\nratios (hagate over the peer; CPU below 1.00 and throughput above 1.00 are better)")
+    print(f"{'':<22} {'CPU/req best':>13} {'median':>8} {'req/s best':>11} {'median':>8}")
+    for h in targets[3:]:
+        for peer in ("nginx", "haproxy"):
+            p = by[peer]
+            print(f"{h.name + ' / ' + peer:<22} {min(h.cpu) / min(p.cpu):>13.2f} "
+                  f"{med(h.cpu) / med(p.cpu):>8.2f} {max(h.rps) / max(p.rps):>11.2f} "
+                  f"{med(h.rps) / med(p.rps):>8.2f}")
+    if rated is not None:
+        rate, p99 = rated
+        print(f"\noha -q {rate} -c {CONNS} -z {RATE_DURATION} (half of hagate's best req/s): "
+              "p99 and p99 added over direct")
+        for name, v in p99.items():
+            added = "" if name == "direct" else f"  +{v - p99['direct']:.0f} us"
+            print(f"{name:<10} p99 {v:>7.0f} us{added}")
+    else:
+        print("\n(oha not on the PATH: no constant-rate p99; cargo install oha)")
+
+
+if __name__ == "__main__":
+    main()
