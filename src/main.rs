@@ -11,6 +11,12 @@ use serde_json::json;
 use hagate::config::Config;
 use hagate::{context_id, haid};
 
+/// mimalloc instead of glibc's malloc: the proxy allocates and frees many small buffers
+/// per request, and glibc's `_int_malloc`/`_int_free`/`malloc_consolidate` were about a
+/// fifth of its CPU (docs/performance.md has the measurement).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The demo config that `hagate demo` runs on, embedded in the binary.
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
