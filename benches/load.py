@@ -45,14 +45,15 @@ def free_port():
 
 
 def cpu_ticks(pids):
-    """utime + stime of the processes (each with all its threads), in clock ticks."""
-    total = 0
+    """(utime, stime) of the processes (each with all its threads), in clock ticks."""
+    user = system = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             # The command name may hold spaces: fields are counted after its ')'.
             fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
 
 
 def children(pid):
@@ -87,7 +88,7 @@ def parse_wrk(out):
 class Target:
     def __init__(self, name, port, procs, headers):
         self.name, self.port, self.procs, self.headers = name, port, procs, headers
-        self.rps, self.p99, self.cpu = [], [], []
+        self.rps, self.p99, self.cpu, self.sys = [], [], [], []
 
     def pids(self):
         pids = []
@@ -110,7 +111,9 @@ class Target:
         reqs, rps, p99 = parse_wrk(out)
         self.rps.append(rps)
         self.p99.append(p99)
-        self.cpu.append((after - before) / TICK * 1e6 / reqs)
+        user, system = after[0] - before[0], after[1] - before[1]
+        self.cpu.append((user + system) / TICK * 1e6 / reqs)
+        self.sys.append(system / TICK * 1e6 / reqs)
 
 
 def main():
@@ -207,7 +210,7 @@ address = "127.0.0.1:{up}"
         measured, DURATION = DURATION, "2s"
         for t in targets:
             t.run()
-            t.rps.clear(), t.p99.clear(), t.cpu.clear()
+            t.rps.clear(), t.p99.clear(), t.cpu.clear(), t.sys.clear()
         DURATION = measured
 
         for r in range(ROUNDS):
@@ -230,7 +233,8 @@ def rate_phase(targets):
     rate = int(min(max(t.rps) for t in hagates) / 2)
     p99 = {}
     for t in targets:
-        args = ["oha", "--no-tui", "--output-format", "json", "-z", RATE_DURATION,
+        args = ["oha", "--no-tui", "--output-format", "json", "--latency-correction",
+                "-z", RATE_DURATION,
                 "-q", str(rate), "-c", str(CONNS)]
         for h in t.headers:
             args += ["-H", h]
@@ -251,10 +255,10 @@ def report(targets, rated):
     print(f"\nwrk -t1 -c{CONNS} -d{DURATION}, {ROUNDS} interleaved rounds, 1 KiB answers, "
           f"one worker each, loopback, {os.cpu_count()} cores")
     print(f"{'target':<10} {'req/s best':>11} {'median':>9} {'p99 us best':>12} {'median':>8}"
-          f" {'CPU us/req best':>16} {'median':>8}")
+          f" {'CPU us/req best':>16} {'median':>8} {'of it kernel':>13}")
     for t in targets:
         print(f"{t.name:<10} {max(t.rps):>11.0f} {med(t.rps):>9.0f} {min(t.p99):>12.0f} "
-              f"{med(t.p99):>8.0f} {min(t.cpu):>16.1f} {med(t.cpu):>8.1f}")
+              f"{med(t.p99):>8.0f} {min(t.cpu):>16.1f} {med(t.cpu):>8.1f} {med(t.sys):>13.1f}")
     by = {t.name: t for t in targets}
     print("\nratios (hagate over the peer; CPU below 1.00 and throughput above 1.00 are better)")
     print(f"{'':<22} {'CPU/req best':>13} {'median':>8} {'req/s best':>11} {'median':>8}")

@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 HAGATE_LOAD_TOOLS=1 source scripts/setup.sh
 if [ -z "${HAGATE_BINS:-}" ]; then
-  cargo build --release --quiet --bin hagate
-  HAGATE_BINS="hagate=${CARGO_TARGET_DIR:-target}/release/hagate"
+  cargo build --profile production --quiet --bin hagate
+  HAGATE_BINS="hagate=${CARGO_TARGET_DIR:-target}/production/hagate"
 fi
 export HAGATE_BINS
 exec python3 benches/load.py

@@ -594,9 +594,15 @@ impl Gateway {
     /// parallel) and swaps config and table in.
     pub async fn reload(&self, source: SwapSource) -> Result<Arc<AliasTable>, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
+        let started = std::time::Instant::now();
         let result = self.try_reload().await;
         match &result {
-            Ok(t) => self.swapped(source, t),
+            Ok(t) => {
+                self.swapped(source, t);
+                // Read, parse, validate, resolve, load plugins, build and swap.
+                let took_ms = started.elapsed().as_millis() as u64;
+                tracing::info!(source = source.label(), took_ms, "config reloaded");
+            }
             Err(e) => self.refused(source, e),
         }
         result

@@ -49,6 +49,73 @@ impl InstanceMetrics {
     }
 }
 
+/// The label values of `hagate_requests_total`'s `status`: common codes by name, the rest
+/// by class. Static, so no request allocates a label.
+const STATUSES: [&str; 20] = [
+    "0", "200", "201", "204", "301", "302", "304", "400", "401", "403", "404", "500", "502", "503",
+    "504", "1xx", "2xx", "3xx", "4xx", "5xx",
+];
+
+/// The codes with a label of their own, in the order of [`STATUSES`].
+const COMMON: [u16; 15] = [
+    0, 200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 500, 502, 503, 504,
+];
+
+/// The index of `status`'s label in [`STATUSES`].
+fn status_index(status: u16) -> usize {
+    if let Some(i) = COMMON.iter().position(|&c| c == status) {
+        return i;
+    }
+    match status {
+        100..=199 => 15,
+        200..=299 => 16,
+        300..=399 => 17,
+        400..=499 => 18,
+        _ => 19,
+    }
+}
+
+/// The roles of `hagate_requests_total` and `hagate_request_duration_seconds`.
+const ROLES: [&str; 4] = ["main", "backup", "replacement", "none"];
+
+/// The children of the per-request metrics, each resolved at its first use and then
+/// read without a lookup: `with_label_values` hashes the labels and takes a lock.
+/// A child is created only when first used, so `/metrics` shows the series it showed
+/// before.
+pub struct RequestMetrics {
+    counts: [[OnceLock<IntCounter>; STATUSES.len()]; ROLES.len()],
+    durations: [OnceLock<Histogram>; ROLES.len()],
+}
+
+impl RequestMetrics {
+    fn new() -> Self {
+        RequestMetrics {
+            counts: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            durations: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    /// One request that ended with `status` (0: none written) in `role` (a label of
+    /// [`ROLES`]; anything else counts as `none`), after `elapsed`.
+    pub fn observe(&self, role: &str, status: u16, elapsed: std::time::Duration) {
+        let r = ROLES.iter().position(|x| *x == role).unwrap_or(3);
+        let s = status_index(status);
+        let m = metrics();
+        self.counts[r][s]
+            .get_or_init(|| m.requests.with_label_values(&[ROLES[r], STATUSES[s]]))
+            .inc();
+        self.durations[r]
+            .get_or_init(|| m.request_duration.with_label_values(&[ROLES[r]]))
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The per-request metrics' resolved children.
+pub fn request_metrics() -> &'static RequestMetrics {
+    static CHILDREN: OnceLock<RequestMetrics> = OnceLock::new();
+    CHILDREN.get_or_init(RequestMetrics::new)
+}
+
 /// All metrics, registered once in their own registry.
 pub struct Metrics {
     registry: Registry,
@@ -492,4 +559,40 @@ impl Metrics {
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_codes_have_their_own_label_and_the_rest_their_class() {
+        for code in COMMON {
+            assert_eq!(STATUSES[status_index(code)], code.to_string());
+        }
+        for (code, label) in [(101, "1xx"), (206, "2xx"), (307, "3xx"), (429, "4xx")] {
+            assert_eq!(STATUSES[status_index(code)], label);
+        }
+        assert_eq!(STATUSES[status_index(599)], "5xx");
+        assert_eq!(STATUSES[status_index(999)], "5xx");
+    }
+
+    #[test]
+    fn resolved_children_count_in_the_exported_series() {
+        let m = request_metrics();
+        let before = metrics()
+            .requests
+            .with_label_values(&["backup", "503"])
+            .get();
+        m.observe("backup", 503, std::time::Duration::from_millis(1));
+        m.observe("backup", 503, std::time::Duration::from_millis(1));
+        let after = metrics()
+            .requests
+            .with_label_values(&["backup", "503"])
+            .get();
+        assert_eq!(after - before, 2);
+        assert!(metrics()
+            .render()
+            .contains("hagate_request_duration_seconds_count{role=\"backup\"}"));
+    }
 }

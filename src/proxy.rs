@@ -25,7 +25,7 @@ use crate::context_id::{self, ContextIdError};
 use crate::gateway::{Gateway, Settings};
 use crate::haid::{self, HaidError};
 use crate::health::{now_ms, InflightGuard, LiveView};
-use crate::metrics::metrics;
+use crate::metrics::{metrics, request_metrics};
 use crate::placement::{Candidates, PlacementError, PlacementRequest};
 use crate::route::{decide, Decision, Role, Target};
 
@@ -382,6 +382,10 @@ impl Proxy {
 impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
+    /// No downstream modules: pingora's default adds a disabled compression module, which
+    /// still builds a context for every request. hagate compresses nothing.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             started: Instant::now(),
@@ -445,14 +449,18 @@ impl ProxyHttp for Proxy {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let ours: Vec<_> = upstream
-            .headers
-            .keys()
-            .filter(|k| k.as_str().starts_with(PREFIX))
-            .cloned()
-            .collect();
-        for name in ours {
-            upstream.remove_header(&name);
+        // A client's own `x-hagate-*` headers are dropped (rare: checked before collecting).
+        let ours = |k: &http::HeaderName| k.as_str().starts_with(PREFIX);
+        if upstream.headers.keys().any(ours) {
+            let names: Vec<_> = upstream
+                .headers
+                .keys()
+                .filter(|k| ours(k))
+                .cloned()
+                .collect();
+            for name in names {
+                upstream.remove_header(&name);
+            }
         }
         // Identical duplicates of Content-Length go up as one (pingora refuses differing ones).
         let cl = http::header::CONTENT_LENGTH;
@@ -647,14 +655,8 @@ impl ProxyHttp for Proxy {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(if e.is_some() { 502 } else { 0 });
-        let m = metrics();
-        m.requests
-            .with_label_values(&[role, status_label(status)])
-            .inc();
         let elapsed = ctx.started.elapsed();
-        m.request_duration
-            .with_label_values(&[role])
-            .observe(elapsed.as_secs_f64());
+        request_metrics().observe(role, status, elapsed);
         let instance = ctx
             .current
             .zip(ctx.table.as_ref())
@@ -683,31 +685,5 @@ impl ProxyHttp for Proxy {
         if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
             self.conns.idle(peer);
         }
-    }
-}
-
-/// Status as a static label, without allocating for common codes.
-fn status_label(status: u16) -> &'static str {
-    match status {
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        301 => "301",
-        302 => "302",
-        304 => "304",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        0 => "0",
-        s if s < 200 => "1xx",
-        s if s < 300 => "2xx",
-        s if s < 400 => "3xx",
-        s if s < 500 => "4xx",
-        _ => "5xx",
     }
 }

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Memory and reloads of big tables (goals P6 and P7); run through benches/memory.sh.
+
+P7: a release hagate with 3 placement plugins and ALIASES aliases (10k) serves HAID-routed
+and placed requests from wrk while the config is reloaded RELOADS times (20); its RSS is
+read from /proc/PID/status after the load warms it, and after every reload.
+
+P6: the same with BIG aliases (100k): how long a reload takes (the gateway logs `took_ms`
+for each reload: read, parse, validate, plugins, build, swap), RSS before and after, and
+wrk's p99 for requests served while reloads run back to back, against a run without
+reloads, in the same process.
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+BIN = os.environ["HAGATE_BIN"]
+PLUGINS = os.environ.get("PLUGINS_DIR", "plugins/target/wasm32-wasip2/release")
+ALIASES = int(os.environ.get("ALIASES", "10000"))
+BIG = int(os.environ.get("BIG", "100000"))
+RELOADS = int(os.environ.get("RELOADS", "20"))
+DURATION = os.environ.get("DURATION", "10s")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def poll(what, check, deadline=300.0):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            v = check()
+            if v:
+                return v
+        except OSError:
+            pass
+        time.sleep(0.02)
+    sys.exit(f"memory: {what} did not happen within {deadline} s")
+
+
+def upstream():
+    """One nginx answering 200 on every path, for every alias (health checks too)."""
+    port = free_port()
+    work = tempfile.mkdtemp(prefix="hagate-mem-up.")
+    with open(f"{work}/up.conf", "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {work}/up.pid; error_log {work}/up.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "ok"; }} }} }}
+""")
+    return port, subprocess.Popen(["nginx", "-c", f"{work}/up.conf"])
+
+
+def write_config(path, port, admin, up, n, generation):
+    plugins = ""
+    for i, name in enumerate(("lowest_load", "tenant_affinity", "lowest_load")):
+        wasm = f"{os.path.abspath(PLUGINS)}/{name}.wasm"
+        with open(wasm, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        plugins += f"""
+[[plugins]]
+name = "p{i}-{name}"
+path = "{wasm}"
+sha256 = "{sha}"
+deadline = "50ms"
+"""
+    lines = [f"""[server]
+listen = "127.0.0.1:{port}"
+threads = 1
+[admin]
+listen = "127.0.0.1:{admin}"
+[log]
+format = "json"
+[health.active]
+enabled = false
+# generation {generation}
+{plugins}"""]
+    for i in range(n):
+        lines.append(f'[instances.cs_{i}_m]\naddress = "127.0.0.1:{up}"\nlabels = {{ zone = "{"ab"[i % 2]}" }}\n')
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+
+
+def wrk(port, headers, duration):
+    args = ["wrk", "-t1", "-c16", f"-d{duration}", "--latency"]
+    for h in headers:
+        args += ["-H", h]
+    args.append(f"http://127.0.0.1:{port}/api/rest_j/v1/contextservice/get")
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+
+def p99_us(out):
+    m = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    return float(m.group(1)) * {"us": 1.0, "ms": 1000.0, "s": 1e6}[m.group(2)]
+
+
+def reload_times(log_path):
+    took = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("message") == "config reloaded":
+                took.append(event["took_ms"])
+    return took
+
+
+def gateway(n, up, work, name):
+    port, admin = free_port(), free_port()
+    conf = f"{work}/{name}.toml"
+    write_config(conf, port, admin, up, n, 0)
+    log = f"{work}/{name}.log"
+    proc = subprocess.Popen([BIN, "run", "--config", conf], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="info"))
+    def up():
+        if proc.poll() is not None:
+            sys.exit(f"memory: the gateway exited; its log is {log}")
+        return get(f"http://127.0.0.1:{admin}/healthz") is not None
+    poll("the gateway start", up)
+    return proc, port, admin, conf, log
+
+
+def reload(proc, conf, port, admin, up, n, generation, log):
+    before = len(reload_times(log))
+    write_config(conf, port, admin, up, n, generation)
+    proc.send_signal(signal.SIGHUP)
+    return poll(f"reload {generation}", lambda: len(reload_times(log)) > before and
+                reload_times(log)[-1])
+
+
+def main():
+    haid = subprocess.run([BIN, "haid", "encode", "--main", "cs_1_m", "--backup", "cs_2_m",
+                           "--id", "7"], capture_output=True, text=True, check=True).stdout.strip()
+    up, up_proc = upstream()
+    work = tempfile.mkdtemp(prefix="hagate-mem.")
+    procs = [up_proc]
+    try:
+        # P7
+        proc, port, admin, conf, log = gateway(ALIASES, up, work, "p7")
+        procs.append(proc)
+        routed = wrk(port, [f"contextID: {haid}"], DURATION)
+        placed = wrk(port, [], DURATION)
+        routed.communicate(), placed.communicate()
+        rss = [rss_kib(proc.pid)]
+        took = []
+        for g in range(1, RELOADS + 1):
+            took.append(reload(proc, conf, port, admin, up, ALIASES, g, log))
+            rss.append(rss_kib(proc.pid))
+        print(f"P7: {ALIASES} aliases, 3 plugins, after wrk (HAID-routed and placed): "
+              f"RSS {rss[0] / 1024:.1f} MiB")
+        print(f"    after each of {RELOADS} reloads (MiB): "
+              + " ".join(f"{r / 1024:.1f}" for r in rss[1:]))
+        print(f"    reload took_ms: median {sorted(took)[len(took) // 2]}, max {max(took)}")
+        proc.terminate()
+        proc.wait()
+
+        if BIG == 0:
+            return
+        # P6
+        proc, port, admin, conf, log = gateway(BIG, up, work, "p6")
+        procs.append(proc)
+        first = rss_kib(proc.pid)
+        quiet = wrk(port, [f"contextID: {haid}"], DURATION).communicate()[0]
+        busy = wrk(port, [f"contextID: {haid}"], DURATION)
+        took, g = [], 0
+        while busy.poll() is None:
+            g += 1
+            took.append(reload(proc, conf, port, admin, up, BIG, g, log))
+        busy_out = busy.communicate()[0]
+        after = rss_kib(proc.pid)
+        print(f"P6: {BIG} aliases: reload took_ms over {len(took)} reloads: median "
+              f"{sorted(took)[len(took) // 2]}, min {min(took)}, max {max(took)}")
+        print(f"    RSS at start {first / 1024:.1f} MiB, after the reloads {after / 1024:.1f} MiB")
+        print(f"    wrk p99 without reloads {p99_us(quiet):.0f} us, during back-to-back "
+              f"reloads {p99_us(busy_out):.0f} us")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+
+
+if __name__ == "__main__":
+    main()
