@@ -173,12 +173,7 @@ async fn an_upgrade_under_load_fails_no_request_and_the_new_process_serves() {
                 .body("x".repeat(64))
         })
     };
-    eventually(
-        "requests before the upgrade",
-        Duration::from_secs(10),
-        || async { (load.ok() > 50).then_some(()) },
-    )
-    .await;
+    load.served(50, "requests before the upgrade").await;
     gw.upgrade().await;
     let new_pid = gw.pid();
     assert_ne!(new_pid, old_pid);
@@ -187,13 +182,7 @@ async fn an_upgrade_under_load_fails_no_request_and_the_new_process_serves() {
         new_pid.to_string()
     );
     // the new process serves the proxy and the admin API
-    let before = load.ok();
-    eventually(
-        "requests after the upgrade",
-        Duration::from_secs(10),
-        || async { (load.ok() > before + 50).then_some(()) },
-    )
-    .await;
+    load.served(50, "requests after the upgrade").await;
     let served = gw
         .metric(
             "hagate_requests_total",

@@ -560,6 +560,15 @@ impl Load {
         self.ok.load(Ordering::Relaxed)
     }
 
+    /// Waits (up to 20 s) until `more` further requests have been answered 200.
+    pub async fn served(&self, more: u64, what: &str) {
+        let target = self.ok() + more;
+        eventually(what, Duration::from_secs(20), || async {
+            (self.ok() >= target).then_some(())
+        })
+        .await
+    }
+
     /// Stops the loops; (200 answers, errors).
     pub async fn finish(self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
@@ -750,15 +759,7 @@ pub async fn chaos(
             .await;
         }
     };
-    let served = |more: u64| {
-        let target = load.ok() + more;
-        let load = &load;
-        eventually(
-            "traffic to be served",
-            Duration::from_secs(20),
-            move || async move { (load.ok() >= target).then_some(()) },
-        )
-    };
+    let served = |more: u64| load.served(more, "traffic to be served");
     while started.elapsed() < run_for {
         let i = rng.usize(0..n);
         agents[i].kill();
