@@ -1,6 +1,7 @@
 //! Placement cost: the native policy versus the `lowest-load` Wasm plugin (a real
 //! component built from `plugins/`) over 8 candidates, and the cost of replacing an
-//! instance that trapped (a fresh instantiation plus `configure`).
+//! instance that trapped (a fresh instantiation plus `configure`); and both over a table of
+//! 10k aliases, candidate list included.
 //!
 //! `cargo bench --bench placement`
 
@@ -8,6 +9,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use hagate::aliases::{InstanceSpec, TableHolder};
+use hagate::health::LiveView;
 use hagate::placement::{Candidate, Candidates, LeastLoaded, Placement, PlacementRequest};
 use hagate::plugin::{Limits, Plugin};
 
@@ -44,6 +47,22 @@ fn candidates<'a>(aliases: &'a [String], labels: &'a [BTreeMap<String, String>])
             })
             .collect(),
     }
+}
+
+/// A table of `n` aliases over two zones.
+fn table(n: usize) -> TableHolder {
+    let specs: BTreeMap<String, InstanceSpec> = (0..n)
+        .map(|i| {
+            (
+                format!("cs_{i}_prod"),
+                InstanceSpec {
+                    labels: BTreeMap::from([("zone".to_string(), ["a", "b"][i % 2].to_string())]),
+                    ..InstanceSpec::at(format!("10.0.{}.{}:9116", i / 250, i % 250 + 1))
+                },
+            )
+        })
+        .collect();
+    TableHolder::new(&specs).unwrap()
 }
 
 fn bench(c: &mut Criterion) {
@@ -95,6 +114,33 @@ fn bench(c: &mut Criterion) {
                     version += 1;
                     c.version = version;
                     plugin.place(&req, &c).await.unwrap();
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+
+    // A large table: every call builds the candidate list from the table, as the proxy
+    // does, and hands the plugin one load record per alias.
+    let holder = table(10_000);
+    let mut g = c.benchmark_group("placement_10k_aliases");
+    g.bench_function("native", |b| {
+        b.iter(|| {
+            let table = holder.load();
+            native
+                .place(&req, &Candidates::of(&table, &LiveView::now()))
+                .unwrap()
+        })
+    });
+    g.bench_function("wasm_lowest_load", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let table = holder.load();
+                    let cands = Candidates::of(&table, &LiveView::now());
+                    plugin.place(&req, &cands).await.unwrap();
                 }
                 start.elapsed()
             })

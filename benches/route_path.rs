@@ -15,15 +15,7 @@ fn table(n: usize) -> TableHolder {
         .map(|i| {
             (
                 format!("cs_{i}_prod"),
-                InstanceSpec {
-                    address: format!("10.0.{}.{}:9116", i / 250, i % 250 + 1),
-                    labels: BTreeMap::new(),
-                    weight: 1,
-                    prefer: None,
-                    tls: false,
-                    sni: None,
-                    epoch: None,
-                },
+                InstanceSpec::at(format!("10.0.{}.{}:9116", i / 250, i % 250 + 1)),
             )
         })
         .collect();

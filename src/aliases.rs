@@ -5,7 +5,7 @@
 //! valid. A request loads the current table once and keeps that `Arc` for its whole life,
 //! so it never sees a half-built table. No IO and no pingora here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -263,7 +263,8 @@ impl TableHolder {
         self.current.load_full()
     }
 
-    /// Validates and builds a new table and swaps it in. On error the old table stays.
+    /// Validates and builds a new table and swaps it in; the old one is freed off the request
+    /// path (`retire`). On error the old table stays.
     pub fn publish(
         &self,
         specs: &BTreeMap<String, InstanceSpec>,
@@ -271,8 +272,8 @@ impl TableHolder {
         let version = self.versions.load(Ordering::SeqCst) + 1;
         let table = Arc::new(AliasTable::build(specs, version, &self.states)?);
         self.versions.store(version, Ordering::SeqCst);
-        self.current.store(Arc::clone(&table));
-        let keep: Vec<SocketAddr> = table.instances().iter().map(|i| i.address).collect();
+        crate::retire::later(self.current.swap(Arc::clone(&table)));
+        let keep: HashSet<SocketAddr> = table.instances().iter().map(|i| i.address).collect();
         self.states.retain(|a| keep.contains(a));
         Ok(table)
     }
@@ -285,20 +286,7 @@ mod tests {
     fn specs(pairs: &[(&str, &str)]) -> BTreeMap<String, InstanceSpec> {
         pairs
             .iter()
-            .map(|(a, addr)| {
-                (
-                    a.to_string(),
-                    InstanceSpec {
-                        address: addr.to_string(),
-                        labels: BTreeMap::new(),
-                        weight: 1,
-                        prefer: None,
-                        tls: false,
-                        sni: None,
-                        epoch: None,
-                    },
-                )
-            })
+            .map(|(a, addr)| (a.to_string(), InstanceSpec::at(addr.to_string())))
             .collect()
     }
 

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
@@ -287,6 +287,13 @@ fn initial_state(store: &StoreConfig) -> StoreState {
             StoreState::default()
         }
     }
+}
+
+/// How long the phases of a reload took, for its log event.
+#[derive(Debug, Default)]
+struct ReloadPhases {
+    read_ms: u64,
+    plugins_ms: u64,
 }
 
 impl Gateway {
@@ -594,26 +601,37 @@ impl Gateway {
     /// parallel) and swaps config and table in.
     pub async fn reload(&self, source: SwapSource) -> Result<Arc<AliasTable>, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
-        let started = std::time::Instant::now();
-        let result = self.try_reload().await;
+        let started = Instant::now();
+        let mut phases = ReloadPhases::default();
+        let result = self.try_reload(&mut phases).await;
         match &result {
             Ok(t) => {
                 self.swapped(source, t);
-                // Read, parse, validate, resolve, load plugins, build and swap.
+                // read_ms: read, parse, validate, resolve; plugins_ms: load plugins;
+                // swap_ms: build the table and swap everything in.
                 let took_ms = started.elapsed().as_millis() as u64;
-                tracing::info!(source = source.label(), took_ms, "config reloaded");
+                tracing::info!(
+                    source = source.label(),
+                    took_ms,
+                    read_ms = phases.read_ms,
+                    plugins_ms = phases.plugins_ms,
+                    swap_ms = took_ms.saturating_sub(phases.read_ms + phases.plugins_ms),
+                    "config reloaded"
+                );
             }
             Err(e) => self.refused(source, e),
         }
         result
     }
 
-    async fn try_reload(&self) -> Result<Arc<AliasTable>, ReloadError> {
+    async fn try_reload(&self, phases: &mut ReloadPhases) -> Result<Arc<AliasTable>, ReloadError> {
         let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
         // reading, validating and resolving host names happen off the runtime
+        let started = Instant::now();
         let config = tokio::task::spawn_blocking(move || Config::load(&path))
             .await
             .map_err(|e| ReloadError::Join(e.to_string()))??;
+        phases.read_ms = started.elapsed().as_millis() as u64;
         let old = self.settings();
         for (field, changed) in [
             (
@@ -639,6 +657,7 @@ impl Gateway {
         // happens on blocking threads, never on the control plane's runtime.
         let previous = self.placement.load_full();
         let specs = config.plugins.clone();
+        let started = Instant::now();
         let placement =
             tokio::task::spawn_blocking(move || PluginSet::load(&specs, Some(&previous)))
                 .await
@@ -646,6 +665,7 @@ impl Gateway {
                     field: "plugins".into(),
                     message: format!("loading the plugins failed: {e}"),
                 })??;
+        phases.plugins_ms = started.elapsed().as_millis() as u64;
         let statics = if self.etcd.is_some() {
             if old.config.instances != config.instances {
                 tracing::warn!(
@@ -666,8 +686,8 @@ impl Gateway {
             *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = TableOrigin::Config;
         }
         self.store.set_timeout(config.membership.timeout);
-        self.placement.store(Arc::new(placement));
-        self.settings.store(Arc::new(Settings::new(config)));
+        crate::retire::later(self.placement.swap(Arc::new(placement)));
+        crate::retire::later(self.settings.swap(Arc::new(Settings::new(config))));
         Ok(table)
     }
 

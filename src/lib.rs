@@ -42,6 +42,7 @@ pub mod placement;
 pub mod plugin;
 pub mod proxy;
 pub mod reload;
+pub mod retire;
 pub mod ring;
 pub mod route;
 pub mod server;

@@ -124,6 +124,22 @@ pub struct InstanceSpec {
     pub epoch: Option<u64>,
 }
 
+impl InstanceSpec {
+    /// An instance at `address` with every other field at its default, as config gives it
+    /// (weight 1, no labels).
+    pub fn at(address: impl Into<String>) -> Self {
+        InstanceSpec {
+            address: address.into(),
+            labels: BTreeMap::new(),
+            weight: 1,
+            prefer: None,
+            tls: false,
+            sni: None,
+            epoch: None,
+        }
+    }
+}
+
 fn one() -> u32 {
     1
 }

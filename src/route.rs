@@ -125,20 +125,7 @@ mod tests {
     fn table() -> std::sync::Arc<AliasTable> {
         let specs: BTreeMap<String, InstanceSpec> = [("cs_1", 1), ("cs_2", 2), ("cs_3", 3)]
             .into_iter()
-            .map(|(a, p)| {
-                (
-                    a.to_string(),
-                    InstanceSpec {
-                        address: format!("127.0.0.1:{p}"),
-                        labels: BTreeMap::new(),
-                        weight: 1,
-                        prefer: None,
-                        tls: false,
-                        sni: None,
-                        epoch: None,
-                    },
-                )
-            })
+            .map(|(a, p)| (a.to_string(), InstanceSpec::at(format!("127.0.0.1:{p}"))))
             .collect();
         TableHolder::new(&specs).unwrap().load()
     }

@@ -43,15 +43,7 @@ fn decode_resolve_route_allocates_nothing() {
         .map(|(i, a)| {
             (
                 a.to_string(),
-                InstanceSpec {
-                    address: format!("127.0.0.1:{}", 9000 + i),
-                    labels: BTreeMap::new(),
-                    weight: 1,
-                    prefer: None,
-                    tls: false,
-                    sni: None,
-                    epoch: None,
-                },
+                InstanceSpec::at(format!("127.0.0.1:{}", 9000 + i)),
             )
         })
         .collect();
