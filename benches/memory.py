@@ -117,9 +117,17 @@ def wrk(port, headers, duration):
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
 
+def us(value, unit):
+    return float(value) * {"us": 1.0, "ms": 1000.0, "s": 1e6}[unit]
+
+
 def p99_us(out):
-    m = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-    return float(m.group(1)) * {"us": 1.0, "ms": 1000.0, "s": 1e6}[m.group(2)]
+    return us(*re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups())
+
+
+def max_us(out):
+    """The slowest request: the Max column of wrk's Latency line."""
+    return us(*re.search(r"^\s+Latency(?:\s+\S+){2}\s+([\d.]+)(us|ms|s)", out, re.M).groups())
 
 
 def reload_times(log_path):
@@ -173,24 +181,25 @@ def main():
     work = tempfile.mkdtemp(prefix="hagate-mem.")
     procs = [up_proc]
     try:
-        # P7
-        proc, port, admin, conf, log = gateway(ALIASES, up, work, "p7")
-        procs.append(proc)
-        routed = wrk(port, [f"contextID: {haid}"], DURATION)
-        placed = wrk(port, [], DURATION)
-        routed.communicate(), placed.communicate()
-        rss = [rss_kib(proc.pid)]
-        took = []
-        for g in range(1, RELOADS + 1):
-            took.append(reload(proc, conf, port, admin, up, ALIASES, g, log))
-            rss.append(rss_kib(proc.pid))
-        print(f"P7: {ALIASES} aliases, 3 plugins, after wrk (HAID-routed and placed): "
-              f"RSS {rss[0] / 1024:.1f} MiB")
-        print(f"    after each of {RELOADS} reloads (MiB): "
-              + " ".join(f"{r / 1024:.1f}" for r in rss[1:]))
-        print(f"    reload took_ms: {spread(took, 'took_ms')}")
-        proc.terminate()
-        proc.wait()
+        # P7 (RELOADS=0 skips it)
+        if RELOADS:
+            proc, port, admin, conf, log = gateway(ALIASES, up, work, "p7")
+            procs.append(proc)
+            routed = wrk(port, [f"contextID: {haid}"], DURATION)
+            placed = wrk(port, [], DURATION)
+            routed.communicate(), placed.communicate()
+            rss = [rss_kib(proc.pid)]
+            took = []
+            for g in range(1, RELOADS + 1):
+                took.append(reload(proc, conf, port, admin, up, ALIASES, g, log))
+                rss.append(rss_kib(proc.pid))
+            print(f"P7: {ALIASES} aliases, 3 plugins, after wrk (HAID-routed and placed): "
+                  f"RSS {rss[0] / 1024:.1f} MiB")
+            print(f"    after each of {RELOADS} reloads (MiB): "
+                  + " ".join(f"{r / 1024:.1f}" for r in rss[1:]))
+            print(f"    reload took_ms: {spread(took, 'took_ms')}")
+            proc.terminate()
+            proc.wait()
 
         if BIG == 0:
             return
@@ -212,6 +221,15 @@ def main():
         print(f"    RSS at start {first / 1024:.1f} MiB, after the reloads {after / 1024:.1f} MiB")
         print(f"    wrk p99 without reloads {p99_us(quiet):.0f} us, during back-to-back "
               f"reloads {p99_us(busy_out):.0f} us")
+        # one reload in the middle of a run: what the requests in flight around it see
+        one = wrk(port, [f"contextID: {haid}"], DURATION)
+        time.sleep(1)  # pacing the load, not synchronising: wrk is warm by then
+        g += 1
+        single = reload(proc, conf, port, admin, up, BIG, g, log)
+        one_out = one.communicate()[0]
+        print(f"    one reload ({single['took_ms']} ms) within a {DURATION} run: p99 "
+              f"{p99_us(one_out):.0f} us, max {max_us(one_out):.0f} us; without reloads: "
+              f"max {max_us(quiet):.0f} us")
     finally:
         for p in procs:
             if p.poll() is None:
