@@ -699,15 +699,17 @@ pub async fn wait_primary_at(gw: &Gateway, alias: &str, server: &Upstream) -> Va
 }
 
 /// The chaos run: one agent per alias (heartbeating to every gateway in turn), load over
-/// every HAID pair through every gateway, and `kill -9` of a random server and its agent,
-/// restarted once the gateways saw it down and some traffic went by without it. Asserts
-/// that no request failed and that traffic flowed; the report says how much happened.
+/// every HAID pair through every gateway, and `cycles` rounds of `kill -9` of a random
+/// server and its agent, restarted once the gateways saw it down and some traffic went by
+/// without it. Counted in cycles, not seconds, so a slow machine runs longer instead of
+/// doing less. Asserts that no request failed and that traffic flowed; the report says
+/// how much happened.
 pub async fn chaos(
     gws: &[&Gateway],
     mut servers: Vec<Upstream>,
     aliases: &[&'static str],
     (interval, timeout, token): (Duration, Duration, &str),
-    run_for: Duration,
+    cycles: u32,
 ) -> ChaosReport {
     let n = aliases.len();
     let spawn = |i: usize, server: &Upstream| {
@@ -739,7 +741,6 @@ pub async fn chaos(
         })
     };
     let mut rng = fastrand::Rng::new();
-    let started = Instant::now();
     let mut kills = 0;
     // The schedule is driven by what happens, not by sleeping: a server stays dead until
     // every gateway has seen it go down and a random amount of traffic has been served
@@ -760,7 +761,7 @@ pub async fn chaos(
         }
     };
     let served = |more: u64| load.served(more, "traffic to be served");
-    while started.elapsed() < run_for {
+    while kills < cycles {
         let i = rng.usize(0..n);
         agents[i].kill();
         servers[i].kill();
