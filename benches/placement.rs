@@ -56,7 +56,8 @@ fn table(n: usize) -> TableHolder {
             (
                 format!("cs_{i}_prod"),
                 InstanceSpec {
-                    labels: BTreeMap::from([("zone".to_string(), ["a", "b"][i % 2].to_string())]),
+                    labels: BTreeMap::from([("zone".to_string(), ["a", "b"][i % 2].to_string())])
+                        .into(),
                     ..InstanceSpec::at(format!("10.0.{}.{}:9116", i / 250, i % 250 + 1))
                 },
             )

@@ -15,7 +15,7 @@ use rustc_hash::FxHashMap;
 
 use crate::health::{InstanceState, StateRegistry};
 use crate::metrics::InstanceMetrics;
-pub use crate::model::{Alias, AliasError, InstanceSpec};
+pub use crate::model::{Alias, AliasError, InstanceSpec, Labels};
 
 /// One resolved instance.
 #[derive(Debug)]
@@ -25,7 +25,7 @@ pub struct Instance {
     /// Where it listens.
     pub address: SocketAddr,
     /// Labels for placement.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// Placement weight.
     pub weight: u32,
     /// Health and load, shared with every table that has this address.

@@ -28,7 +28,7 @@ use crate::aliases::{AliasTable, InstanceSpec, TableError, TableHolder};
 use crate::config::{Config, ConfigError, StoreConfig, StoreKind};
 use crate::health::StateRegistry;
 use crate::metrics::metrics;
-use crate::model::Prefer;
+use crate::model::{Labels, Prefer};
 use crate::plugin::PluginSet;
 use crate::ring::ReplacementRing;
 use crate::store::embedded::EmbeddedStore;
@@ -221,7 +221,7 @@ pub fn merge(
                     h.alias.to_string(),
                     InstanceSpec {
                         address: h.address.clone(),
-                        labels: BTreeMap::new(),
+                        labels: Labels::default(),
                         weight: 1,
                         prefer: None,
                         tls: false,
@@ -840,7 +840,7 @@ mod tests {
     fn spec(address: &str, prefer: Option<Prefer>) -> InstanceSpec {
         InstanceSpec {
             address: address.into(),
-            labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            labels: Labels::from([("zone".to_string(), "a".to_string())]),
             weight: 2,
             prefer,
             tls: false,

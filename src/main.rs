@@ -15,7 +15,8 @@ use hagate::{context_id, haid};
 /// per request, and glibc's `_int_malloc`/`_int_free`/`malloc_consolidate` were about a
 /// fifth of its CPU. Built with `no_thp`: with transparent huge pages, mimalloc's arenas
 /// held 55 MiB more RSS after compiling three plugins (docs/performance.md has both
-/// measurements).
+/// measurements). `--no-default-features` leaves it out, for heap profilers.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -91,6 +93,58 @@ impl fmt::Display for Alias {
     }
 }
 
+/// An instance's labels, shared rather than copied: the config, the static and the
+/// published specs and the alias table each hold the same map, so a clone costs a reference
+/// count. A `BTreeMap` node takes about 540 bytes even for one label, and a 10k-alias
+/// table used to keep four copies of each (docs/performance.md, P7). Reads go through
+/// `Deref` to the map; the serialised form is the map itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labels(Arc<BTreeMap<String, String>>);
+
+impl Default for Labels {
+    /// No labels: one shared empty map for every instance that has none.
+    fn default() -> Self {
+        static EMPTY: OnceLock<Arc<BTreeMap<String, String>>> = OnceLock::new();
+        Labels(Arc::clone(EMPTY.get_or_init(Default::default)))
+    }
+}
+
+impl Deref for Labels {
+    type Target = BTreeMap<String, String>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        if map.is_empty() {
+            Labels::default()
+        } else {
+            Labels(Arc::new(map))
+        }
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Labels {
+    fn from(pairs: [(String, String); N]) -> Self {
+        BTreeMap::from(pairs).into()
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BTreeMap::deserialize(d).map(Labels::from)
+    }
+}
+
 /// One instance as written in config or `PUT /v1/aliases`:
 /// `[instances.cs_1_dev] address = "10.0.0.5:9116", labels = { zone = "a" }, weight = 1`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -101,7 +155,7 @@ pub struct InstanceSpec {
     pub address: String,
     /// `labels = { zone = "a", tenant = "t1" }`: free-form, passed to placement.
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// `weight = 1`: relative capacity for placement; `0` never receives new contexts
     /// (existing HAIDs still route to it).
     #[serde(default = "one")]
@@ -130,7 +184,7 @@ impl InstanceSpec {
     pub fn at(address: impl Into<String>) -> Self {
         InstanceSpec {
             address: address.into(),
-            labels: BTreeMap::new(),
+            labels: Labels::default(),
             weight: 1,
             prefer: None,
             tls: false,
@@ -267,6 +321,30 @@ pub fn routable(addr: &SocketAddr) -> Result<(), Unroutable> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_shared_not_copied_and_serialise_as_the_map() {
+        let spec: InstanceSpec =
+            toml::from_str("address = \"10.0.0.5:9116\"\nlabels = { zone = \"a\" }").unwrap();
+        let copy = spec.clone();
+        assert!(
+            Arc::ptr_eq(&spec.labels.0, &copy.labels.0),
+            "a clone shares the map"
+        );
+        assert_eq!(copy.labels.get("zone").map(String::as_str), Some("a"));
+        // Every instance without labels points at one empty map, however it was made.
+        let bare: InstanceSpec = toml::from_str("address = \"10.0.0.6:9116\"").unwrap();
+        let empty = Labels::from(BTreeMap::new());
+        assert!(Arc::ptr_eq(&bare.labels.0, &Labels::default().0));
+        assert!(Arc::ptr_eq(
+            &empty.0,
+            &InstanceSpec::at("10.0.0.7:1").labels.0
+        ));
+        // The wire form is unchanged: a plain object, and it reads back equal.
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["labels"], serde_json::json!({ "zone": "a" }));
+        assert_eq!(serde_json::from_value::<InstanceSpec>(json).unwrap(), spec);
+    }
 
     #[test]
     fn routable_refuses_what_no_connection_can_reach() {
