@@ -7,6 +7,8 @@
 //!   compare-and-set token.
 //! - `GET /v1/membership`: every entry with its age.
 
+use std::sync::Arc;
+
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde_json::json;
@@ -46,7 +48,7 @@ fn bad(error: &str, detail: String) -> Reply {
 }
 
 /// Answers a request under `/v1/membership`.
-pub async fn handle(gateway: &Gateway, method: Method, req: Request<Incoming>) -> Reply {
+pub async fn handle(gateway: &Arc<Gateway>, method: Method, req: Request<Incoming>) -> Reply {
     let settings = gateway.settings();
     let m = &settings.config.membership;
     if !m.enabled {
@@ -116,7 +118,7 @@ pub async fn handle(gateway: &Gateway, method: Method, req: Request<Incoming>) -
     }
 }
 
-async fn heartbeat(gateway: &Gateway, req: Request<Incoming>) -> Reply {
+async fn heartbeat(gateway: &Arc<Gateway>, req: Request<Incoming>) -> Reply {
     let hb: Heartbeat = match read_json(req, 16 << 10, "invalid_heartbeat").await {
         Ok(h) => h,
         Err(reply) => return reply,
@@ -148,29 +150,21 @@ async fn heartbeat(gateway: &Gateway, req: Request<Incoming>) -> Reply {
                     "detail": format!("{address} is in none of membership.allowed_networks")}),
         );
     }
-    let outcome = match gateway.store().update_heartbeat(&hb).await {
-        Ok(o) => o,
-        Err(e) => return unavailable(e),
+    // The write and what follows it (the counters, the log line, the new table) run on a
+    // task of their own, to the end: an agent that stops waiting (its timeout is one
+    // interval) and goes to the next gateway cancels this request, and a claim the store
+    // applied must still be counted and published.
+    let gw = Arc::clone(gateway);
+    let outcome = match tokio::spawn(async move { record(&gw, &hb).await }).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return unavailable(e),
+        Err(e) => return unavailable(StoreError::Unavailable(format!("heartbeat task: {e}"))),
     };
-    metrics()
-        .heartbeats
-        .with_label_values(&[outcome.label()])
-        .inc();
     match outcome {
-        HeartbeatOutcome::Accepted { entry, took_over } => {
-            if let Some(old) = &took_over {
-                metrics()
-                    .takeovers
-                    .with_label_values(&[entry.alias.as_str()])
-                    .inc();
-                tracing::info!(alias = %entry.alias, from = %old, to = %entry.uuid, address = %entry.address, "alias taken over");
-            }
-            gateway.sync_membership().await;
-            json(
-                StatusCode::OK,
-                &json!({"result": "accepted", "entry": entry_json(&entry), "took_over": took_over}),
-            )
-        }
+        HeartbeatOutcome::Accepted { entry, took_over } => json(
+            StatusCode::OK,
+            &json!({"result": "accepted", "entry": entry_json(&entry), "took_over": took_over}),
+        ),
         HeartbeatOutcome::Stale { current } => json(
             StatusCode::CONFLICT,
             &json!({"result": "stale", "current": current.as_ref().map(entry_json)}),
@@ -180,4 +174,25 @@ async fn heartbeat(gateway: &Gateway, req: Request<Incoming>) -> Reply {
             &json!({"result": "rejected", "current": entry_json(&current)}),
         ),
     }
+}
+
+/// Writes `hb` to the store and accounts for the outcome: the heartbeat and takeover
+/// counters, the takeover's log line, and the table merged again after an accepted one.
+async fn record(gateway: &Gateway, hb: &Heartbeat) -> Result<HeartbeatOutcome, StoreError> {
+    let outcome = gateway.store().update_heartbeat(hb).await?;
+    metrics()
+        .heartbeats
+        .with_label_values(&[outcome.label()])
+        .inc();
+    if let HeartbeatOutcome::Accepted { entry, took_over } = &outcome {
+        if let Some(old) = took_over {
+            metrics()
+                .takeovers
+                .with_label_values(&[entry.alias.as_str()])
+                .inc();
+            tracing::info!(alias = %entry.alias, from = %old, to = %entry.uuid, address = %entry.address, "alias taken over");
+        }
+        gateway.sync_membership().await;
+    }
+    Ok(outcome)
 }

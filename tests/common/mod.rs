@@ -698,6 +698,23 @@ pub async fn wait_primary_at(gw: &Gateway, alias: &str, server: &Upstream) -> Va
     .await
 }
 
+/// Waits until `gw` names `server` as the holder of `alias` under another uuid than
+/// `old`: a new holding, not the entry of a dead holder at the same address, which stays
+/// fresh until its lease runs out.
+pub async fn wait_new_holder_at(
+    gw: &Gateway,
+    alias: &str,
+    server: &Upstream,
+    old: &Value,
+) -> Value {
+    let what = format!("{alias} to be held anew at {}", server.addr);
+    eventually(&what, Duration::from_secs(20), || async {
+        let h = primary_holder(gw, alias).await;
+        (h["address"] == server.addr.to_string() && h["uuid"] != *old).then_some(h)
+    })
+    .await
+}
+
 /// The chaos run: one agent per alias (heartbeating to every gateway in turn), load over
 /// every HAID pair through every gateway, and `cycles` rounds of `kill -9` of a random
 /// server and its agent, restarted once the gateways saw it down and some traffic went by
@@ -763,6 +780,7 @@ pub async fn chaos(
     let served = |more: u64| load.served(more, "traffic to be served");
     while kills < cycles {
         let i = rng.usize(0..n);
+        let old = wait_primary_at(gws[0], aliases[i], &servers[i]).await["uuid"].clone();
         agents[i].kill();
         servers[i].kill();
         kills += 1;
@@ -770,9 +788,10 @@ pub async fn chaos(
         served(rng.u64(300..1500)).await;
         servers[i].restart();
         agents[i] = spawn(i, &servers[i]);
-        // the restarted server's new agent holds the alias again before the next kill
+        // the restarted server's new agent holds the alias again (a takeover) before the
+        // next kill
         for gw in gws {
-            wait_primary_at(gw, aliases[i], &servers[i]).await;
+            wait_new_holder_at(gw, aliases[i], &servers[i], &old).await;
         }
         seen(i, 1.0).await;
         served(rng.u64(200..800)).await;
