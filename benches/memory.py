@@ -2,8 +2,10 @@
 """Memory and reloads of big tables (goals P6 and P7); run through benches/memory.sh.
 
 P7: a release hagate with 3 placement plugins and ALIASES aliases (10k) serves HAID-routed
-and placed requests from wrk while the config is reloaded RELOADS times (20); its RSS is
-read from /proc/PID/status after the load warms it, and after every reload.
+and placed requests from wrk, then the config is reloaded RELOADS times (20); its RSS is
+read from /proc/PID/status after the load warms it, and after every reload. Then a second
+gateway does the same with wrk running through the reloads, RSS read SETTLE s (2) after
+each: what a gateway in service holds.
 
 P6: the same with BIG aliases (100k): how long a reload takes (the gateway logs `took_ms`
 for each reload, split into `read_ms`: read, parse, validate; `plugins_ms`; and `swap_ms`:
@@ -33,6 +35,7 @@ BIG = int(os.environ.get("BIG", "100000"))
 RELOADS = int(os.environ.get("RELOADS", "20"))
 DURATION = os.environ.get("DURATION", "10s")
 SHARED = os.environ.get("SHARED", "0") == "1"
+SETTLE = float(os.environ.get("SETTLE", "2"))
 
 
 def free_port():
@@ -198,6 +201,27 @@ def main():
             print(f"    after each of {RELOADS} reloads (MiB): "
                   + " ".join(f"{r / 1024:.1f}" for r in rss[1:]))
             print(f"    reload took_ms: {spread(took, 'took_ms')}")
+            proc.terminate()
+            proc.wait()
+            # The same with the load kept running through the reloads: the allocator hands
+            # freed pages back to the system only while it is called (mimalloc purges
+            # after 1 s, on a later free), so RSS right after a reload on an idle gateway
+            # counts memory that a busy one returns. Sampled SETTLE s after each reload.
+            proc, port, admin, conf, log = gateway(ALIASES, up, work, "p7-busy")
+            procs.append(proc)
+            span = f"{int(5 + RELOADS * (SETTLE + 2) + 30)}s"
+            load = [wrk(port, [f"contextID: {haid}"], span), wrk(port, [], span)]
+            time.sleep(5)  # pacing, not synchronising: the first sample is after 5 s of load
+            busy = [rss_kib(proc.pid)]
+            for g in range(1, RELOADS + 1):
+                reload(proc, conf, port, admin, up, ALIASES, g, log)
+                time.sleep(SETTLE)  # pacing: the allocator's purge delay, under load
+                busy.append(rss_kib(proc.pid))
+            for w in load:
+                w.kill()
+            print(f"P7 under load: RSS after 5 s of wrk {busy[0] / 1024:.1f} MiB; "
+                  f"{SETTLE:g} s after each of {RELOADS} reloads (MiB): "
+                  + " ".join(f"{r / 1024:.0f}" for r in busy[1:]))
             proc.terminate()
             proc.wait()
 

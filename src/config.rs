@@ -4,7 +4,6 @@
 //! A `Config` that `load` returns is a config that works: the alias table builds from it.
 //! This module does no IO beyond reading the file, and knows nothing of pingora.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -85,7 +84,7 @@ pub struct Config {
     pub health: HealthConfig,
     /// `[instances.<alias>]`: the alias table, e.g. `[instances.cs_1_dev] address = "10.0.0.5:9116"`.
     #[serde(default)]
-    pub instances: BTreeMap<String, InstanceSpec>,
+    pub instances: crate::model::Specs,
     /// `[membership]`: heartbeat leases and alias takeover by standbys.
     #[serde(default)]
     pub membership: MembershipConfig,

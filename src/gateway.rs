@@ -28,7 +28,7 @@ use crate::aliases::{AliasTable, InstanceSpec, TableError, TableHolder};
 use crate::config::{Config, ConfigError, StoreConfig, StoreKind};
 use crate::health::StateRegistry;
 use crate::metrics::metrics;
-use crate::model::{Labels, Prefer};
+use crate::model::{Labels, Prefer, Specs};
 use crate::plugin::PluginSet;
 use crate::ring::ReplacementRing;
 use crate::store::embedded::EmbeddedStore;
@@ -184,11 +184,11 @@ pub struct Gateway {
     /// Bumped after every successful swap; the health checker watches it.
     changes: watch::Sender<u64>,
     /// The static table (see the module docs for where it comes from).
-    static_specs: Mutex<BTreeMap<String, InstanceSpec>>,
+    static_specs: Mutex<Specs>,
     origin: Mutex<TableOrigin>,
     /// What was last published (static merged with holders). Its lock also serialises
     /// publishing.
-    published: Mutex<BTreeMap<String, InstanceSpec>>,
+    published: Mutex<Specs>,
     /// The membership store, used only through its trait for heartbeats and listings.
     store: Arc<dyn MembershipStore>,
     /// The same store when it is etcd: its watch feeds the table, and it takes table writes.
@@ -202,22 +202,23 @@ pub struct Gateway {
 
 /// The table to publish: `statics`, with each alias that has a live holder pointed at the
 /// holder (unless it prefers its static address), plus aliases only membership knows.
-/// A holder's address carries its epoch.
-pub fn merge(
-    statics: &BTreeMap<String, InstanceSpec>,
-    holders: &[Entry],
-    default: Prefer,
-) -> BTreeMap<String, InstanceSpec> {
-    let mut merged = statics.clone();
+/// A holder's address carries its epoch. Without a holder that changes anything, the result
+/// is `statics` itself, not a copy.
+pub fn merge(statics: &Specs, holders: &[Entry], default: Prefer) -> Specs {
+    let mut merged = Arc::clone(statics);
     for h in holders {
-        match merged.get_mut(h.alias.as_str()) {
+        match merged.get(h.alias.as_str()) {
             Some(spec) if spec.prefer.unwrap_or(default) == Prefer::Static => {}
-            Some(spec) => {
+            Some(spec) if spec.address == h.address && spec.epoch == Some(h.epoch) => {}
+            Some(_) => {
+                let spec = Arc::make_mut(&mut merged)
+                    .get_mut(h.alias.as_str())
+                    .expect("present just above");
                 spec.address.clone_from(&h.address);
                 spec.epoch = Some(h.epoch);
             }
             None => {
-                merged.insert(
+                Arc::make_mut(&mut merged).insert(
                     h.alias.to_string(),
                     InstanceSpec {
                         address: h.address.clone(),
@@ -450,13 +451,13 @@ impl Gateway {
     /// published (and `force` is off). The caller holds the `published` lock.
     fn publish_locked(
         &self,
-        published: &mut BTreeMap<String, InstanceSpec>,
+        published: &mut Specs,
         config: &Config,
-        statics: &BTreeMap<String, InstanceSpec>,
+        statics: &Specs,
         force: bool,
     ) -> Result<Option<Arc<AliasTable>>, TableError> {
         let merged = merge(statics, &self.holders(config), config.membership.prefer);
-        if !force && *published == merged {
+        if !force && (Arc::ptr_eq(published, &merged) || *published == merged) {
             return Ok(None);
         }
         let table = self.tables.publish(&merged)?;
@@ -574,7 +575,7 @@ impl Gateway {
         self.republish(SwapSource::Dns, true);
     }
 
-    fn lock_statics(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, InstanceSpec>> {
+    fn lock_statics(&self) -> std::sync::MutexGuard<'_, Specs> {
         self.static_specs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -644,11 +645,20 @@ impl Gateway {
         let started = Instant::now();
         // on a thread of its own at a lower priority (nice cannot be raised back)
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let current = Arc::clone(&self.settings().config.instances);
         std::thread::Builder::new()
             .name("hagate-reload".into())
             .spawn(move || {
                 background_priority();
-                let _ = tx.send(Config::load(&path));
+                let loaded = Config::load(&path).map(|mut config| {
+                    // An unchanged [instances] keeps the map in use; the new copy is freed
+                    // here, not kept beside it.
+                    if config.instances == current {
+                        config.instances = current;
+                    }
+                    config
+                });
+                let _ = tx.send(loaded);
             })
             .map_err(|e| ReloadError::Join(e.to_string()))?;
         let config = rx
@@ -717,10 +727,7 @@ impl Gateway {
     /// Replaces the static alias table (`PUT /v1/aliases`). On the embedded store it is
     /// published here and lasts until the next config reload; on etcd it is written to
     /// etcd, and every gateway (this one too) applies it from its watch.
-    pub async fn put_aliases(
-        &self,
-        specs: &BTreeMap<String, InstanceSpec>,
-    ) -> Result<PutOutcome, PutError> {
+    pub async fn put_aliases(&self, specs: &Specs) -> Result<PutOutcome, PutError> {
         let result = self.try_put_aliases(specs).await;
         if let Err(e) = &result {
             self.refused(SwapSource::Api, e);
@@ -728,10 +735,7 @@ impl Gateway {
         result
     }
 
-    async fn try_put_aliases(
-        &self,
-        specs: &BTreeMap<String, InstanceSpec>,
-    ) -> Result<PutOutcome, PutError> {
+    async fn try_put_aliases(&self, specs: &Specs) -> Result<PutOutcome, PutError> {
         if specs.is_empty() {
             return Err(TableError::Empty.into());
         }
@@ -781,7 +785,7 @@ impl StoreSink for Gateway {
         self.apply_store_state(state);
     }
 
-    fn seed(&self) -> BTreeMap<String, InstanceSpec> {
+    fn seed(&self) -> Specs {
         self.settings().config.instances.clone()
     }
 }
@@ -860,16 +864,53 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_reload_with_the_same_instances_keeps_the_map_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hagate.toml");
+        let write = |comment: &str, port: u16| {
+            std::fs::write(
+                &path,
+                format!(
+                    "# {comment}\n[instances.cs_1]\naddress = \"127.0.0.1:{port}\"\nlabels = {{ zone = \"a\" }}\n"
+                ),
+            )
+            .unwrap()
+        };
+        write("first", 9001);
+        let gw = Gateway::new(Config::load(&path).unwrap(), Some(path.clone())).unwrap();
+        let before = Arc::clone(&gw.settings().config.instances);
+        assert!(
+            Arc::ptr_eq(&before, &gw.lock_statics()),
+            "statics share the config's map"
+        );
+        write("only a comment changed", 9001);
+        let version = gw.reload(SwapSource::Sighup).await.unwrap().version();
+        assert!(version > 1, "a reload still publishes a table");
+        let after = Arc::clone(&gw.settings().config.instances);
+        assert!(
+            Arc::ptr_eq(&before, &after),
+            "unchanged [instances]: the same map"
+        );
+        assert!(Arc::ptr_eq(&after, &gw.published.lock().unwrap()));
+        write("a new address", 9002);
+        gw.reload(SwapSource::Sighup).await.unwrap();
+        let changed = Arc::clone(&gw.settings().config.instances);
+        assert!(!Arc::ptr_eq(&before, &changed));
+        assert_eq!(changed["cs_1"].address, "127.0.0.1:9002");
+        assert_eq!(gw.table().get(0).address.port(), 9002);
+    }
+
     #[test]
     fn holders_win_unless_the_alias_prefers_its_static_address() {
-        let statics = BTreeMap::from([
+        let statics = Arc::new(BTreeMap::from([
             ("cs_1".to_string(), spec("127.0.0.1:1", None)),
             (
                 "cs_2".to_string(),
                 spec("127.0.0.1:2", Some(Prefer::Static)),
             ),
             ("cs_3".to_string(), spec("127.0.0.1:3", None)),
-        ]);
+        ]));
         let holders = [
             holder("cs_1", "127.0.0.1:11"),
             holder("cs_2", "127.0.0.1:12"),
@@ -881,9 +922,24 @@ mod tests {
         assert_eq!(m["cs_2"].address, "127.0.0.1:2", "prefer = static");
         assert_eq!(m["cs_3"].address, "127.0.0.1:3", "no holder: static");
         assert_eq!(m["cs_9"].address, "127.0.0.1:19", "membership-only alias");
+        assert_eq!(
+            statics["cs_1"].address, "127.0.0.1:1",
+            "the statics are not touched"
+        );
+        // nothing to change: the static map itself, not a copy
+        assert!(Arc::ptr_eq(
+            &merge(&statics, &[], Prefer::Membership),
+            &statics
+        ));
+        let only_static = [holder("cs_2", "127.0.0.1:12")];
+        assert!(Arc::ptr_eq(
+            &merge(&statics, &only_static, Prefer::Membership),
+            &statics
+        ));
+        assert!(Arc::ptr_eq(&merge(&m, &holders, Prefer::Membership), &m));
         // the global default can prefer static, and an alias can still prefer membership
         let mut statics = statics;
-        statics.get_mut("cs_3").unwrap().prefer = Some(Prefer::Membership);
+        Arc::make_mut(&mut statics).get_mut("cs_3").unwrap().prefer = Some(Prefer::Membership);
         let m = merge(
             &statics,
             &[

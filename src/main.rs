@@ -464,7 +464,7 @@ fn demo(plugins: &std::path::Path) -> Result<ExitCode> {
     let loaded = demo_plugins(&mut config, plugins)?;
     let exe = std::env::current_exe()?;
     let mut servers: Vec<(String, Child)> = Vec::new();
-    for (alias, spec) in &config.instances {
+    for (alias, spec) in config.instances.iter() {
         let mut child = Command::new(&exe)
             .args(["demo-server", "--name", alias, "--listen", &spec.address])
             .stdout(Stdio::piped())

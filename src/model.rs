@@ -145,6 +145,11 @@ impl<'de> Deserialize<'de> for Labels {
     }
 }
 
+/// An alias table as written (alias -> spec), shared: the config, the static table and
+/// the published table are often the same map, and a reload whose `[instances]` did not
+/// change keeps the map it had (docs/performance.md, P7).
+pub type Specs = Arc<BTreeMap<String, InstanceSpec>>;
+
 /// One instance as written in config or `PUT /v1/aliases`:
 /// `[instances.cs_1_dev] address = "10.0.0.5:9116", labels = { zone = "a" }, weight = 1`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

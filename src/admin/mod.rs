@@ -4,7 +4,6 @@
 //! Writes need `Authorization: Bearer <admin.token>` when a token is configured:
 //! no header gives 401, a wrong token 403. Every answer is JSON except `/metrics`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -14,7 +13,7 @@ use serde_json::json;
 
 mod membership;
 
-use crate::aliases::{AliasTable, InstanceSpec};
+use crate::aliases::AliasTable;
 use crate::gateway::{Gateway, PutError};
 use crate::haid;
 use crate::health::{now_ms, LiveView};
@@ -28,7 +27,7 @@ use crate::store::Listed;
 #[serde(deny_unknown_fields)]
 pub struct PutAliases {
     /// `{"instances": {"cs_1": {"address": "127.0.0.1:9101"}}}`
-    pub instances: BTreeMap<String, InstanceSpec>,
+    pub instances: crate::model::Specs,
 }
 
 /// Answers one admin request.

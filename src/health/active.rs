@@ -55,24 +55,26 @@ pub async fn supervise(owner: Arc<impl CheckTargets>) {
     let mut last_cfg: Option<ActiveHealthConfig> = None;
     loop {
         let cfg = owner.active_config();
-        let targets = owner.targets();
         if last_cfg.as_ref() != Some(&cfg) {
             for (_, (_, task)) in running.drain() {
                 task.abort();
             }
         }
-        let wanted: HashMap<SocketAddr, &CheckTarget> =
-            targets.iter().map(|t| (t.addr, t)).collect();
-        running.retain(|addr, (key, task)| {
-            let keep = wanted
-                .get(addr)
-                .is_some_and(|t| *key == (t.alias.clone(), t.tls.clone()));
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
+        // Disabled, nothing runs (the drain above stopped it); enabled, the targets are
+        // read for this pass only, not kept while waiting (a copy of every alias).
         if cfg.enabled {
+            let targets = owner.targets();
+            let wanted: HashMap<SocketAddr, &CheckTarget> =
+                targets.iter().map(|t| (t.addr, t)).collect();
+            running.retain(|addr, (key, task)| {
+                let keep = wanted
+                    .get(addr)
+                    .is_some_and(|t| *key == (t.alias.clone(), t.tls.clone()));
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
             let ca = owner.ca_file();
             for (addr, target) in &wanted {
                 running.entry(*addr).or_insert_with(|| {
@@ -82,7 +84,6 @@ pub async fn supervise(owner: Arc<impl CheckTargets>) {
             }
         }
         last_cfg = Some(cfg);
-        drop(wanted);
         if changes.changed().await.is_err() {
             break;
         }

@@ -18,7 +18,6 @@
 //!   expires locally), writes answer `Unavailable`, and the state is on disk (`snapshot`)
 //!   for a start while etcd is unreachable.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,7 +39,7 @@ use super::state::{
 use super::{Entry, Heartbeat, HeartbeatOutcome, Listed, MembershipStore, Primary, StoreError};
 use crate::health::now_ms;
 use crate::metrics::metrics;
-use crate::model::InstanceSpec;
+use crate::model::Specs;
 
 /// How often the watch asks etcd for a progress notification.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -79,7 +78,7 @@ pub trait StoreSink: Send + Sync {
     /// A new applied state, to publish as one swap.
     fn apply(&self, state: &StoreState);
     /// The table to seed an etcd that has none with (the config's `[instances]`).
-    fn seed(&self) -> BTreeMap<String, InstanceSpec>;
+    fn seed(&self) -> Specs;
 }
 
 /// The etcd store; see the module docs.
@@ -254,12 +253,9 @@ impl EtcdStore {
     }
 
     /// Writes the alias table (the body of `PUT /v1/aliases`); its revision.
-    pub async fn put_table(
-        &self,
-        instances: &BTreeMap<String, InstanceSpec>,
-    ) -> Result<i64, StoreError> {
+    pub async fn put_table(&self, instances: &Specs) -> Result<i64, StoreError> {
         let value = serde_json::to_vec(&TableValue {
-            instances: instances.clone(),
+            instances: Arc::clone(instances),
         })
         .map_err(|e| unavailable("encode", e))?;
         let mut c = self.client().await?;
@@ -270,13 +266,9 @@ impl EtcdStore {
     }
 
     /// Writes `instances` as the table only if etcd has none (a create-only txn).
-    async fn seed_table(
-        &self,
-        c: &mut Client,
-        instances: &BTreeMap<String, InstanceSpec>,
-    ) -> Result<bool, StoreError> {
+    async fn seed_table(&self, c: &mut Client, instances: &Specs) -> Result<bool, StoreError> {
         let value = serde_json::to_vec(&TableValue {
-            instances: instances.clone(),
+            instances: Arc::clone(instances),
         })
         .map_err(|e| unavailable("encode", e))?;
         let key = self.table_key();

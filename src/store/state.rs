@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::Entry;
-use crate::model::{Alias, InstanceSpec};
+use crate::model::Alias;
 
 /// The key of the alias table, under the prefix.
 pub const TABLE: &str = "/table";
@@ -116,14 +116,14 @@ pub struct HolderValue {
 #[serde(deny_unknown_fields)]
 pub struct TableValue {
     /// The instances, by alias.
-    pub instances: BTreeMap<String, InstanceSpec>,
+    pub instances: crate::model::Specs,
 }
 
 /// The alias table as etcd holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableState {
     /// The instances, by alias.
-    pub instances: BTreeMap<String, InstanceSpec>,
+    pub instances: crate::model::Specs,
     /// The revision that wrote it.
     pub revision: i64,
 }
