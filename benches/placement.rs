@@ -11,17 +11,17 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use hagate::aliases::{InstanceSpec, TableHolder};
 use hagate::health::LiveView;
-use hagate::placement::{Candidate, Candidates, LeastLoaded, Placement, PlacementRequest};
+use hagate::placement::{Candidate, Candidates, Labels, LeastLoaded, Placement, PlacementRequest};
 use hagate::plugin::{Limits, Plugin};
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 
-fn labels() -> Vec<BTreeMap<String, String>> {
+fn labels() -> Vec<Labels> {
     (0..8)
         .map(|i| {
-            BTreeMap::from([
+            Labels::from([
                 ("zone".to_string(), ["a", "b"][i % 2].to_string()),
                 ("tenant".to_string(), format!("t{}", i % 3)),
             ])
@@ -29,7 +29,7 @@ fn labels() -> Vec<BTreeMap<String, String>> {
         .collect()
 }
 
-fn candidates<'a>(aliases: &'a [String], labels: &'a [BTreeMap<String, String>]) -> Candidates<'a> {
+fn candidates<'a>(aliases: &'a [String], labels: &'a [Labels]) -> Candidates<'a> {
     Candidates {
         version: 1,
         list: aliases

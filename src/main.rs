@@ -303,7 +303,7 @@ struct CandidateFile {
     #[serde(default = "one")]
     weight: u32,
     #[serde(default)]
-    labels: std::collections::BTreeMap<String, String>,
+    labels: hagate::model::Labels,
 }
 
 fn yes() -> bool {

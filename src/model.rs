@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -93,37 +92,67 @@ impl fmt::Display for Alias {
     }
 }
 
-/// An instance's labels, shared rather than copied: the config, the static and the
-/// published specs and the alias table each hold the same map, so a clone costs a reference
-/// count. A `BTreeMap` node takes about 540 bytes even for one label, and a 10k-alias
-/// table used to keep four copies of each (docs/performance.md, P7). Reads go through
-/// `Deref` to the map; the serialised form is the map itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Labels(Arc<BTreeMap<String, String>>);
+/// An instance's labels: key/value pairs sorted by key, behind an `Arc`, so the config,
+/// the static and the published specs and the alias table share one copy and a clone
+/// costs a reference count. A slice, not a `BTreeMap`: a map's node takes about 540 bytes
+/// even for one label, and a 10k-alias table used to keep four copies of each
+/// (docs/performance.md, P7). The serialised form is a map, as written in the config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Labels(Arc<[Label]>);
 
-impl Default for Labels {
-    /// No labels: one shared empty map for every instance that has none.
-    fn default() -> Self {
-        static EMPTY: OnceLock<Arc<BTreeMap<String, String>>> = OnceLock::new();
-        Labels(Arc::clone(EMPTY.get_or_init(Default::default)))
+/// One label: (key, value).
+type Label = (Box<str>, Box<str>);
+
+impl Labels {
+    /// The value of `key`, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
+
+    /// Every label, by key.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// How many labels there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
-impl Deref for Labels {
-    type Target = BTreeMap<String, String>;
+impl fmt::Debug for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
 
-    fn deref(&self) -> &Self::Target {
-        &self.0
+impl Default for Labels {
+    /// No labels: one shared empty list for every instance that has none.
+    fn default() -> Self {
+        static EMPTY: OnceLock<Arc<[Label]>> = OnceLock::new();
+        Labels(Arc::clone(EMPTY.get_or_init(|| Arc::from([]))))
     }
 }
 
 impl From<BTreeMap<String, String>> for Labels {
     fn from(map: BTreeMap<String, String>) -> Self {
         if map.is_empty() {
-            Labels::default()
-        } else {
-            Labels(Arc::new(map))
+            return Labels::default();
         }
+        // a map iterates in key order, without duplicates: `get`'s binary search holds
+        Labels(
+            map.into_iter()
+                .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+                .collect(),
+        )
     }
 }
 
@@ -135,7 +164,7 @@ impl<const N: usize> From<[(String, String); N]> for Labels {
 
 impl Serialize for Labels {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+        s.collect_map(self.iter())
     }
 }
 
@@ -336,7 +365,8 @@ mod tests {
             Arc::ptr_eq(&spec.labels.0, &copy.labels.0),
             "a clone shares the map"
         );
-        assert_eq!(copy.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(copy.labels.get("zone"), Some("a"));
+        assert_eq!(copy.labels.get("rack"), None);
         // Every instance without labels points at one empty map, however it was made.
         let bare: InstanceSpec = toml::from_str("address = \"10.0.0.6:9116\"").unwrap();
         let empty = Labels::from(BTreeMap::new());

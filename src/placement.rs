@@ -6,11 +6,11 @@
 //! the lowest-load instance among the rest is the backup. `check_choice` is the rule every
 //! plugin answer must pass. Pure: no IO, no pingora, no wasmtime.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::aliases::AliasTable;
 use crate::health::HealthView;
+pub use crate::model::Labels;
 
 /// The facts about the request being placed.
 #[derive(Debug, Clone, Copy, Default)]
@@ -41,7 +41,7 @@ pub struct Candidate<'a> {
     /// Relative capacity; 0 means "place nothing new here".
     pub weight: u32,
     /// Its labels (zone, tenant, ...).
-    pub labels: &'a BTreeMap<String, String>,
+    pub labels: &'a Labels,
 }
 
 impl Candidate<'_> {
@@ -245,12 +245,11 @@ impl Placement for LeastLoaded {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
-    fn cands<'a>(
-        spec: &[(&'a str, bool, u64, u32)],
-        labels: &'a [BTreeMap<String, String>],
-    ) -> Candidates<'a> {
+    fn cands<'a>(spec: &[(&'a str, bool, u64, u32)], labels: &'a [Labels]) -> Candidates<'a> {
         let list = spec
             .iter()
             .zip(labels)
@@ -270,7 +269,7 @@ mod tests {
     #[test]
     fn least_loaded_main_and_lowest_load_backup() {
         let p = LeastLoaded::default();
-        let none = vec![BTreeMap::new(); 4];
+        let none = vec![Labels::default(); 4];
         let c = cands(
             &[
                 ("a", true, 5, 1),
@@ -322,7 +321,7 @@ mod tests {
 
     #[test]
     fn plugin_answers_are_checked() {
-        let none = vec![BTreeMap::new(); 3];
+        let none = vec![Labels::default(); 3];
         let c = cands(
             &[("a", true, 0, 1), ("b", false, 0, 1), ("c", true, 0, 0)],
             &none,
@@ -367,7 +366,7 @@ mod tests {
     #[test]
     fn ties_spread_evenly_and_backup_prefers_another_zone() {
         let p = LeastLoaded::default();
-        let z = |v: &str| BTreeMap::from([("zone".to_string(), v.to_string())]);
+        let z = |v: &str| Labels::from([("zone".to_string(), v.to_string())]);
         let labels = [z("a"), z("a"), z("b")];
         let c = cands(
             &[("x", true, 0, 1), ("y", true, 0, 1), ("w", true, 0, 1)],

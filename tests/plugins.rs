@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use hagate::placement::{Candidate, Candidates, PlacementRequest};
+use hagate::placement::{Candidate, Candidates, Labels, PlacementRequest};
 use hagate::plugin::{CallError, Limits, LoadError, Plugin};
 use serde_json::Value;
 
@@ -23,7 +23,7 @@ type Spec<'a> = (&'a str, bool, u64, u32, &'a str);
 /// (main, backup) alias pairs a scenario allows.
 type Allowed<'a> = &'a [(&'a str, &'a str)];
 
-fn labels(spec: &[Spec]) -> Vec<BTreeMap<String, String>> {
+fn labels(spec: &[Spec]) -> Vec<Labels> {
     spec.iter()
         .map(|s| {
             s.4.split(',')
@@ -32,13 +32,14 @@ fn labels(spec: &[Spec]) -> Vec<BTreeMap<String, String>> {
                     let (k, v) = kv.split_once('=').unwrap();
                     (k.to_string(), v.to_string())
                 })
-                .collect()
+                .collect::<BTreeMap<_, _>>()
+                .into()
         })
         .collect()
 }
 
 /// Candidates as a new alias-table version (plugins cache the static facts per version).
-fn candidates<'a>(spec: &'a [Spec<'a>], labels: &'a [BTreeMap<String, String>]) -> Candidates<'a> {
+fn candidates<'a>(spec: &'a [Spec<'a>], labels: &'a [Labels]) -> Candidates<'a> {
     static VERSION: AtomicU64 = AtomicU64::new(1);
     Candidates {
         version: VERSION.fetch_add(1, Ordering::Relaxed),
@@ -280,7 +281,7 @@ fn tenant_affinity_keeps_tenants_in_their_groups_and_falls_back() {
     let seen = place_n(&any, Some("acme"), &[], &dead, 20);
     assert_eq!(pairs(&seen), BTreeSet::from([("s1", "s2")]));
     // a new table version is handed to the plugin: s1 joins acme's group
-    let relabeled = BTreeMap::from([
+    let relabeled = Labels::from([
         ("tenant".to_string(), "acme".to_string()),
         ("zone".to_string(), "b".to_string()),
     ]);

@@ -2,8 +2,7 @@
 //! between its generated types and hagate's domain types. Generated types go no further
 //! than this file and `host.rs`.
 
-use std::collections::BTreeMap;
-
+use crate::model::Labels;
 use crate::placement::{Candidate, PlacementRequest};
 
 /// The generated code (its docs come from the WIT).
@@ -24,10 +23,10 @@ pub use generated::hagate::policy::types::{Choice, Instance, Label, Load, Reques
 pub use generated::{Placement, PlacementPre};
 
 /// The labels of one candidate, borrowed.
-pub fn labels(labels: &BTreeMap<String, String>) -> Vec<Label<'_>> {
+pub fn labels(labels: &Labels) -> Vec<Label<'_>> {
     labels
         .iter()
-        .map(|(k, v)| Label { key: k, value: v })
+        .map(|(key, value)| Label { key, value })
         .collect()
 }
 
