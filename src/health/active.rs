@@ -3,6 +3,11 @@
 //!
 //! The supervisor re-reads the table after every swap, starting checks for new addresses
 //! and stopping them for removed ones. Results go into the shared `InstanceState`.
+//!
+//! Plain-HTTP checks share one client per health config (it keeps one idle connection per
+//! address). Building a client reads the system's root certificates, tens of milliseconds
+//! in a debug build, so clients are built on a blocking thread: built on the runtime, once
+//! per address, they stalled every check whenever the table gained an address.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -53,16 +58,29 @@ pub async fn supervise(owner: Arc<impl CheckTargets>) {
     type Key = (String, Option<String>);
     let mut running: HashMap<SocketAddr, (Key, JoinHandle<()>)> = HashMap::new();
     let mut last_cfg: Option<ActiveHealthConfig> = None;
+    // the plain-HTTP client of `last_cfg`, shared by its checks
+    let mut plain: Option<reqwest::Client> = None;
     loop {
         let cfg = owner.active_config();
         if last_cfg.as_ref() != Some(&cfg) {
             for (_, (_, task)) in running.drain() {
                 task.abort();
             }
+            plain = None;
         }
         // Disabled, nothing runs (the drain above stopped it); enabled, the targets are
         // read for this pass only, not kept while waiting (a copy of every alias).
         if cfg.enabled {
+            if plain.is_none() {
+                let c = cfg.clone();
+                plain = tokio::task::spawn_blocking(move || plain_client(&c))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+                    .inspect_err(|error| {
+                        tracing::error!(%error, "cannot build the health-check client");
+                    })
+                    .ok();
+            }
             let targets = owner.targets();
             let wanted: HashMap<SocketAddr, &CheckTarget> =
                 targets.iter().map(|t| (t.addr, t)).collect();
@@ -78,7 +96,12 @@ pub async fn supervise(owner: Arc<impl CheckTargets>) {
             let ca = owner.ca_file();
             for (addr, target) in &wanted {
                 running.entry(*addr).or_insert_with(|| {
-                    let task = tokio::spawn(check_loop((*target).clone(), cfg.clone(), ca.clone()));
+                    let task = tokio::spawn(check_loop(
+                        (*target).clone(),
+                        cfg.clone(),
+                        ca.clone(),
+                        plain.clone(),
+                    ));
                     ((target.alias.clone(), target.tls.clone()), task)
                 });
             }
@@ -93,22 +116,35 @@ pub async fn supervise(owner: Arc<impl CheckTargets>) {
     }
 }
 
-/// The HTTP client and URL that check `target`: plain HTTP, or HTTPS verified against
-/// `ca` (else the system's roots) with the target's server name.
+/// A client builder with the check's timeouts and one idle connection per address.
+fn client_builder(cfg: &ActiveHealthConfig) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(cfg.timeout)
+        .connect_timeout(cfg.timeout)
+        .pool_max_idle_per_host(1)
+        .no_proxy()
+}
+
+/// The client shared by every plain-HTTP check of `cfg`. Blocking: it reads the roots.
+fn plain_client(cfg: &ActiveHealthConfig) -> Result<reqwest::Client, String> {
+    client_builder(cfg).build().map_err(|e| e.to_string())
+}
+
+/// The URL that checks `target`, and its client: `plain` for plain HTTP, else one of its
+/// own for HTTPS, verified against `ca` (else the system's roots) with the target's server
+/// name. Blocking when it builds a client.
 fn check_client(
     target: &CheckTarget,
     cfg: &ActiveHealthConfig,
     ca: Option<&std::path::Path>,
+    plain: Option<reqwest::Client>,
 ) -> Result<(reqwest::Client, String), String> {
-    let mut builder = reqwest::Client::builder()
-        .timeout(cfg.timeout)
-        .connect_timeout(cfg.timeout)
-        .pool_max_idle_per_host(1)
-        .no_proxy();
     let addr = target.addr;
-    let url = match &target.tls {
-        None => format!("http://{addr}{}", cfg.path),
-        Some(name) => {
+    let mut builder = client_builder(cfg);
+    let url = match (&target.tls, plain) {
+        (None, Some(client)) => return Ok((client, format!("http://{addr}{}", cfg.path))),
+        (None, None) => format!("http://{addr}{}", cfg.path),
+        (Some(name), _) => {
             builder = builder.use_rustls_tls();
             if let Some(ca) = ca {
                 let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
@@ -130,8 +166,23 @@ fn check_client(
     Ok((builder.build().map_err(|e| e.to_string())?, url))
 }
 
-async fn check_loop(target: CheckTarget, cfg: ActiveHealthConfig, ca: Option<std::path::PathBuf>) {
-    let (client, url) = match check_client(&target, &cfg, ca.as_deref()) {
+async fn check_loop(
+    target: CheckTarget,
+    cfg: ActiveHealthConfig,
+    ca: Option<std::path::PathBuf>,
+    plain: Option<reqwest::Client>,
+) {
+    let built = match (&target.tls, plain) {
+        (None, Some(client)) => check_client(&target, &cfg, None, Some(client)),
+        // a client of its own: built on a blocking thread, not on the checks' runtime
+        (_, plain) => {
+            let (t, c) = (target.clone(), cfg.clone());
+            tokio::task::spawn_blocking(move || check_client(&t, &c, ca.as_deref(), plain))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+        }
+    };
+    let (client, url) = match built {
         Ok(c) => c,
         Err(error) => {
             tracing::error!(%error, alias = target.alias, "cannot build the health-check client");

@@ -170,6 +170,12 @@ pub struct Gateway {
     child: Child,
 }
 
+/// The log filter of the processes a test starts: `info`, or `HAGATE_TEST_LOG` when set
+/// (for example `info,hagate::health=debug` to see why a health check failed).
+pub fn log_filter() -> String {
+    std::env::var("HAGATE_TEST_LOG").unwrap_or_else(|_| "info".into())
+}
+
 /// Fast health settings so tests converge quickly.
 pub const FAST_HEALTH: &str = r#"
 [health.active]
@@ -273,7 +279,7 @@ impl Gateway {
         let child = cmd
             .args(["run", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter())
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
@@ -321,7 +327,7 @@ impl Gateway {
         let new = Command::new(BIN)
             .args(["run", "--upgrade", "--config"])
             .arg(self.config_path())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -615,7 +621,7 @@ impl Agent {
                 "-T",
                 &format!("{}ms", timeout.as_millis()),
             ])
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter())
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
             .spawn()
