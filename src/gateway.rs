@@ -729,8 +729,16 @@ impl Gateway {
     /// etcd, and every gateway (this one too) applies it from its watch.
     pub async fn put_aliases(&self, specs: &Specs) -> Result<PutOutcome, PutError> {
         let result = self.try_put_aliases(specs).await;
-        if let Err(e) = &result {
-            self.refused(SwapSource::Api, e);
+        match &result {
+            Err(PutError::Store(e @ StoreError::Unconfirmed(_))) => {
+                metrics()
+                    .table_swaps
+                    .with_label_values(&[SwapSource::Api.label(), "error"])
+                    .inc();
+                tracing::warn!(source = SwapSource::Api.label(), error = %e, "alias table write not confirmed; the watch applies it if etcd took it");
+            }
+            Err(e) => self.refused(SwapSource::Api, e),
+            Ok(_) => {}
         }
         result
     }

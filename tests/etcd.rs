@@ -97,6 +97,11 @@ async fn routed_within(gw: &Gateway, haid: &str, server: &str, since: Instant) -
     .await
 }
 
+/// `PUT /v1/aliases` on `gw`, and its answer. A write that etcd did not confirm within
+/// `store.request_timeout` is answered 503 `store_write_unconfirmed`, which the README
+/// documents as "it may still be applied"; that answer is followed by reading the table
+/// back until every alias has the address written (the write did land), and the answer
+/// is then the revision read, applied on `gw`.
 async fn put_aliases(gw: &Gateway, instances: Value) -> Value {
     let r = client()
         .put(gw.admin_url("/v1/aliases"))
@@ -104,8 +109,27 @@ async fn put_aliases(gw: &Gateway, instances: Value) -> Value {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "PUT /v1/aliases");
-    r.json().await.unwrap()
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    if status == 503 && body["error"] == "store_write_unconfirmed" {
+        eprintln!("PUT /v1/aliases was not confirmed in time: {body}");
+        let written = instances.as_object().unwrap();
+        return eventually(
+            "the unconfirmed write to reach the gateway",
+            Duration::from_secs(10),
+            || async {
+                let now = aliases(gw).await;
+                let landed = now["instances"].as_object().map(|m| m.len()) == Some(written.len())
+                    && written
+                        .iter()
+                        .all(|(a, spec)| now["instances"][a]["address"] == spec["address"]);
+                landed.then(|| json!({ "revision": now["revision"], "applied": true }))
+            },
+        )
+        .await;
+    }
+    assert_eq!(status, 200, "PUT /v1/aliases: {body}");
+    body
 }
 
 async fn aliases(gw: &Gateway) -> Value {

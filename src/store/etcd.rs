@@ -259,9 +259,19 @@ impl EtcdStore {
         })
         .map_err(|e| unavailable("encode", e))?;
         let mut c = self.client().await?;
-        let resp = self
-            .timed("put", c.put(self.table_key(), value, None))
-            .await?;
+        // Sent and not answered in time, the write may still land: say so, not "refused".
+        let resp = tokio::time::timeout(
+            self.settings.request_timeout,
+            c.put(self.table_key(), value, None),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Unconfirmed(format!(
+                "etcd put: no answer within store.request_timeout ({:?})",
+                self.settings.request_timeout
+            ))
+        })?
+        .map_err(|e| unavailable("put", e))?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 

@@ -127,6 +127,9 @@ pub enum StoreError {
     /// The backing store is unreachable (never for the embedded store).
     #[error("membership store unavailable: {0}")]
     Unavailable(String),
+    /// A write was sent but not answered in time: it may or may not have been applied.
+    #[error("membership store did not confirm the write: {0}; it may still be applied")]
+    Unconfirmed(String),
 }
 
 /// The heartbeat table.
