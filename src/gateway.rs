@@ -605,10 +605,7 @@ impl Gateway {
     }
 
     fn refused(&self, source: SwapSource, error: &dyn std::fmt::Display) {
-        metrics()
-            .table_swaps
-            .with_label_values(&[source.label(), "error"])
-            .inc();
+        count_failed_swap(source);
         tracing::error!(source = source.label(), %error, "refused; the old config keeps serving");
     }
 
@@ -731,10 +728,7 @@ impl Gateway {
         let result = self.try_put_aliases(specs).await;
         match &result {
             Err(PutError::Store(e @ StoreError::Unconfirmed(_))) => {
-                metrics()
-                    .table_swaps
-                    .with_label_values(&[SwapSource::Api.label(), "error"])
-                    .inc();
+                count_failed_swap(SwapSource::Api);
                 tracing::warn!(source = SwapSource::Api.label(), error = %e, "alias table write not confirmed; the watch applies it if etcd took it");
             }
             Err(e) => self.refused(SwapSource::Api, e),
@@ -796,6 +790,14 @@ impl StoreSink for Gateway {
     fn seed(&self) -> Specs {
         self.settings().config.instances.clone()
     }
+}
+
+/// Counts a swap from `source` that did not happen (refused, or not confirmed).
+fn count_failed_swap(source: SwapSource) {
+    metrics()
+        .table_swaps
+        .with_label_values(&[source.label(), "error"])
+        .inc();
 }
 
 impl crate::health::active::CheckTargets for Gateway {
