@@ -140,11 +140,13 @@ fn check_client(
     plain: Option<reqwest::Client>,
 ) -> Result<(reqwest::Client, String), String> {
     let addr = target.addr;
+    if let (None, Some(client)) = (&target.tls, plain) {
+        return Ok((client, format!("http://{addr}{}", cfg.path)));
+    }
     let mut builder = client_builder(cfg);
-    let url = match (&target.tls, plain) {
-        (None, Some(client)) => return Ok((client, format!("http://{addr}{}", cfg.path))),
-        (None, None) => format!("http://{addr}{}", cfg.path),
-        (Some(name), _) => {
+    let url = match &target.tls {
+        None => format!("http://{addr}{}", cfg.path),
+        Some(name) => {
             builder = builder.use_rustls_tls();
             if let Some(ca) = ca {
                 let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
