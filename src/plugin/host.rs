@@ -2,8 +2,11 @@
 //!
 //! - One `Engine` per process, configured here only: component model, async calls (each
 //!   on a fiber whose stack the store keeps), epoch interruption, and a 1 ms epoch ticker
-//!   thread that enforces per-call deadlines inside Wasm code. A wall-clock timeout of
-//!   twice the deadline also bounds time spent waiting in WASI host calls.
+//!   thread that enforces per-call deadlines inside Wasm code. The deadline is CPU time:
+//!   at each epoch deadline the calling thread's CPU clock says whether the call has used
+//!   it up, so a call that waited for a core on a busy machine is not cut. A wall-clock
+//!   timeout of twice the deadline, and at least 1 s, also bounds time spent waiting in
+//!   WASI host calls.
 //! - A plugin is compiled and pre-linked once (`PlacementPre`). Its instances are kept in
 //!   a small pool and reused call after call, so a call never pays for an instantiation;
 //!   an instance that trapped or timed out is dropped, and the next call makes a new one.
@@ -17,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{self, Label, PlacementPre};
@@ -75,6 +78,33 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
+    /// The call under way: the thread it runs on, that thread's CPU time when it began,
+    /// and the CPU time it may take. `None` outside a call (instantiation and
+    /// `configure` have the wall-clock `SETUP_DEADLINE`).
+    cpu: Option<(std::thread::ThreadId, Duration, Duration)>,
+}
+
+/// The CPU time the calling thread has used (a Wasm call runs on its fiber on this thread).
+fn thread_cpu() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map_or(Duration::ZERO, Duration::from)
+}
+
+/// At each epoch deadline (wall-clock ticks): the deadline is CPU time, so a call that has
+/// used less CPU than its deadline (it was waiting for a core on a busy machine) gets the
+/// rest, and one that has used it all is cut. A call that moved to another thread, or
+/// one outside a call, is cut, as by a wall-clock deadline.
+fn on_epoch_deadline(cpu: Option<(std::thread::ThreadId, Duration, Duration)>) -> UpdateDeadline {
+    match cpu {
+        Some((thread, start, budget)) if thread == std::thread::current().id() => {
+            let used = thread_cpu().saturating_sub(start);
+            match budget.checked_sub(used) {
+                Some(left) if !left.is_zero() => UpdateDeadline::Continue(ticks(left)),
+                _ => UpdateDeadline::Interrupt,
+            }
+        }
+        _ => UpdateDeadline::Interrupt,
+    }
 }
 
 impl WasiView for HostState {
@@ -227,9 +257,11 @@ impl Plugin {
                 wasi,
                 table: ResourceTable::new(),
                 limits,
+                cpu: None,
             },
         );
         store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_callback(|ctx| Ok(on_epoch_deadline(ctx.data().cpu)));
         store.set_epoch_deadline(ticks(SETUP_DEADLINE));
         let guest = self
             .pre
@@ -277,9 +309,12 @@ impl Plugin {
         candidates: &Candidates<'_>,
     ) -> Result<Choice, CallError> {
         let call = self.call(request, candidates);
-        // Epochs cut Wasm code; this also cuts a guest waiting in a WASI host call. A call
-        // cut here is dropped with its instance.
-        let choice = tokio::time::timeout(self.limits.deadline * 2, call)
+        // Epochs cut Wasm code once it has used its deadline in CPU time; this wall-clock
+        // bound (twice the deadline, at least SETUP_DEADLINE, so that a call waiting for a
+        // core on a busy machine is not cut) also cuts a guest waiting in a WASI host call.
+        // A call cut here is dropped with its instance.
+        let wall = (self.limits.deadline * 2).max(SETUP_DEADLINE);
+        let choice = tokio::time::timeout(wall, call)
             .await
             .map_err(|_| CallError::Timeout)??;
         check_choice(
@@ -305,6 +340,11 @@ impl Plugin {
                 .map_err(|e| CallError::Trap(e.to_string()))?,
         };
         slot.store.set_epoch_deadline(ticks(self.limits.deadline));
+        slot.store.data_mut().cpu = Some((
+            std::thread::current().id(),
+            thread_cpu(),
+            self.limits.deadline,
+        ));
         if slot.seen != Some(candidates.version) {
             let labels: Vec<Vec<Label<'_>>> = candidates
                 .list
@@ -334,6 +374,7 @@ impl Plugin {
             )
             .await
             .map_err(CallError::from_wasm)?;
+        slot.store.data_mut().cpu = None;
         self.put(slot);
         answer.map_err(CallError::Declined)
     }
@@ -345,4 +386,45 @@ enum SlotError {
     Instantiate(String),
     #[error("configure failed: {0}")]
     Configure(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spend_cpu(at_least: Duration) {
+        let start = thread_cpu();
+        let mut x = 0u64;
+        while thread_cpu().saturating_sub(start) < at_least {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
+
+    #[test]
+    fn the_epoch_deadline_charges_cpu_time_not_waiting() {
+        let me = std::thread::current().id();
+        // waiting costs no CPU: a call that has been waiting gets the rest of its budget
+        let start = thread_cpu();
+        std::thread::sleep(Duration::from_millis(30));
+        match on_epoch_deadline(Some((me, start, Duration::from_millis(20)))) {
+            UpdateDeadline::Continue(ticks) => assert!(ticks >= 1, "{ticks}"),
+            _ => panic!("a call that used no CPU was cut"),
+        }
+        // a call that has used its budget in CPU time is cut
+        let start = thread_cpu();
+        spend_cpu(Duration::from_millis(5));
+        assert!(matches!(
+            on_epoch_deadline(Some((me, start, Duration::from_millis(5)))),
+            UpdateDeadline::Interrupt
+        ));
+        // outside a call, or on another thread, the deadline is wall-clock: cut
+        assert!(matches!(on_epoch_deadline(None), UpdateDeadline::Interrupt));
+        let other = std::thread::spawn(|| std::thread::current().id())
+            .join()
+            .unwrap();
+        assert!(matches!(
+            on_epoch_deadline(Some((other, thread_cpu(), Duration::from_secs(1)))),
+            UpdateDeadline::Interrupt
+        ));
+    }
 }
