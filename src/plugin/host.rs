@@ -3,8 +3,9 @@
 //! - One `Engine` per process, configured here only: component model, async calls (each
 //!   on a fiber whose stack the store keeps), epoch interruption, and a 1 ms epoch ticker
 //!   thread that enforces per-call deadlines inside Wasm code. The deadline is CPU time:
-//!   at each epoch deadline the calling thread's CPU clock says whether the call has used
-//!   it up, so a call that waited for a core on a busy machine is not cut. A wall-clock
+//!   a call that lasts a tick is charged that tick, and from then on the calling thread's
+//!   CPU clock says whether it has used its deadline up, so a call that waited for a core
+//!   on a busy machine is not cut (and a call shorter than a tick reads no clock). A wall-clock
 //!   timeout of twice the deadline, and at least 1 s, also bounds time spent waiting in
 //!   WASI host calls.
 //! - A plugin is compiled and pre-linked once (`PlacementPre`). Its instances are kept in
@@ -78,10 +79,21 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
-    /// The call under way: the thread it runs on, that thread's CPU time when it began,
-    /// and the CPU time it may take. `None` outside a call (instantiation and
+    /// The CPU budget of the call under way; `None` outside a call (instantiation and
     /// `configure` have the wall-clock `SETUP_DEADLINE`).
-    cpu: Option<(std::thread::ThreadId, Duration, Duration)>,
+    cpu: Option<CpuBudget>,
+}
+
+/// The CPU time a call may still take. A call starts `Unclocked`, with its epoch deadline
+/// one tick away, so that the calls that end within a tick (nearly all) never read the
+/// CPU clock, a system call. At the first tick the call is charged that tick and the clock
+/// is read; from then on the clock decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CpuBudget {
+    /// Not yet a tick old: the thread it runs on, and its whole deadline.
+    Unclocked(std::thread::ThreadId, Duration),
+    /// Clocked: the thread, its CPU time when clocked, and the budget left then.
+    Clocked(std::thread::ThreadId, Duration, Duration),
 }
 
 /// The CPU time the calling thread has used (a Wasm call runs on its fiber on this thread).
@@ -94,17 +106,24 @@ fn thread_cpu() -> Duration {
 /// used less CPU than its deadline (it was waiting for a core on a busy machine) gets the
 /// rest, and one that has used it all is cut. A call that moved to another thread, or
 /// one outside a call, is cut, as by a wall-clock deadline.
-fn on_epoch_deadline(cpu: Option<(std::thread::ThreadId, Duration, Duration)>) -> UpdateDeadline {
-    match cpu {
-        Some((thread, start, budget)) if thread == std::thread::current().id() => {
-            let used = thread_cpu().saturating_sub(start);
-            match budget.checked_sub(used) {
-                Some(left) if !left.is_zero() => UpdateDeadline::Continue(ticks(left)),
-                _ => UpdateDeadline::Interrupt,
-            }
+fn on_epoch_deadline(cpu: &mut Option<CpuBudget>) -> UpdateDeadline {
+    let me = std::thread::current().id();
+    let (clocked_at, left) = match *cpu {
+        // the first tick: charged in full (the call may have run all of it)
+        Some(CpuBudget::Unclocked(thread, budget)) if thread == me => {
+            (thread_cpu(), budget.saturating_sub(TICK))
         }
-        _ => UpdateDeadline::Interrupt,
+        Some(CpuBudget::Clocked(thread, at, left)) if thread == me => {
+            let now = thread_cpu();
+            (now, left.saturating_sub(now.saturating_sub(at)))
+        }
+        _ => return UpdateDeadline::Interrupt,
+    };
+    if left.is_zero() {
+        return UpdateDeadline::Interrupt;
     }
+    *cpu = Some(CpuBudget::Clocked(me, clocked_at, left));
+    UpdateDeadline::Continue(ticks(left))
 }
 
 impl WasiView for HostState {
@@ -261,7 +280,7 @@ impl Plugin {
             },
         );
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_callback(|ctx| Ok(on_epoch_deadline(ctx.data().cpu)));
+        store.epoch_deadline_callback(|mut ctx| Ok(on_epoch_deadline(&mut ctx.data_mut().cpu)));
         store.set_epoch_deadline(ticks(SETUP_DEADLINE));
         let guest = self
             .pre
@@ -339,10 +358,9 @@ impl Plugin {
                 .await
                 .map_err(|e| CallError::Trap(e.to_string()))?,
         };
-        slot.store.set_epoch_deadline(ticks(self.limits.deadline));
-        slot.store.data_mut().cpu = Some((
+        slot.store.set_epoch_deadline(1);
+        slot.store.data_mut().cpu = Some(CpuBudget::Unclocked(
             std::thread::current().id(),
-            thread_cpu(),
             self.limits.deadline,
         ));
         if slot.seen != Some(candidates.version) {
@@ -403,27 +421,44 @@ mod tests {
     #[test]
     fn the_epoch_deadline_charges_cpu_time_not_waiting() {
         let me = std::thread::current().id();
-        // waiting costs no CPU: a call that has been waiting gets the rest of its budget
-        let start = thread_cpu();
-        std::thread::sleep(Duration::from_millis(30));
-        match on_epoch_deadline(Some((me, start, Duration::from_millis(20)))) {
-            UpdateDeadline::Continue(ticks) => assert!(ticks >= 1, "{ticks}"),
+        let ms = Duration::from_millis;
+        // the first tick is charged in full, and the clock is read then
+        let mut cpu = Some(CpuBudget::Unclocked(me, ms(20)));
+        assert!(matches!(
+            on_epoch_deadline(&mut cpu),
+            UpdateDeadline::Continue(19)
+        ));
+        assert!(matches!(cpu, Some(CpuBudget::Clocked(t, _, left)) if t == me && left == ms(19)));
+        // waiting costs no CPU: a call that has been waiting keeps (about) all it had left
+        std::thread::sleep(ms(30));
+        match on_epoch_deadline(&mut cpu) {
+            UpdateDeadline::Continue(ticks) => assert!(ticks >= 10, "{ticks}"),
             _ => panic!("a call that used no CPU was cut"),
         }
         // a call that has used its budget in CPU time is cut
-        let start = thread_cpu();
-        spend_cpu(Duration::from_millis(5));
+        let mut cpu = Some(CpuBudget::Clocked(me, thread_cpu(), ms(5)));
+        spend_cpu(ms(5));
         assert!(matches!(
-            on_epoch_deadline(Some((me, start, Duration::from_millis(5)))),
+            on_epoch_deadline(&mut cpu),
+            UpdateDeadline::Interrupt
+        ));
+        // a deadline of one tick is cut at the first tick, as before
+        let mut cpu = Some(CpuBudget::Unclocked(me, ms(1)));
+        assert!(matches!(
+            on_epoch_deadline(&mut cpu),
             UpdateDeadline::Interrupt
         ));
         // outside a call, or on another thread, the deadline is wall-clock: cut
-        assert!(matches!(on_epoch_deadline(None), UpdateDeadline::Interrupt));
+        assert!(matches!(
+            on_epoch_deadline(&mut None),
+            UpdateDeadline::Interrupt
+        ));
         let other = std::thread::spawn(|| std::thread::current().id())
             .join()
             .unwrap();
+        let mut cpu = Some(CpuBudget::Unclocked(other, ms(1000)));
         assert!(matches!(
-            on_epoch_deadline(Some((other, thread_cpu(), Duration::from_secs(1)))),
+            on_epoch_deadline(&mut cpu),
             UpdateDeadline::Interrupt
         ));
     }
