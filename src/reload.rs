@@ -50,6 +50,20 @@ fn fingerprint(files: &BTreeSet<PathBuf>) -> Vec<Option<[u8; 32]>> {
         .collect()
 }
 
+/// Whether `event` may have changed one of `files`. Reading a file is not a change: notify
+/// reports opens and closes after reading (inotify's `IN_OPEN`, `IN_CLOSE_NOWRITE`), and
+/// the watcher reads the files itself to digest them, so counting those would make it
+/// wake itself forever.
+fn changes(event: &notify::Event, files: &BTreeSet<PathBuf>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    let written = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    };
+    written && event.paths.iter().any(|p| files.contains(p))
+}
+
 /// Watches the config and plugin files and reloads on change, until the process ends.
 pub async fn watch_config(gateway: Arc<Gateway>) {
     let Some(config) = gateway.config_path().map(PathBuf::from) else {
@@ -65,10 +79,8 @@ pub async fn watch_config(gateway: Arc<Gateway>) {
         let wanted = files.clone();
         let mut watcher =
             match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
-                    if event.paths.iter().any(|p| wanted.contains(p)) {
-                        let _ = tx.try_send(());
-                    }
+                if event.is_ok_and(|e| changes(&e, &wanted)) {
+                    let _ = tx.try_send(());
                 }
             }) {
                 Ok(w) => w,
@@ -114,5 +126,46 @@ pub async fn on_sighup(gateway: Arc<Gateway>) {
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the config");
         let _ = gateway.reload(SwapSource::Sighup).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With the real watcher: reading a watched file wakes nothing, writing it does.
+    #[test]
+    fn reading_a_watched_file_is_not_a_change_and_writing_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = canonical(&dir.path().join("hagate.toml"));
+        std::fs::write(&file, "a = 1\n").unwrap();
+        let files = BTreeSet::from([file.clone()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+            if let Ok(e) = e {
+                if changes(&e, &files) {
+                    let _ = tx.send(e.kind);
+                }
+            }
+        })
+        .unwrap();
+        watcher
+            .watch(dir.path(), RecursiveMode::NonRecursive)
+            .unwrap();
+        // Events arrive in order: if the read counted, its event would come first.
+        let before = fingerprint(&BTreeSet::from([file.clone()]));
+        std::fs::write(&file, "a = 2\n").unwrap();
+        let first = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write is seen");
+        assert!(
+            matches!(
+                first,
+                notify::EventKind::Modify(_)
+                    | notify::EventKind::Access(notify::event::AccessKind::Close(_))
+            ),
+            "the first change event was not the write: {first:?}"
+        );
+        assert_ne!(before, fingerprint(&BTreeSet::from([file])));
     }
 }
