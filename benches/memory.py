@@ -36,6 +36,7 @@ RELOADS = int(os.environ.get("RELOADS", "20"))
 DURATION = os.environ.get("DURATION", "10s")
 SHARED = os.environ.get("SHARED", "0") == "1"
 SETTLE = float(os.environ.get("SETTLE", "2"))
+SIGHUP = os.environ.get("SIGHUP", "1") == "1"
 
 
 def free_port():
@@ -98,18 +99,47 @@ listen = "127.0.0.1:{port}"
 threads = 1
 [admin]
 listen = "127.0.0.1:{admin}"
+max_body = "64MiB"
 [log]
 format = "json"
 [health.active]
 enabled = false
 # generation {generation}
 {plugins}"""]
-    for i in range(n):
-        ip = "127.0.0.1" if SHARED else f"127.{1 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}"
-        lines.append(f'[instances.cs_{i}_m]\naddress = "{ip}:{up}"\nlabels = {{ zone = "{"ab"[i % 2]}" }}\n')
+    for alias, spec in instances(up, n, 0).items():
+        lines.append(f'[instances.{alias}]\naddress = "{spec["address"]}"\n'
+                     f'labels = {{ zone = "{spec["labels"]["zone"]}" }}\n')
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(path + ".tmp", path)
+
+
+def instances(up, n, generation):
+    """The table: `n` aliases, each on its own address; `generation` moves the zones."""
+    table = {}
+    for i in range(n):
+        ip = "127.0.0.1" if SHARED else f"127.{1 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}"
+        table[f"cs_{i}_m"] = {"address": f"{ip}:{up}",
+                              "labels": {"zone": "ab"[(i + generation) % 2]}}
+    return table
+
+
+def put_table(admin, body):
+    """PUT /v1/aliases; the seconds from the first byte sent to the answer read."""
+    req = urllib.request.Request(f"http://127.0.0.1:{admin}/v1/aliases", data=body,
+                                 method="PUT", headers={"content-type": "application/json"})
+    start = time.monotonic()
+    with urllib.request.urlopen(req, timeout=60) as r:
+        answer = json.loads(r.read())
+    took = time.monotonic() - start
+    if answer.get("size") is None:
+        sys.exit(f"memory: PUT /v1/aliases answered {answer}")
+    return took
+
+
+def put_times(log_path):
+    """The `alias table put` events of the log, in order."""
+    return [e for e in events(log_path) if e.get("message") == "alias table put"]
 
 
 def wrk(port, headers, duration):
@@ -133,18 +163,22 @@ def max_us(out):
     return us(*re.search(r"^\s+Latency(?:\s+\S+){2}\s+([\d.]+)(us|ms|s)", out, re.M).groups())
 
 
-def reload_times(log_path):
-    """The `config reloaded` events of the log, in order."""
-    took = []
+def events(log_path):
+    """The JSON events of the log, in order."""
+    out = []
     with open(log_path) as f:
         for line in f:
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if event.get("message") == "config reloaded":
-                took.append(event)
-    return took
+            out.append(event.get("fields", event))
+    return out
+
+
+def reload_times(log_path):
+    """The `config reloaded` events of the log, in order."""
+    return [e for e in events(log_path) if e.get("message") == "config reloaded"]
 
 
 def gateway(n, up, work, name):
@@ -232,28 +266,52 @@ def main():
         procs.append(proc)
         first = rss_kib(proc.pid)
         quiet = wrk(port, [f"contextID: {haid}"], DURATION).communicate()[0]
-        busy = wrk(port, [f"contextID: {haid}"], DURATION)
-        took, g = [], 0
-        while busy.poll() is None:
+        print(f"P6: {BIG} aliases; wrk p99 without table changes {p99_us(quiet):.0f} us, "
+              f"max {max_us(quiet):.0f} us")
+        if SIGHUP:
+            busy = wrk(port, [f"contextID: {haid}"], DURATION)
+            took, g = [], 0
+            while busy.poll() is None:
+                g += 1
+                took.append(reload(proc, conf, port, admin, up, BIG, g, log))
+            busy_out = busy.communicate()[0]
+            after = rss_kib(proc.pid)
+            print(f"P6 by config reload, over {len(took)} reloads: took_ms {spread(took, 'took_ms')}")
+            for key in ("read_ms", "plugins_ms", "swap_ms"):
+                print(f"    {key}: {spread(took, key)}")
+            print(f"    RSS at start {first / 1024:.1f} MiB, after the reloads {after / 1024:.1f} MiB")
+            print(f"    wrk p99 during back-to-back reloads {p99_us(busy_out):.0f} us")
+            # one reload in the middle of a run: what the requests in flight around it see
+            one = wrk(port, [f"contextID: {haid}"], DURATION)
+            time.sleep(1)  # pacing the load, not synchronising: wrk is warm by then
             g += 1
-            took.append(reload(proc, conf, port, admin, up, BIG, g, log))
+            single = reload(proc, conf, port, admin, up, BIG, g, log)
+            one_out = one.communicate()[0]
+            print(f"    one reload ({single['took_ms']} ms) within a {DURATION} run: p99 "
+                  f"{p99_us(one_out):.0f} us, max {max_us(one_out):.0f} us")
+        # the same table as JSON through the admin API: PUT back to back under load
+        bodies = [json.dumps({"instances": instances(up, BIG, g)}).encode() for g in (1, 2)]
+        busy = wrk(port, [f"contextID: {haid}"], DURATION)
+        client = []
+        while busy.poll() is None:
+            client.append(put_table(admin, bodies[len(client) % 2]))
         busy_out = busy.communicate()[0]
-        after = rss_kib(proc.pid)
-        print(f"P6: {BIG} aliases, over {len(took)} reloads: took_ms {spread(took, 'took_ms')}")
-        for key in ("read_ms", "plugins_ms", "swap_ms"):
-            print(f"    {key}: {spread(took, key)}")
-        print(f"    RSS at start {first / 1024:.1f} MiB, after the reloads {after / 1024:.1f} MiB")
-        print(f"    wrk p99 without reloads {p99_us(quiet):.0f} us, during back-to-back "
-              f"reloads {p99_us(busy_out):.0f} us")
-        # one reload in the middle of a run: what the requests in flight around it see
+        puts = put_times(log)
+        print(f"P6 by PUT /v1/aliases ({len(bodies[0]) / 2**20:.1f} MiB of JSON), over "
+              f"{len(puts)} PUTs: took_ms {spread(puts, 'took_ms')}")
+        print(f"    read_ms (read and parse the body): {spread(puts, 'read_ms')}")
+        ms = sorted(c * 1000 for c in client)
+        print(f"    seen by the client (send, answer): median {ms[len(ms) // 2]:.0f}, "
+              f"min {ms[0]:.0f}, max {ms[-1]:.0f}")
+        print(f"    wrk p99 during back-to-back PUTs {p99_us(busy_out):.0f} us, "
+              f"RSS after {rss_kib(proc.pid) / 1024:.1f} MiB")
         one = wrk(port, [f"contextID: {haid}"], DURATION)
         time.sleep(1)  # pacing the load, not synchronising: wrk is warm by then
-        g += 1
-        single = reload(proc, conf, port, admin, up, BIG, g, log)
+        single = put_table(admin, bodies[len(client) % 2])
         one_out = one.communicate()[0]
-        print(f"    one reload ({single['took_ms']} ms) within a {DURATION} run: p99 "
-              f"{p99_us(one_out):.0f} us, max {max_us(one_out):.0f} us; without reloads: "
-              f"max {max_us(quiet):.0f} us")
+        print(f"    one PUT ({put_times(log)[-1]['took_ms']} ms in the gateway, "
+              f"{single * 1000:.0f} ms seen) within a {DURATION} run: p99 "
+              f"{p99_us(one_out):.0f} us, max {max_us(one_out):.0f} us")
     finally:
         for p in procs:
             if p.poll() is None:

@@ -5,13 +5,13 @@
 //! valid. A request loads the current table once and keeps that `Arc` for its whole life,
 //! so it never sees a half-built table. No IO and no pingora here.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::health::{InstanceState, StateRegistry};
 use crate::metrics::InstanceMetrics;
@@ -108,6 +108,49 @@ impl TableError {
     }
 }
 
+/// One spec, checked: its alias, its address, and the host name it was written with (empty
+/// for an IP address).
+struct Checked<'a> {
+    alias: Alias,
+    address: SocketAddr,
+    host: &'a str,
+}
+
+/// Checks the alias and the address of one spec; a host name takes its last resolved
+/// address (tables never wait on DNS).
+fn check<'a>(name: &str, spec: &'a InstanceSpec) -> Result<Checked<'a>, TableError> {
+    let alias = Alias::try_from(name.to_string()).map_err(|source| TableError::Alias {
+        alias: name.to_string(),
+        source,
+    })?;
+    let (address, host) = match spec.address.parse() {
+        Ok(a) => (a, ""),
+        Err(_) if crate::dns::is_host_name(&spec.address) => {
+            let a = crate::dns::cached(&spec.address).ok_or_else(|| TableError::Unresolved {
+                alias: name.to_string(),
+                address: spec.address.clone(),
+            })?;
+            (a, spec.address.rsplit_once(':').map_or("", |(h, _)| h))
+        }
+        Err(_) => {
+            return Err(TableError::Address {
+                alias: name.to_string(),
+                address: spec.address.clone(),
+            })
+        }
+    };
+    crate::model::routable(&address).map_err(|reason| TableError::Unroutable {
+        alias: name.to_string(),
+        address: spec.address.clone(),
+        reason,
+    })?;
+    Ok(Checked {
+        alias,
+        address,
+        host,
+    })
+}
+
 /// An immutable, validated alias table.
 #[derive(Debug)]
 pub struct AliasTable {
@@ -127,52 +170,25 @@ impl AliasTable {
         version: u64,
         states: &StateRegistry,
     ) -> Result<Self, TableError> {
-        let mut instances = Vec::with_capacity(specs.len());
+        let checked = specs
+            .iter()
+            .map(|(name, spec)| check(name, spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        // one lock for the whole table, not one per alias
+        let mut states = states.lock();
         let mut index = FxHashMap::with_capacity_and_hasher(specs.len(), Default::default());
-        for (name, spec) in specs {
-            let alias = Alias::try_from(name.clone()).map_err(|source| TableError::Alias {
-                alias: name.clone(),
-                source,
-            })?;
-            let address: SocketAddr = match spec.address.parse() {
-                Ok(a) => a,
-                // a host name: its last resolved address (tables never wait on DNS)
-                Err(_) if crate::dns::is_host_name(&spec.address) => {
-                    crate::dns::cached(&spec.address).ok_or_else(|| TableError::Unresolved {
-                        alias: name.clone(),
-                        address: spec.address.clone(),
-                    })?
-                }
-                Err(_) => {
-                    return Err(TableError::Address {
-                        alias: name.clone(),
-                        address: spec.address.clone(),
-                    })
-                }
-            };
-            crate::model::routable(&address).map_err(|reason| TableError::Unroutable {
-                alias: name.clone(),
-                address: spec.address.clone(),
-                reason,
-            })?;
-            index.insert(alias.clone(), instances.len());
+        let mut instances = Vec::with_capacity(specs.len());
+        for (c, spec) in checked.into_iter().zip(specs.values()) {
+            index.insert(c.alias.clone(), instances.len());
             instances.push(Instance {
-                alias,
-                address,
+                alias: c.alias,
+                address: c.address,
                 labels: spec.labels.clone(),
                 weight: spec.weight,
-                state: states.state_for(address),
+                state: states.state_for(c.address),
                 epoch: spec.epoch,
                 tls: spec.tls,
-                sni: spec.sni.clone().unwrap_or_else(|| {
-                    if crate::dns::is_host_name(&spec.address) {
-                        spec.address
-                            .rsplit_once(':')
-                            .map_or_else(String::new, |(host, _)| host.to_string())
-                    } else {
-                        String::new()
-                    }
-                }),
+                sni: spec.sni.clone().unwrap_or_else(|| c.host.to_string()),
                 metrics: OnceLock::new(),
             });
         }
@@ -181,6 +197,13 @@ impl AliasTable {
             instances,
             index,
         })
+    }
+
+    /// Whether `specs` would build: every check of `build`, without building anything.
+    pub fn validate(specs: &BTreeMap<String, InstanceSpec>) -> Result<(), TableError> {
+        specs
+            .iter()
+            .try_for_each(|(name, spec)| check(name, spec).map(|_| ()))
     }
 
     /// The index of `alias`, if the table has it.
@@ -273,8 +296,8 @@ impl TableHolder {
         let table = Arc::new(AliasTable::build(specs, version, &self.states)?);
         self.versions.store(version, Ordering::SeqCst);
         crate::retire::later(self.current.swap(Arc::clone(&table)));
-        let keep: HashSet<SocketAddr> = table.instances().iter().map(|i| i.address).collect();
-        self.states.retain(|a| keep.contains(a));
+        let keep: FxHashSet<SocketAddr> = table.instances().iter().map(|i| i.address).collect();
+        self.states.lock().retain(|a| keep.contains(a));
         Ok(table)
     }
 }

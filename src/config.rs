@@ -11,7 +11,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::aliases::{AliasTable, TableError};
-use crate::health::StateRegistry;
 pub use crate::model::{ActiveHealthConfig, InstanceSpec, PassiveHealthConfig, Prefer};
 
 /// Why a config was refused.
@@ -83,7 +82,7 @@ pub struct Config {
     #[serde(default)]
     pub health: HealthConfig,
     /// `[instances.<alias>]`: the alias table, e.g. `[instances.cs_1_dev] address = "10.0.0.5:9116"`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::model::deserialize_specs")]
     pub instances: crate::model::Specs,
     /// `[membership]`: heartbeat leases and alias takeover by standbys.
     #[serde(default)]
@@ -347,10 +346,18 @@ pub struct AdminConfig {
     /// after it connected or after its last answer: `header_timeout = "10s"` (100ms-10m).
     #[serde(default = "secs::<10>", with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// The largest request body the admin API reads: `max_body = "1MiB"` (1KiB-1GiB). A
+    /// `PUT /v1/aliases` of 100k aliases is about 6 MiB. A larger body is refused with 413.
+    #[serde(default = "default_admin_body")]
+    pub max_body: bytesize::ByteSize,
 }
 
 fn default_admin_connections() -> usize {
     64
+}
+
+fn default_admin_body() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(1)
 }
 
 /// `[context_id]`
@@ -791,7 +798,7 @@ impl Config {
         self.validate_membership()?;
         self.validate_store()?;
         // Building the table is where aliases and addresses are validated.
-        AliasTable::build(&self.instances, 0, &StateRegistry::default())?;
+        AliasTable::validate(&self.instances)?;
         Ok(())
     }
 
@@ -922,6 +929,10 @@ impl Config {
                 "server.max_header_bytes",
                 "must be at least 1KiB and under 1MiB",
             ));
+        }
+        let mb = self.admin.max_body;
+        if mb < bytesize::ByteSize::kib(1) || mb > bytesize::ByteSize::gib(1) {
+            return Err(invalid("admin.max_body", "must be between 1KiB and 1GiB"));
         }
         if !(1..=10_000).contains(&self.admin.max_connections) {
             return Err(invalid(
@@ -1215,6 +1226,8 @@ mod tests {
             ("[server]\nlisten = \"127.0.0.1:9090\"", "admin.listen"),
             ("[server]\nlisten = \"0.0.0.0:9090\"", "admin.listen"),
             ("[server]\nthreads = 100000", "server.threads"),
+            ("[admin]\nmax_body = \"2GiB\"", "admin.max_body"),
+            ("[admin]\nmax_body = \"100B\"", "admin.max_body"),
             (
                 "[server]\ngrace_period = \"100years\"",
                 "server.grace_period",

@@ -26,7 +26,6 @@ use tokio::sync::watch;
 
 use crate::aliases::{AliasTable, InstanceSpec, TableError, TableHolder};
 use crate::config::{Config, ConfigError, StoreConfig, StoreKind};
-use crate::health::StateRegistry;
 use crate::metrics::metrics;
 use crate::model::{Labels, Prefer, Specs};
 use crate::plugin::PluginSet;
@@ -252,7 +251,7 @@ async fn resolve_names(specs: &BTreeMap<String, InstanceSpec>) {
 
 /// Whether `specs` builds a table on its own (without holders merged in).
 fn validate_table(specs: &BTreeMap<String, InstanceSpec>) -> Result<(), TableError> {
-    AliasTable::build(specs, 0, &StateRegistry::default()).map(|_| ())
+    AliasTable::validate(specs)
 }
 
 fn etcd_settings(store: &StoreConfig) -> EtcdSettings {
@@ -742,17 +741,20 @@ impl Gateway {
             return Err(TableError::Empty.into());
         }
         resolve_names(specs).await;
-        // The table on its own: a live holder must not hide a bad static address.
-        validate_table(specs)?;
         let settings = self.settings();
+        let merged = merge(
+            specs,
+            &self.holders(&settings.config),
+            settings.config.membership.prefer,
+        );
+        // The table on its own: a live holder must not hide a bad static address. When no
+        // holder changes it, the merged table is this one, and building it validates it.
+        if !Arc::ptr_eq(&merged, specs) {
+            validate_table(specs)?;
+        }
         if let Some(etcd) = &self.etcd {
             // Validate exactly as publishing would, before anything reaches etcd.
-            let merged = merge(
-                specs,
-                &self.holders(&settings.config),
-                settings.config.membership.prefer,
-            );
-            AliasTable::build(&merged, 0, &StateRegistry::default())?;
+            AliasTable::validate(&merged)?;
             let revision = etcd.put_table(specs).await?;
             let applied = etcd.wait_applied(revision, PUT_APPLY_WAIT).await;
             if !applied {

@@ -45,9 +45,15 @@ impl TryFrom<String> for Alias {
         if s.len() > 255 {
             return Err(AliasError::TooLong);
         }
-        if s.chars()
-            .any(|c| c.is_whitespace() || c.is_control() || invisible(c))
-        {
+        // ASCII (nearly every alias): whitespace and controls are the bytes up to the
+        // space, and DEL; the invisible characters are all outside ASCII
+        let bad = if s.is_ascii() {
+            s.bytes().any(|b| b <= b' ' || b == 0x7f)
+        } else {
+            s.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || invisible(c))
+        };
+        if bad {
             return Err(AliasError::BadChar(s));
         }
         if s.contains("--") || s.starts_with('-') || s.ends_with('-') {
@@ -178,6 +184,30 @@ impl<'de> Deserialize<'de> for Labels {
 /// the published table are often the same map, and a reload whose `[instances]` did not
 /// change keeps the map it had (docs/performance.md, P7).
 pub type Specs = Arc<BTreeMap<String, InstanceSpec>>;
+
+/// Reads `Specs` from a map: into a list first, then sorted and built in one go, which is
+/// about twice as fast as inserting 100k aliases one by one. A repeated alias keeps its
+/// last spec, as a map would.
+pub fn deserialize_specs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Specs, D::Error> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(String, InstanceSpec)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a table of instances: alias -> {address, ...}")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 16));
+            while let Some(pair) = map.next_entry()? {
+                pairs.push(pair);
+            }
+            Ok(pairs)
+        }
+    }
+    Ok(Arc::new(d.deserialize_map(Pairs)?.into_iter().collect()))
+}
 
 /// One instance as written in config or `PUT /v1/aliases`:
 /// `[instances.cs_1_dev] address = "10.0.0.5:9116", labels = { zone = "a" }, weight = 1`.
@@ -355,6 +385,20 @@ pub fn routable(addr: &SocketAddr) -> Result<(), Unroutable> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ascii_fast_path_refuses_exactly_the_characters_the_general_one_does() {
+        for b in 0u8..128 {
+            let c = char::from(b);
+            let general = c.is_whitespace() || c.is_control() || invisible(c);
+            let alias = Alias::try_from(format!("a{c}b"));
+            assert_eq!(
+                matches!(alias, Err(AliasError::BadChar(_))),
+                general,
+                "byte {b:#x}"
+            );
+        }
+    }
 
     #[test]
     fn labels_are_shared_not_copied_and_serialise_as_the_map() {

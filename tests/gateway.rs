@@ -437,6 +437,68 @@ async fn admin_writes_need_the_token() {
     assert_eq!(aliases["instances"]["cs_1"]["address"], a.addr.to_string());
 }
 
+/// One raw request to the admin listener (`connection: close`); the answer's status line
+/// and body.
+async fn admin_raw(gw: &Gateway, request: &[u8]) -> (String, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a complete answer");
+    let status = head.lines().next().unwrap().to_string();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// `admin.max_body` bounds `PUT /v1/aliases`: a bigger body gets 413 naming the setting,
+/// whether it declares its length or is chunked, and the table in use stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_over_admin_max_body_is_refused_with_413_and_the_old_one_serves() {
+    let a = Upstream::start("cs_1");
+    let body = format!("{FAST_HEALTH}\n{}", instances(&[("cs_1", &a)]));
+    let gw = Gateway::start_with_admin(&body, "max_body = \"2KiB\"").await;
+    let big: BTreeMap<String, Value> = (0..100)
+        .map(|i| (format!("cs_{i}"), json!({"address": a.addr.to_string()})))
+        .collect();
+    let big = serde_json::to_string(&json!({ "instances": big })).unwrap();
+    assert!(big.len() > 2048);
+    let head = "PUT /v1/aliases HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\
+                content-type: application/json\r\n";
+    // declared too long: refused from the head alone
+    let declared = format!("{head}content-length: {}\r\n\r\n", big.len());
+    // chunked: refused once the chunks pass the limit
+    let mut chunked = format!("{head}transfer-encoding: chunked\r\n\r\n");
+    for piece in big.as_bytes().chunks(700) {
+        chunked += &format!(
+            "{:x}\r\n{}\r\n",
+            piece.len(),
+            std::str::from_utf8(piece).unwrap()
+        );
+    }
+    chunked += "0\r\n\r\n";
+    for request in [declared, chunked] {
+        let (status, answer) = admin_raw(&gw, request.as_bytes()).await;
+        assert!(status.starts_with("HTTP/1.1 413"), "{status}: {answer}");
+        assert_eq!(answer["error"], "body_too_large", "{answer}");
+        assert_eq!(answer["field"], "admin.max_body", "{answer}");
+    }
+    let c = client();
+    let aliases: Value = json_of(c.get(gw.admin_url("/v1/aliases"))).await;
+    assert_eq!(aliases["version"], 1);
+    // under the limit, the same endpoint takes a table
+    let small = c
+        .put(gw.admin_url("/v1/aliases"))
+        .json(&specs(&[("cs_9", &a)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 200);
+    let aliases: Value = json_of(c.get(gw.admin_url("/v1/aliases"))).await;
+    assert_eq!(aliases["version"], 2);
+    assert_eq!(aliases["instances"]["cs_9"]["address"], a.addr.to_string());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consecutive_5xx_eject_the_main_until_it_passes_rise_checks() {
     let (a, _b, _c, gw) = three().await;

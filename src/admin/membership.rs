@@ -119,7 +119,7 @@ pub async fn handle(gateway: &Arc<Gateway>, method: Method, req: Request<Incomin
 }
 
 async fn heartbeat(gateway: &Arc<Gateway>, req: Request<Incoming>) -> Reply {
-    let hb: Heartbeat = match read_json(req, 16 << 10, "invalid_heartbeat").await {
+    let hb: Heartbeat = match read_json(req, 16 << 10, None, "invalid_heartbeat").await {
         Ok(h) => h,
         Err(reply) => return reply,
     };

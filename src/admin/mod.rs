@@ -27,6 +27,7 @@ use crate::store::Listed;
 #[serde(deny_unknown_fields)]
 pub struct PutAliases {
     /// `{"instances": {"cs_1": {"address": "127.0.0.1:9101"}}}`
+    #[serde(deserialize_with = "crate::model::deserialize_specs")]
     pub instances: crate::model::Specs,
 }
 
@@ -150,20 +151,35 @@ fn aliases(gateway: &Gateway) -> Reply {
 }
 
 async fn put_aliases(gateway: &Gateway, req: Request<Incoming>) -> Reply {
-    let put: PutAliases = match read_json(req, 1 << 20, "invalid_alias_table").await {
-        Ok(p) => p,
-        Err(reply) => return reply,
-    };
+    let started = std::time::Instant::now();
+    let limit = gateway.settings().config.admin.max_body.as_u64();
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let put: PutAliases =
+        match read_json(req, limit, Some("admin.max_body"), "invalid_alias_table").await {
+            Ok(p) => p,
+            Err(reply) => return reply,
+        };
+    let read_ms = started.elapsed().as_millis() as u64;
     match gateway.put_aliases(&put.instances).await {
-        Ok(out) => json(
-            StatusCode::OK,
-            &json!({
-                "version": out.table.version(),
-                "size": out.table.len(),
-                "revision": out.revision,
-                "applied": out.applied,
-            }),
-        ),
+        Ok(out) => {
+            // read_ms: read and parse the body; the rest: validate, build, write, swap
+            let took_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(
+                took_ms,
+                read_ms,
+                aliases = out.table.len(),
+                "alias table put"
+            );
+            json(
+                StatusCode::OK,
+                &json!({
+                    "version": out.table.version(),
+                    "size": out.table.len(),
+                    "revision": out.revision,
+                    "applied": out.applied,
+                }),
+            )
+        }
         Err(PutError::Table(e)) => json(
             StatusCode::BAD_REQUEST,
             &json!({"error": "invalid_alias_table", "field": e.field(), "detail": e.to_string()}),
@@ -200,7 +216,7 @@ pub struct PlacementAsk {
 /// Places a context with the gateway's placement (plugins and fail policies included)
 /// and answers `{"main", "backup", "haid"}`.
 async fn placements(gateway: &Gateway, req: Request<Incoming>) -> Reply {
-    let ask: PlacementAsk = match read_json(req, 64 << 10, "invalid_request").await {
+    let ask: PlacementAsk = match read_json(req, 64 << 10, None, "invalid_request").await {
         Ok(a) => a,
         Err(reply) => return reply,
     };

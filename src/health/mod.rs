@@ -7,11 +7,12 @@
 
 pub mod active;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use crate::model::PassiveHealthConfig;
 
@@ -284,20 +285,29 @@ impl Drop for InflightGuard {
 /// addresses the old one had. Used only when building tables, never per request.
 #[derive(Debug, Default)]
 pub struct StateRegistry {
-    states: Mutex<HashMap<SocketAddr, Arc<InstanceState>>>,
+    /// FxHash: the keys are the table's own addresses, from trusted config.
+    states: Mutex<FxHashMap<SocketAddr, Arc<InstanceState>>>,
 }
 
 impl StateRegistry {
+    /// The registry, locked: a table's build takes every address's state under one lock.
+    pub fn lock(&self) -> StatesGuard<'_> {
+        StatesGuard(self.states.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The locked registry (`StateRegistry::lock`).
+pub struct StatesGuard<'a>(std::sync::MutexGuard<'a, FxHashMap<SocketAddr, Arc<InstanceState>>>);
+
+impl StatesGuard<'_> {
     /// The state for `addr`, created if new.
-    pub fn state_for(&self, addr: SocketAddr) -> Arc<InstanceState> {
-        let mut map = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(addr).or_default())
+    pub fn state_for(&mut self, addr: SocketAddr) -> Arc<InstanceState> {
+        Arc::clone(self.0.entry(addr).or_default())
     }
 
     /// Forgets addresses that no table uses any more.
-    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
-        let mut map = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|a, _| keep(a));
+    pub fn retain(&mut self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.0.retain(|a, _| keep(a));
     }
 }
 

@@ -116,6 +116,7 @@ pub struct HolderValue {
 #[serde(deny_unknown_fields)]
 pub struct TableValue {
     /// The instances, by alias.
+    #[serde(deserialize_with = "crate::model::deserialize_specs")]
     pub instances: crate::model::Specs,
 }
 
@@ -123,6 +124,7 @@ pub struct TableValue {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableState {
     /// The instances, by alias.
+    #[serde(deserialize_with = "crate::model::deserialize_specs")]
     pub instances: crate::model::Specs,
     /// The revision that wrote it.
     pub revision: i64,
