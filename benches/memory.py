@@ -10,7 +10,9 @@ each: what a gateway in service holds.
 P6: the same with BIG aliases (100k): how long a reload takes (the gateway logs `took_ms`
 for each reload, split into `read_ms`: read, parse, validate; `plugins_ms`; and `swap_ms`:
 build the table and swap), RSS before and after, and wrk's p99 for requests served while
-reloads run back to back, against a run without reloads, in the same process.
+reloads run back to back, against a run without reloads, in the same process (SIGHUP=0
+skips this). Then the same table as JSON through `PUT /v1/aliases`, back to back under wrk
+(the gateway logs `took_ms` and `read_ms` for each), and once inside a wrk run.
 
 Each alias has an address of its own (127.a.b.c, all loopback, all served by the one
 upstream), as in a real deployment; SHARED=1 gives every alias the same address instead.
