@@ -416,6 +416,55 @@ async fn misbehaving_plugins_are_contained_and_counted() {
     );
 }
 
+/// The voluntary context switches of the gateway's epoch ticker thread: they climb by
+/// about 1000 a second while it ticks, and stand still while it is parked.
+fn ticker_switches(pid: u32) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim() == "hagate-wasm-epo" {
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("the status names its switches");
+        }
+    }
+    panic!("no epoch ticker thread in {pid}");
+}
+
+/// An idle gateway's epoch ticker parks (no 1000 wake-ups a second), and the next call wakes
+/// it: a spinning plugin is still cut at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_ticker_parks_when_idle_and_a_spinning_call_is_still_cut() {
+    let (_ups, gw) = misbehaving_gateway().await;
+    let pid = gw.pid();
+    // parked: no switch for 200 ms, which ticking would fill with about 200
+    eventually(
+        "the epoch ticker to park",
+        Duration::from_secs(30),
+        || async {
+            let before = ticker_switches(pid);
+            tokio::time::sleep(Duration::from_millis(200)).await; // a window to count in
+            (ticker_switches(pid) == before).then_some(())
+        },
+    )
+    .await;
+    let c = client();
+    let (status, body, _) = create(&c, &gw, "/spin/createContextID", "misbehave").await;
+    assert_eq!(status, 200, "placed by the fallback: {body}");
+    assert_eq!(
+        gw.metric(
+            "hagate_plugin_calls_total",
+            &[("plugin", "spin"), ("outcome", "timeout")]
+        )
+        .await,
+        1.0,
+        "the spinning call was cut by the woken ticker"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_mints_haids_with_the_same_placement() {
     let ups: Vec<Upstream> = ["g1", "g2", "s1"]

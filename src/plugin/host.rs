@@ -2,7 +2,8 @@
 //!
 //! - One `Engine` per process, configured here only: component model, async calls (each
 //!   on a fiber whose stack the store keeps), epoch interruption, and a 1 ms epoch ticker
-//!   thread that enforces per-call deadlines inside Wasm code. The deadline is CPU time:
+//!   thread that enforces per-call deadlines inside Wasm code (it runs while guest code
+//!   may run and for a second after, then parks until the next call). The deadline is CPU time:
 //!   a call that lasts a tick is charged that tick, and from then on the calling thread's
 //!   CPU clock says whether it has used its deadline up, so a call that waited for a core
 //!   on a busy machine is not cut (and a call shorter than a tick reads no clock). A wall-clock
@@ -17,6 +18,7 @@
 //!
 //! No pingora here; the only domain type that leaves is `placement::Choice`.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -50,18 +52,72 @@ pub fn engine() -> &'static Engine {
         config.wasm_backtrace_max_frames(None);
         let engine = Engine::new(&config).expect("a fixed, valid engine config");
         let weak = engine.weak();
-        std::thread::Builder::new()
+        let ticker = std::thread::Builder::new()
             .name("hagate-wasm-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(TICK);
-                }
-            })
+            .spawn(move || tick(&weak))
             .expect("spawn the epoch ticker");
+        let _ = TICKER.set(ticker.thread().clone());
         engine
     })
+}
+
+/// Guest code under way (calls and instantiations): the ticker runs while there is some,
+/// and for `LINGER` ticks after, then parks until the next, so an idle gateway does not
+/// wake 1000 times a second.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+/// Set by the ticker just before it parks.
+static PARKED: AtomicBool = AtomicBool::new(false);
+/// The ticker's thread, to unpark.
+static TICKER: OnceLock<std::thread::Thread> = OnceLock::new();
+/// Idle ticks before the ticker parks: a steady stream of placements never parks it.
+const LINGER: u32 = 1000;
+
+/// The epoch ticker: one tick every `TICK` while guest code may run.
+fn tick(weak: &wasmtime::EngineWeak) {
+    let mut idle = 0;
+    loop {
+        // Sleep first: a call that woke the ticker gets its whole first tick.
+        std::thread::sleep(TICK);
+        let Some(engine) = weak.upgrade() else { return };
+        engine.increment_epoch();
+        drop(engine);
+        if ACTIVE.load(SeqCst) > 0 {
+            idle = 0;
+            continue;
+        }
+        idle += 1;
+        if idle < LINGER {
+            continue;
+        }
+        // With `Running::start`: either it sees PARKED and unparks, or this sees ACTIVE.
+        PARKED.store(true, SeqCst);
+        while ACTIVE.load(SeqCst) == 0 {
+            std::thread::park();
+        }
+        PARKED.store(false, SeqCst);
+        idle = 0;
+    }
+}
+
+/// Guest code may run while this lives: the epoch ticker runs.
+struct Running;
+
+impl Running {
+    fn start() -> Self {
+        ACTIVE.fetch_add(1, SeqCst);
+        if PARKED.load(SeqCst) {
+            if let Some(ticker) = TICKER.get() {
+                ticker.unpark();
+            }
+        }
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        ACTIVE.fetch_sub(1, SeqCst);
+    }
 }
 
 /// The WASI imports every Rust guest links against, granting nothing.
@@ -270,6 +326,7 @@ impl Plugin {
             .memory_size(self.limits.memory)
             .trap_on_grow_failure(true)
             .build();
+        let _running = Running::start();
         let mut store = Store::new(
             engine(),
             HostState {
@@ -351,6 +408,7 @@ impl Plugin {
         request: &PlacementRequest<'_>,
         candidates: &Candidates<'_>,
     ) -> Result<bindings::Choice, CallError> {
+        let _running = Running::start();
         let mut slot = match self.take() {
             Some(slot) => slot,
             None => self
