@@ -12,7 +12,8 @@ for each reload, split into `read_ms`: read, parse, validate; `plugins_ms`; and 
 build the table and swap), RSS before and after, and wrk's p99 for requests served while
 reloads run back to back, against a run without reloads, in the same process (SIGHUP=0
 skips this). Then the same table as JSON through `PUT /v1/aliases`, back to back under wrk
-(the gateway logs `took_ms` and `read_ms` for each), and once inside a wrk run.
+(the gateway logs `took_ms` and `read_ms` for each), and once inside a wrk run. Last, the
+same table from a JSON file (`table.file`), reloaded back to back under wrk.
 
 Each alias has an address of its own (127.a.b.c, all loopback, all served by the one
 upstream), as in a real deployment; SHARED=1 gives every alias the same address instead.
@@ -83,7 +84,7 @@ http {{ access_log off; keepalive_requests 1000000;
     return port, subprocess.Popen(["nginx", "-c", f"{work}/up.conf"])
 
 
-def write_config(path, port, admin, up, n, generation):
+def write_config(path, port, admin, up, n, generation, json_table=False):
     plugins = ""
     for i, name in enumerate(("lowest_load", "tenant_affinity", "lowest_load")):
         wasm = f"{os.path.abspath(PLUGINS)}/{name}.wasm"
@@ -108,9 +109,16 @@ format = "json"
 enabled = false
 # generation {generation}
 {plugins}"""]
-    for alias, spec in instances(up, n, 0).items():
-        lines.append(f'[instances.{alias}]\naddress = "{spec["address"]}"\n'
-                     f'labels = {{ zone = "{spec["labels"]["zone"]}" }}\n')
+    if json_table:
+        # the table in a JSON file of its own (`table.file`), rewritten by every reload
+        with open(path + ".json.tmp", "w") as f:
+            json.dump({"instances": instances(up, n, generation)}, f)
+        os.replace(path + ".json.tmp", path + ".json")
+        lines.append(f'[table]\nfile = "{path}.json"\n')
+    else:
+        for alias, spec in instances(up, n, 0).items():
+            lines.append(f'[instances.{alias}]\naddress = "{spec["address"]}"\n'
+                         f'labels = {{ zone = "{spec["labels"]["zone"]}" }}\n')
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(path + ".tmp", path)
@@ -183,10 +191,10 @@ def reload_times(log_path):
     return [e for e in events(log_path) if e.get("message") == "config reloaded"]
 
 
-def gateway(n, up, work, name):
+def gateway(n, up, work, name, json_table=False):
     port, admin = free_port(), free_port()
     conf = f"{work}/{name}.toml"
-    write_config(conf, port, admin, up, n, 0)
+    write_config(conf, port, admin, up, n, 0, json_table)
     log = f"{work}/{name}.log"
     proc = subprocess.Popen([BIN, "run", "--config", conf], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="info"))
@@ -198,9 +206,9 @@ def gateway(n, up, work, name):
     return proc, port, admin, conf, log
 
 
-def reload(proc, conf, port, admin, up, n, generation, log):
+def reload(proc, conf, port, admin, up, n, generation, log, json_table=False):
     before = len(reload_times(log))
-    write_config(conf, port, admin, up, n, generation)
+    write_config(conf, port, admin, up, n, generation, json_table)
     proc.send_signal(signal.SIGHUP)
     return poll(f"reload {generation}", lambda: len(reload_times(log)) > before and
                 reload_times(log)[-1])
@@ -314,6 +322,22 @@ def main():
         print(f"    one PUT ({put_times(log)[-1]['took_ms']} ms in the gateway, "
               f"{single * 1000:.0f} ms seen) within a {DURATION} run: p99 "
               f"{p99_us(one_out):.0f} us, max {max_us(one_out):.0f} us")
+        proc.terminate()
+        proc.wait()
+        # the same table from a JSON file (`table.file`), reloaded back to back under wrk
+        proc, port, admin, conf, log = gateway(BIG, up, work, "p6-json", json_table=True)
+        procs.append(proc)
+        busy = wrk(port, [f"contextID: {haid}"], DURATION)
+        took, g = [], 0
+        while busy.poll() is None:
+            g += 1
+            took.append(reload(proc, conf, port, admin, up, BIG, g, log, json_table=True))
+        busy_out = busy.communicate()[0]
+        print(f"P6 by reload of table.file (JSON), over {len(took)} reloads: took_ms "
+              f"{spread(took, 'took_ms')}")
+        for key in ("read_ms", "swap_ms"):
+            print(f"    {key}: {spread(took, key)}")
+        print(f"    wrk p99 during back-to-back reloads {p99_us(busy_out):.0f} us")
     finally:
         for p in procs:
             if p.poll() is None:

@@ -81,6 +81,9 @@ pub struct Config {
     /// `[health]`: active and passive checks.
     #[serde(default)]
     pub health: HealthConfig,
+    /// `[table]`: where the alias table comes from when not from `[instances]`.
+    #[serde(default)]
+    pub table: TableConfig,
     /// `[instances.<alias>]`: the alias table, e.g. `[instances.cs_1_dev] address = "10.0.0.5:9116"`.
     #[serde(default, deserialize_with = "crate::model::deserialize_specs")]
     pub instances: crate::model::Specs,
@@ -360,6 +363,19 @@ fn default_admin_body() -> bytesize::ByteSize {
     bytesize::ByteSize::mib(1)
 }
 
+/// `[table]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// `file = "aliases.json"` (relative to the config file): the alias table in a JSON file
+    /// of its own, in the shape of the `PUT /v1/aliases` body,
+    /// `{"instances": {"cs_1": {"address": "10.0.0.5:9116"}}}`. Instead of `[instances]`,
+    /// for big tables: JSON parses many times faster than TOML. Watched and reloaded like
+    /// the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+}
+
 /// `[context_id]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -612,14 +628,28 @@ default_from_serde!(
     StoreConfig
 );
 
+/// Reads a `table.file`: `{"instances": {...}}`, the body of `PUT /v1/aliases`.
+fn read_table_file(path: &Path) -> Result<crate::model::Specs, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice::<crate::model::TableValue>(&bytes)
+        .map(|t| t.instances)
+        .map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format!("not an alias table ({{\"instances\": {{...}}}}): {e}"),
+        })
+}
+
 impl Config {
-    /// Reads, parses and validates `path`.
+    /// Reads, parses and validates `path`, and the `table.file` it names.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut config = Config::parse(&text).map_err(|e| match e {
+        let mut config = Config::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -627,6 +657,9 @@ impl Config {
             other => other,
         })?;
         if let Some(dir) = path.parent() {
+            if let Some(file) = &mut config.table.file {
+                *file = dir.join(&*file);
+            }
             for p in &mut config.plugins {
                 p.path = dir.join(&p.path);
             }
@@ -647,6 +680,28 @@ impl Config {
                 *ca = dir.join(&*ca);
             }
         }
+        let config = match config.table.file.clone() {
+            Some(file) => {
+                if !config.instances.is_empty() {
+                    return Err(invalid(
+                        "table.file",
+                        "set either table.file or [instances], not both",
+                    ));
+                }
+                config.instances = read_table_file(&file)?;
+                // a bad alias or address: say which file it is in
+                config.checked().map_err(|e| match e {
+                    ConfigError::Invalid { field, message } if field.starts_with("instances") => {
+                        ConfigError::Invalid {
+                            field,
+                            message: format!("{message} (in {})", file.display()),
+                        }
+                    }
+                    other => other,
+                })?
+            }
+            None => config.checked()?,
+        };
         // what depends on the files the config names, once paths are resolved
         config.validate_upgrade_sock()?;
         if let Some(tls) = &config.server.tls {
@@ -661,15 +716,25 @@ impl Config {
     /// Parses and validates TOML text. Host names among the instances' addresses that
     /// were never resolved are resolved here (blocking).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Config::from_toml(text)?.checked()
+    }
+
+    /// The TOML, parsed into the schema but not validated.
+    fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<config>"),
             message: e.to_string(),
-        })?;
+        })
+    }
+
+    /// Resolves the host names among the instances' addresses that were never resolved
+    /// (blocking), and validates.
+    fn checked(self) -> Result<Config, ConfigError> {
         crate::dns::resolve(crate::dns::unresolved(
-            config.instances.values().map(|s| s.address.as_str()),
+            self.instances.values().map(|s| s.address.as_str()),
         ));
-        config.validate()?;
-        Ok(config)
+        self.validate()?;
+        Ok(self)
     }
 
     fn validate_upgrade_sock(&self) -> Result<(), ConfigError> {
@@ -1099,6 +1164,42 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
+    }
+
+    /// Writes `config` and `aliases.json` (if given) to a directory; loads the config.
+    fn load_with_file(config: &str, aliases: Option<&str>) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hagate.toml"), config).unwrap();
+        if let Some(a) = aliases {
+            std::fs::write(dir.path().join("aliases.json"), a).unwrap();
+        }
+        Config::load(&dir.path().join("hagate.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_table_file_holds_the_table_as_json_and_its_errors_name_it() {
+        let file = "[table]\nfile = \"aliases.json\"\n";
+        let good =
+            r#"{"instances": {"cs_1": {"address": "127.0.0.1:9001", "labels": {"zone": "a"}}}}"#;
+        let c = load_with_file(file, Some(good)).unwrap();
+        assert_eq!(c.instances["cs_1"].address, "127.0.0.1:9001");
+        assert_eq!(c.instances["cs_1"].labels.get("zone"), Some("a"));
+        // not both
+        let both = load_with_file(&format!("{file}{MINIMAL}"), Some(good)).unwrap_err();
+        assert!(both.starts_with("table.file: "), "{both}");
+        // missing, not JSON, the wrong shape: the file is named
+        for bad in [None, Some("[instances]"), Some(r#"{"cs_1": {}}"#)] {
+            let e = load_with_file(file, bad).unwrap_err();
+            assert!(e.contains("aliases.json"), "{bad:?}: {e}");
+        }
+        // a bad address: its field, and the file it is in
+        let e = load_with_file(
+            file,
+            Some(r#"{"instances": {"cs_1": {"address": "nowhere"}}}"#),
+        )
+        .unwrap_err();
+        assert!(e.starts_with("instances.cs_1.address: "), "{e}");
+        assert!(e.contains("aliases.json"), "{e}");
     }
 
     #[test]

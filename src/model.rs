@@ -185,6 +185,16 @@ impl<'de> Deserialize<'de> for Labels {
 /// change keeps the map it had (docs/performance.md, P7).
 pub type Specs = Arc<BTreeMap<String, InstanceSpec>>;
 
+/// An alias table as a JSON document: the body of `PUT /v1/aliases`, the value of etcd's
+/// table key, and a `table.file`: `{"instances": {"cs_1": {"address": ...}}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableValue {
+    /// The instances, by alias.
+    #[serde(deserialize_with = "deserialize_specs")]
+    pub instances: Specs,
+}
+
 /// Reads `Specs` from a map: into a list first, then sorted and built in one go, which is
 /// about twice as fast as inserting 100k aliases one by one. A repeated alias keeps its
 /// last spec, as a map would.

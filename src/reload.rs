@@ -1,6 +1,6 @@
-//! Hot reload triggers: the config file or a plugin's `.wasm` file changing on disk
-//! (`notify`, watching their parent directories so editors' rename-into-place is seen),
-//! and SIGHUP. Both call `Gateway::reload`, which validates (and loads plugins) before it
+//! Hot reload triggers: the config file, its `table.file` or a plugin's `.wasm` file
+//! changing on disk (`notify`, watching their parent directories so editors'
+//! rename-into-place is seen), and SIGHUP. Both call `Gateway::reload`, which validates (and loads plugins) before it
 //! swaps.
 
 use std::collections::BTreeSet;
@@ -30,10 +30,13 @@ fn canonical(path: &Path) -> PathBuf {
     }
 }
 
-/// The files whose change triggers a reload: the config file and every plugin file.
+/// The files whose change triggers a reload: the config file, its `table.file` and
+/// every plugin file.
 fn watched_files(gateway: &Gateway, config: &Path) -> BTreeSet<PathBuf> {
+    let settings = gateway.settings();
     let mut files = BTreeSet::from([canonical(config)]);
-    for p in &gateway.settings().config.plugins {
+    files.extend(settings.config.table.file.as_deref().map(canonical));
+    for p in &settings.config.plugins {
         files.insert(canonical(&p.path));
     }
     files
@@ -106,7 +109,7 @@ pub async fn watch_config(gateway: Arc<Gateway>) {
                 last = now;
                 let _ = gateway.reload(SwapSource::ConfigFile).await;
                 if watched_files(&gateway, &config) != files {
-                    break; // the plugin list changed: watch the new set
+                    break; // the plugins or the table file changed: watch the new set
                 }
             }
         }

@@ -414,6 +414,65 @@ async fn config_file_edits_and_sighup_swap_the_table_and_bad_ones_are_refused() 
     .await;
 }
 
+/// `[table] file`: the alias table from a JSON file of its own; editing it swaps the table,
+/// and a bad edit is refused naming the field and the file while the old table serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_file_is_watched_and_a_bad_one_is_refused() {
+    let (a, b) = (Upstream::start("cs_1"), Upstream::start("cs_2"));
+    let c3 = Upstream::start("cs_3");
+    let files = tempfile::tempdir().unwrap();
+    let table = files.path().join("aliases.json");
+    // written beside and renamed in, as a deploy tool would
+    let put = |text: String| {
+        let tmp = files.path().join("aliases.json.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &table).unwrap();
+    };
+    let write = |main: &Upstream| {
+        put(json!({"instances": {
+            "cs_1": {"address": main.addr.to_string(), "labels": {"zone": "a"}},
+            "cs_2": {"address": b.addr.to_string(), "weight": 2},
+        }})
+        .to_string())
+    };
+    write(&a);
+    let body = format!(
+        "{FAST_HEALTH}\n[table]\nfile = {:?}\n",
+        table.display().to_string()
+    );
+    let gw = Gateway::start(&body).await;
+    let c = client();
+    let haid = haid_for("cs_1", "cs_2", "5");
+    assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_1");
+    let aliases: Value = json_of(c.get(gw.admin_url("/v1/aliases"))).await;
+    assert_eq!(aliases["instances"]["cs_2"]["weight"], 2, "{aliases}");
+
+    // an edit of the file swaps the table: cs_1 now points at the server named cs_3
+    write(&c3);
+    gw.wait_served_by(&haid, "cs_3").await;
+
+    // a bad address is refused, naming the field and the file; the old table serves
+    let before = gw.metric("hagate_alias_table_version", &[]).await;
+    put(json!({"instances": {"cs_1": {"address": "nowhere"}}}).to_string());
+    gw.wait_metric(
+        "hagate_alias_table_swaps_total",
+        &[("source", "config"), ("result", "error")],
+        1.0,
+    )
+    .await;
+    let log = gw.log();
+    assert!(
+        log.contains("instances.cs_1.address") && log.contains("aliases.json"),
+        "{log}"
+    );
+    assert_eq!(gw.metric("hagate_alias_table_version", &[]).await, before);
+    assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_3");
+
+    // fixed: served by cs_1 again
+    write(&a);
+    gw.wait_served_by(&haid, "cs_1").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_writes_need_the_token() {
     let a = Upstream::start("cs_1");

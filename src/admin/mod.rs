@@ -22,14 +22,9 @@ use crate::metrics::metrics;
 use crate::placement::{Candidates, PlacementError, PlacementRequest};
 use crate::store::Listed;
 
-/// The body of `PUT /v1/aliases`: the same shape as the config's `[instances]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PutAliases {
-    /// `{"instances": {"cs_1": {"address": "127.0.0.1:9101"}}}`
-    #[serde(deserialize_with = "crate::model::deserialize_specs")]
-    pub instances: crate::model::Specs,
-}
+/// The body of `PUT /v1/aliases`: `{"instances": {"cs_1": {"address": "127.0.0.1:9101"}}}`,
+/// the same shape as the config's `[instances]`.
+pub type PutAliases = crate::model::TableValue;
 
 /// Answers one admin request.
 pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {

@@ -112,13 +112,7 @@ pub struct HolderValue {
 }
 
 /// The value of the table key: the body of `PUT /v1/aliases`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TableValue {
-    /// The instances, by alias.
-    #[serde(deserialize_with = "crate::model::deserialize_specs")]
-    pub instances: crate::model::Specs,
-}
+pub use crate::model::TableValue;
 
 /// The alias table as etcd holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
