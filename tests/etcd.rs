@@ -702,3 +702,61 @@ async fn a_full_read_larger_than_a_grpc_message_is_paged() {
         assert!(instances.contains_key(&format!("h_{i:06}")), "h_{i:06}");
     }
 }
+
+/// A table over etcd's request limit is refused with 413 naming that limit, whichever of
+/// etcd's two limits it passes (`--max-request-bytes`, 1.5 MiB, and its gRPC server's,
+/// 2 MiB), and the table in use stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_too_large_for_etcd_is_refused_with_413_and_the_old_one_serves() {
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("A");
+    let gw = Gateway::start_with_admin(
+        &format!(
+            "{}{}{}",
+            store_toml(&etcd, &prefix("too-large"), None),
+            FAST_HEALTH,
+            instances(&[("cs_1", &up)])
+        ),
+        "max_body = \"16MiB\"",
+    )
+    .await;
+    wait_ready(&gw, true).await;
+    let before = aliases(&gw).await["revision"].clone();
+    // about 65 bytes an alias as etcd would store them: 1.7 MiB and 5 MiB
+    let mut limits = std::collections::BTreeSet::new();
+    for n in [28_000, 80_000] {
+        let table: serde_json::Map<String, Value> = (0..n)
+            .map(|i| {
+                (
+                    format!("cs_{i:06}"),
+                    json!({"address": up.addr.to_string()}),
+                )
+            })
+            .collect();
+        let r = client()
+            .put(gw.admin_url("/v1/aliases"))
+            .json(&json!({ "instances": table }))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(status, 413, "{n} aliases: {answer}");
+        assert_eq!(answer["error"], "table_too_large_for_store", "{answer}");
+        let detail = answer["detail"].as_str().unwrap();
+        assert!(detail.contains("--max-request-bytes"), "{detail}");
+        limits.extend(
+            ["request is too large", "larger than max"]
+                .into_iter()
+                .filter(|l| detail.contains(l)),
+        );
+    }
+    assert_eq!(
+        limits.len(),
+        2,
+        "both of etcd's limits were met: {limits:?}"
+    );
+    let now = aliases(&gw).await;
+    assert_eq!(now["revision"], before, "{now}");
+    assert_eq!(now["instances"].as_object().unwrap().len(), 1);
+}

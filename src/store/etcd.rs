@@ -98,6 +98,14 @@ pub struct EtcdStore {
     snapshots: watch::Sender<Option<Arc<StoreState>>>,
 }
 
+/// Whether etcd refused a request for its size: its own limit (`--max-request-bytes`:
+/// "etcdserver: request is too large") or its gRPC server's, which is that plus 512 KiB
+/// ("grpc: received message larger than max").
+fn too_large(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    text.contains("request is too large") || text.contains("larger than max")
+}
+
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("etcd {what}: {e}"))
 }
@@ -258,6 +266,7 @@ impl EtcdStore {
             instances: Arc::clone(instances),
         })
         .map_err(|e| unavailable("encode", e))?;
+        let size = value.len();
         let mut c = self.client().await?;
         // Sent and not answered in time, the write may still land: say so, not "refused".
         let resp = tokio::time::timeout(
@@ -271,7 +280,13 @@ impl EtcdStore {
                 self.settings.request_timeout
             ))
         })?
-        .map_err(|e| unavailable("put", e))?;
+        .map_err(|e| match too_large(&e) {
+            true => StoreError::TooLarge(format!(
+                "etcd refused the table ({size} bytes) as too large: {e}; raise etcd's \
+                 --max-request-bytes (1.5 MiB by default) or write a smaller table"
+            )),
+            false => unavailable("put", e),
+        })?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 

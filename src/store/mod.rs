@@ -130,6 +130,9 @@ pub enum StoreError {
     /// A write was sent but not answered in time: it may or may not have been applied.
     #[error("membership store did not confirm the write: {0}; it may still be applied")]
     Unconfirmed(String),
+    /// The store refused a value as too large for it (etcd's `--max-request-bytes`).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// The heartbeat table.
