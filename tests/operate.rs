@@ -570,3 +570,36 @@ async fn tls_to_upstreams_verifies_the_server_name_for_requests_and_health_check
         "{body}"
     );
 }
+
+/// The variables of a running process.
+fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+/// `hagate run` sets mimalloc's purge delay to 10 ms by executing itself again (same process
+/// id), unless the operator set it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_sets_the_allocator_purge_delay_unless_the_operator_did() {
+    if !cfg!(feature = "mimalloc") || std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return; // built without mimalloc, or the test runner's own value would be kept
+    }
+    let a = Upstream::start("cs_1");
+    let body = instances(&[("cs_1", &a)]);
+    let gw = Gateway::start(&body).await;
+    let vars = environ(gw.pid());
+    assert!(
+        vars.iter().any(|v| v == "MIMALLOC_PURGE_DELAY=10"),
+        "{vars:?}"
+    );
+    let own = Gateway::start_env(&body, "", "", None, &[("MIMALLOC_PURGE_DELAY", "50")]).await;
+    let vars = environ(own.pid());
+    let set: Vec<&String> = vars
+        .iter()
+        .filter(|v| v.starts_with("MIMALLOC_PURGE_DELAY="))
+        .collect();
+    assert_eq!(set, ["MIMALLOC_PURGE_DELAY=50"], "{vars:?}");
+}
