@@ -440,16 +440,19 @@ fn ticker_switches(pid: u32) -> u64 {
 async fn the_epoch_ticker_parks_when_idle_and_a_spinning_call_is_still_cut() {
     let (_ups, gw) = misbehaving_gateway().await;
     let pid = gw.pid();
-    // parked: no switch for 200 ms, which ticking would fill with about 200
-    eventually(
-        "the epoch ticker to park",
-        Duration::from_secs(30),
-        || async {
-            let before = ticker_switches(pid);
-            tokio::time::sleep(Duration::from_millis(200)).await; // a window to count in
-            (ticker_switches(pid) == before).then_some(())
-        },
-    )
+    // parked: no switch over 10 polls in a row (20 ms apart), which ticking would fill
+    // with about 200
+    let mut seen = (0, 0); // the last count, and how many polls in a row have seen it
+    eventually("the epoch ticker to park", Duration::from_secs(30), || {
+        let now = ticker_switches(pid);
+        seen = if now == seen.0 {
+            (now, seen.1 + 1)
+        } else {
+            (now, 0)
+        };
+        let parked = seen.1 >= 10;
+        async move { parked.then_some(()) }
+    })
     .await;
     let c = client();
     let (status, body, _) = create(&c, &gw, "/spin/createContextID", "misbehave").await;
