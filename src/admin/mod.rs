@@ -179,11 +179,12 @@ async fn put_aliases(gateway: &Gateway, req: Request<Incoming>) -> Reply {
             StatusCode::BAD_REQUEST,
             &json!({"error": "invalid_alias_table", "field": e.field(), "detail": e.to_string()}),
         ),
-        // Sent but not answered in time: the write may still land (the PUT is idempotent).
+        // Refused by etcd for its size: no retry helps
         Err(PutError::Store(e @ crate::store::StoreError::TooLarge(_))) => json(
             StatusCode::PAYLOAD_TOO_LARGE,
             &json!({"error": "table_too_large_for_store", "detail": e.to_string()}),
         ),
+        // Sent but not answered in time: the write may still land (the PUT is idempotent).
         Err(PutError::Store(e @ crate::store::StoreError::Unconfirmed(_))) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"error": "store_write_unconfirmed", "detail": e.to_string()}),
