@@ -114,13 +114,30 @@ pub fn text(status: StatusCode, content_type: &str, body: String) -> Reply {
         .expect("static parts are valid")
 }
 
-/// Reads a request body of at most `limit` bytes.
-pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, String> {
-    Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| format!("cannot read the body: {e}"))
+/// Why a body was not read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// It is (or declares itself) longer than the limit.
+    TooLarge,
+    /// The connection failed while it was read.
+    Read(String),
+}
+
+/// Reads a request body of at most `limit` bytes; one that declares a longer
+/// `Content-Length` is refused before any of it is read.
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, BodyError> {
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(e) => Err(BodyError::Read(format!("cannot read the body: {e}"))),
+    }
 }
 
 /// A body this big is parsed on a blocking thread, not on the runtime's.
@@ -147,20 +164,13 @@ pub async fn read_json<T: serde::de::DeserializeOwned + Send + 'static>(
         }
         json(StatusCode::PAYLOAD_TOO_LARGE, &answer)
     };
-    let declared = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => {
+    let body = match read_body(req, limit).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => return Err(too_large()),
+        Err(BodyError::Read(detail)) => {
             return Err(json(
                 StatusCode::BAD_REQUEST,
-                &serde_json::json!({"error": error, "detail": format!("cannot read the body: {e}")}),
+                &serde_json::json!({"error": error, "detail": detail}),
             ))
         }
     };
