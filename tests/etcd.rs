@@ -83,7 +83,7 @@ async fn relayed_gateway(etcd: &Etcd, pre: &str, ups: &[(&str, &Upstream)]) -> (
 }
 
 fn agent(gws: &[&Gateway], alias: &str, server: &Upstream) -> Agent {
-    Agent::spawn(gws, alias, server, I, T, TOKEN)
+    Agent::start(&AgentArgs::new(gws, alias, server, I, T, TOKEN))
 }
 
 /// Polls until `gw` routes `haid` to `server`; how long that took from `since`.

@@ -32,7 +32,7 @@ async fn membership_gateway(ups: &[(&str, &Upstream)]) -> Gateway {
 
 /// An agent for `server` on `gw` with this file's I, T and token.
 fn agent(gw: &Gateway, alias: &str, server: &Upstream) -> Agent {
-    Agent::spawn(&[gw], alias, server, I, T, TOKEN)
+    Agent::start(&AgentArgs::new(&[gw], alias, server, I, T, TOKEN))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -592,34 +592,57 @@ pub struct Agent {
     log: tempfile::NamedTempFile,
 }
 
-impl Agent {
+/// What an agent is started with, owned, so that a supervisor can start it again.
+#[derive(Clone)]
+pub struct AgentArgs {
+    gateways: String,
+    alias: String,
+    address: String,
+    interval: Duration,
+    timeout: Duration,
+    token: String,
+}
+
+impl AgentArgs {
     /// An agent holding (or standing by for) `alias` for `server`, heartbeating to the
     /// first of `gateways` and moving on to the others when it fails.
-    pub fn spawn(
+    pub fn new(
         gateways: &[&Gateway],
         alias: &str,
         server: &Upstream,
         interval: Duration,
         timeout: Duration,
         token: &str,
-    ) -> Agent {
+    ) -> AgentArgs {
         let urls: Vec<String> = gateways
             .iter()
             .map(|g| format!("http://{}", g.admin))
             .collect();
+        AgentArgs {
+            gateways: urls.join(","),
+            alias: alias.to_string(),
+            address: server.addr.to_string(),
+            interval,
+            timeout,
+            token: token.to_string(),
+        }
+    }
+}
+
+impl Agent {
+    /// An agent started with `args`.
+    pub fn start(args: &AgentArgs) -> Agent {
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(BIN)
-            .args(["agent", "--alias", alias, "--address"])
-            .arg(server.addr.to_string())
-            .arg("--gateway")
-            .arg(urls.join(","))
-            .args(["--token", token, "--health-url"])
-            .arg(format!("http://{}/health", server.addr))
+            .args(["agent", "--alias", &args.alias, "--address", &args.address])
+            .args(["--gateway", &args.gateways, "--token", &args.token])
+            .arg("--health-url")
+            .arg(format!("http://{}/health", args.address))
             .args([
                 "-I",
-                &format!("{}ms", interval.as_millis()),
+                &format!("{}ms", args.interval.as_millis()),
                 "-T",
-                &format!("{}ms", timeout.as_millis()),
+                &format!("{}ms", args.timeout.as_millis()),
             ])
             .env("RUST_LOG", log_filter())
             .stdout(Stdio::null())
@@ -670,6 +693,83 @@ impl Drop for Agent {
     }
 }
 
+/// An agent run as the README says to run one: under a supervisor that starts it again when
+/// it steps down (exit status 3), as systemd's `Restart=always` does. A holder steps down by
+/// design when the gateways do not answer it for T - I, which a loaded machine can cause;
+/// it then comes back as a standby. Any other exit is a failure, which `stop` reports.
+pub struct SupervisedAgent {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Supervision>>,
+}
+
+/// What a supervisor saw: restarts after a step-down, and exits that were not one.
+#[derive(Debug, Default)]
+pub struct Supervision {
+    pub restarts: u32,
+    pub failures: Vec<String>,
+}
+
+impl SupervisedAgent {
+    pub fn spawn(args: AgentArgs) -> SupervisedAgent {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Supervision::default();
+            let mut agent = Agent::start(&args);
+            while !stopped.load(Ordering::Acquire) {
+                match agent.child.try_wait().unwrap() {
+                    // the supervisor's own poll of its child, as a service manager's
+                    None => std::thread::park_timeout(Duration::from_millis(20)),
+                    Some(status) => {
+                        let log = agent.log();
+                        if status.code() == Some(3) {
+                            seen.restarts += 1;
+                            eprintln!(
+                                "the agent for {} stepped down; starting it again:\n{log}",
+                                args.alias
+                            );
+                        } else {
+                            seen.failures.push(format!(
+                                "the agent for {} exited {status}:\n{log}",
+                                args.alias
+                            ));
+                        }
+                        agent = Agent::start(&args);
+                    }
+                }
+            }
+            agent.kill();
+            seen
+        });
+        SupervisedAgent {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the supervisor, then `kill -9`s the agent; what the supervisor saw.
+    pub fn kill(&mut self) -> Supervision {
+        self.stop.store(true, Ordering::Release);
+        match self.thread.take() {
+            Some(thread) => {
+                thread.thread().unpark();
+                thread.join().expect("the agent's supervisor")
+            }
+            None => Supervision::default(),
+        }
+    }
+}
+
+impl Drop for SupervisedAgent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Sends `sig` (e.g. `STOP`, `CONT`, `KILL`) to `pid` with kill(1).
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
@@ -686,6 +786,8 @@ pub struct ChaosReport {
     pub kills: u32,
     pub ok: u64,
     pub takeovers: f64,
+    /// Holders that stepped down on their own (and were started again as standbys).
+    pub step_downs: u32,
 }
 
 /// The holder of `alias` as `GET /v1/membership/primary/{alias}` on `gw` reports it.
@@ -735,10 +837,19 @@ pub async fn chaos(
     cycles: u32,
 ) -> ChaosReport {
     let n = aliases.len();
+    // supervised as the README says, so that a holder that steps down while the machine is
+    // slow comes back as a standby
     let spawn = |i: usize, server: &Upstream| {
-        Agent::spawn(gws, aliases[i], server, interval, timeout, token)
+        SupervisedAgent::spawn(AgentArgs::new(
+            gws, aliases[i], server, interval, timeout, token,
+        ))
     };
-    let mut agents: Vec<Agent> = (0..n).map(|i| spawn(i, &servers[i])).collect();
+    let mut agents: Vec<SupervisedAgent> = (0..n).map(|i| spawn(i, &servers[i])).collect();
+    let mut supervision = Supervision::default();
+    let mut note = |seen: Supervision| {
+        supervision.restarts += seen.restarts;
+        supervision.failures.extend(seen.failures);
+    };
     for i in 0..n {
         wait_primary_at(gws[0], aliases[i], &servers[i]).await;
     }
@@ -787,7 +898,7 @@ pub async fn chaos(
     while kills < cycles {
         let i = rng.usize(0..n);
         let old = wait_primary_at(gws[0], aliases[i], &servers[i]).await["uuid"].clone();
-        agents[i].kill();
+        note(agents[i].kill());
         servers[i].kill();
         kills += 1;
         seen(i, 0.0).await;
@@ -803,6 +914,9 @@ pub async fn chaos(
         served(rng.u64(200..800)).await;
     }
     let (ok, errors) = load.finish().await;
+    for agent in &mut agents {
+        note(agent.kill());
+    }
     let mut takeovers = 0.0;
     for gw in gws {
         for a in aliases {
@@ -812,16 +926,23 @@ pub async fn chaos(
         }
     }
     eprintln!(
-        "chaos on {} gateway(s): {kills} kill -9 + restart cycles, {ok} requests, {} errors, {takeovers} takeovers",
+        "chaos on {} gateway(s): {kills} kill -9 + restart cycles, {ok} requests, {} errors, {takeovers} takeovers, {} step-downs",
         gws.len(),
-        errors.len()
+        errors.len(),
+        supervision.restarts
     );
     assert!(ok > 100, "{ok} requests");
     assert!(errors.is_empty(), "{errors:?}");
+    assert!(
+        supervision.failures.is_empty(),
+        "{:#?}",
+        supervision.failures
+    );
     ChaosReport {
         kills,
         ok,
         takeovers,
+        step_downs: supervision.restarts,
     }
 }
 
