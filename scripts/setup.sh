@@ -2,7 +2,8 @@
 # Installs what a fresh Debian machine lacks to build and test hagate: cmake (pingora's
 # zlib-ng), protoc (etcd-client), etcd and etcdctl (the tests start their own etcd; the
 # package's service is kept from starting), promtool (Debian's prometheus package; the
-# deploy/ tests), curl and openssl (the TLS tests), schemathesis from PyPI (the admin API
+# deploy/ tests), systemd-analyze (the systemd package; the deploy/ tests verify the units
+# with it, nothing is started), curl and openssl (the TLS tests), schemathesis from PyPI (the admin API
 # tests), rustfmt, clippy and the wasm32-wasip2 target. Idempotent: it
 # installs only what is missing. Sourced by scripts/demo.sh, scripts/test.sh and .ci/run.
 set -euo pipefail
@@ -15,6 +16,7 @@ command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)   # etcd-clien
 [ -x /usr/bin/etcd ] || missing+=(etcd-server)                      # the etcd tests start their own
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)        # tests compact and inspect with it
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)        # tests check deploy/'s rules and /metrics
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)  # tests verify deploy/systemd/'s units
 command -v curl >/dev/null 2>&1 || missing+=(curl)                 # the TLS tests are its clients
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)           # the TLS tests make their certificates
 if [ "${HAGATE_LOAD_TOOLS:-0}" = 1 ]; then                  # the benches/*.sh scripts only

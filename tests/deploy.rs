@@ -1,6 +1,8 @@
 //! The deploy kit (`deploy/`): the alert rules pass `promtool check rules`, a live gateway's
 //! `/metrics` passes `promtool check metrics`, and every metric that the rules and the
-//! Grafana dashboard name exists in a live gateway's `/metrics`.
+//! Grafana dashboard name exists in a live gateway's `/metrics`. The systemd units pass
+//! `systemd-analyze verify` without a warning, and the agent's unit passes only flags that
+//! `hagate agent` takes.
 
 mod common;
 
@@ -127,4 +129,59 @@ async fn live_metrics_pass_promtool_and_name_everything_the_rules_and_dashboard_
     let dash: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(repo_path(DASHBOARD)).unwrap()).unwrap();
     assert!(dash["panels"].as_array().is_some_and(|p| p.len() >= 8));
+}
+
+/// The systemd units, with the binary path pointed at the one under test (systemd checks
+/// that it exists), in a temporary directory.
+fn units_for_test() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["hagate.service", "hagate-agent@.service"] {
+        let text = std::fs::read_to_string(repo_path(&format!("deploy/systemd/{unit}"))).unwrap();
+        std::fs::write(
+            dir.path().join(unit),
+            text.replace("/usr/local/bin/hagate", BIN),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify_without_a_warning() {
+    let dir = units_for_test();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("hagate.service"))
+        // a template is verified through an instance of it
+        .arg(dir.path().join("hagate-agent@cs_1_dev.service"))
+        .current_dir(dir.path())
+        .output()
+        .expect("systemd-analyze: scripts/setup.sh installs it (apt-get install systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}
+
+#[test]
+fn the_agent_unit_passes_only_flags_that_hagate_agent_takes() {
+    let unit = std::fs::read_to_string(repo_path("deploy/systemd/hagate-agent@.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let help = Command::new(BIN)
+        .args(["agent", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = exec
+        .split_whitespace()
+        .filter(|w| w.starts_with('-'))
+        .collect();
+    assert!(flags.len() >= 6, "{exec}");
+    for flag in flags {
+        assert!(
+            help.split([' ', ',', '\n']).any(|w| w == flag),
+            "{flag} is not a flag of hagate agent:\n{help}"
+        );
+    }
 }
