@@ -34,6 +34,10 @@ DURATION = os.environ.get("DURATION", "10s")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 CONNS = int(os.environ.get("CONNS", "32"))
 RATE_DURATION = os.environ.get("RATE_DURATION", "10s")
+# ACCESS_LOG=1: every proxy logs each request to a file, as a production proxy does: nginx
+# with a 64 KiB buffer, hagate as JSON (`log.access`, stderr to the file). HAProxy logs
+# only to syslog, so it stays without.
+ACCESS_LOG = os.environ.get("ACCESS_LOG", "0") == "1"
 TICK = os.sysconf("SC_CLK_TCK")
 BODY = "x" * 1024
 
@@ -148,10 +152,12 @@ events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{up}; location / {{ return 200 "{BODY}"; }} }} }}
 """)
+        ngx_log = (f"access_log {work}/ngx.access combined buffer=64k;" if ACCESS_LOG
+                   else "access_log off;")
         with open(f"{work}/nginx.conf", "w") as f:
             f.write(f"""worker_processes 1; daemon off; pid {work}/ngx.pid; error_log {work}/ngx.err;
 events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000;
+http {{ {ngx_log} keepalive_requests 1000000;
   upstream up {{ server 127.0.0.1:{up}; keepalive 64; }}
   server {{ listen 127.0.0.1:{ngx};
     location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
@@ -194,13 +200,16 @@ address = "127.0.0.1:{up}"
 [instances.cs_2_bench]
 address = "127.0.0.1:{up}"
 """)
+                if ACCESS_LOG:
+                    f.write('[log]\nformat = "json"\naccess = true\n')
             if haid is None:
                 haid = subprocess.run(
                     [path, "haid", "encode", "--main", "cs_1_bench", "--backup", "cs_2_bench",
                      "--id", "1024"], capture_output=True, text=True, check=True).stdout.strip()
             err = open(f"{work}/{name}.err", "w")
             start([path, "run", "--config", conf], stderr=err,
-                  env=dict(os.environ, RUST_LOG="warn"))
+                  env=dict(os.environ,
+                           RUST_LOG="warn,hagate::access=info" if ACCESS_LOG else "warn"))
             targets.append(Target(name, port, [procs[-1]], [f"contextID: {haid}"]))
 
         for t in targets:

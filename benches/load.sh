@@ -8,6 +8,8 @@
 #   benches/load.sh                          # 3 rounds of 10 s per target
 #   ROUNDS=5 DURATION=20s benches/load.sh
 #   HAGATE_BINS="before=/tmp/hagate.old after=target/release/hagate" benches/load.sh
+#   ACCESS_LOG=1 benches/load.sh             # every proxy writes an access log (nginx,
+#                                            # hagate; HAProxy logs only to syslog)
 #
 # HAGATE_BINS compares several hagate builds side by side in the same rounds (name=path);
 # by default the release build of this tree is measured.

@@ -181,7 +181,10 @@ fn main() -> ExitCode {
     if !matches!(cmd, Cmd::Run { .. }) {
         hagate::logging::init(hagate::config::LogFormat::Text);
     }
-    match dispatch(cmd) {
+    let code = dispatch(cmd);
+    // what was logged comes before the error line
+    hagate::logging::flush();
+    match code {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hagate: {e:#}");

@@ -383,6 +383,9 @@ pub fn run(
     tracing::info!(%listen, admin = %admin_addr, tls = tls.is_some(), upgraded = upgrade, "hagate is serving");
     server.run(pingora::server::RunArgs::default());
     remove_pid_file(&pid_file);
+    tracing::info!("hagate stopped");
+    // the log's writer thread writes out what is queued; `exit` would not wait for it
+    crate::logging::flush();
     std::process::exit(0)
 }
 

@@ -603,3 +603,29 @@ async fn the_gateway_sets_the_allocator_purge_delay_unless_the_operator_did() {
         .collect();
     assert_eq!(set, ["MIMALLOC_PURGE_DELAY=50"], "{vars:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lines_logged_as_the_gateway_stops_are_in_its_log() {
+    // Lines are written by a thread of their own; the gateway writes out what is queued
+    // before it exits, so a graceful stop's last lines (pingora's, then its own, logged
+    // just before the exit) reach the log.
+    let a = Upstream::start("A");
+    let mut gw = Gateway::start_env(
+        &instances(&[("cs_1", &a)]),
+        "",
+        "",
+        None,
+        &[("RUST_LOG", "info")],
+    )
+    .await;
+    signal(gw.pid(), "TERM");
+    eventually("the gateway to exit", Duration::from_secs(30), || {
+        let exited = !gw.still_running();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    let log = gw.log();
+    assert!(log.contains("All runtimes exited, exiting now"), "{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(last.ends_with("hagate stopped"), "{log}");
+}
