@@ -206,7 +206,10 @@ address = "127.0.0.1:{up}"
                 haid = subprocess.run(
                     [path, "haid", "encode", "--main", "cs_1_bench", "--backup", "cs_2_bench",
                      "--id", "1024"], capture_output=True, text=True, check=True).stdout.strip()
-            err = open(f"{work}/{name}.err", "w")
+            # Not beside the config: the gateway watches the config's directory, and would
+            # wake for every write of its own log (docs/operating.md, "Logs").
+            os.makedirs(f"{work}/logs", exist_ok=True)
+            err = open(f"{work}/logs/{name}.err", "w")
             start([path, "run", "--config", conf], stderr=err,
                   env=dict(os.environ,
                            RUST_LOG="warn,hagate::access=info" if ACCESS_LOG else "warn"))

@@ -1,13 +1,6 @@
 //! The process's log: `tracing-subscriber` in the format of `log.format` (text or JSON),
 //! at the level of `RUST_LOG` (default `info`), on stderr.
 //!
-//! Lines are written by a thread of their own (`tracing-appender`'s non-blocking writer),
-//! as nginx buffers its access log: a request's thread formats its line and hands it over,
-//! and never waits on stderr's reader (a full disk, a slow journald or pipe) unless
-//! `QUEUED_LINES` lines are waiting; then it waits, so no line is dropped. The writer thread
-//! writes what has queued up in one `write(2)` where it can, not one per line. `flush`
-//! writes out what is queued; the process calls it before it exits.
-//!
 //! Pingora logs through the `log` crate. Its records are forwarded here as events with
 //! target `pingora` (the module in a `module` field), with one change: the errors a client
 //! causes (it closed its connection, reset it, or timed out: pingora's "Fail to proxy:
@@ -15,36 +8,18 @@
 //! disconnects buries the errors that matter; so does a harmless race in pingora's
 //! connection pool (`level_of`). hagate counts requests in its own metrics.
 
-use std::sync::Mutex;
-
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Lines that may wait for the writer thread before a logging thread waits for it in turn:
-/// a few MiB at most, seconds of an access log at tens of thousands of requests a second.
-const QUEUED_LINES: usize = 16_384;
-
-/// The writer thread's handle: dropping it writes out every queued line.
-static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
-
 /// Installs the global subscriber and the `log` bridge. Call once, first thing.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let max = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("hagate-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Text => tracing::subscriber::set_global_default(
             builder
@@ -59,21 +34,11 @@ pub fn init(format: LogFormat) {
                 .finish(),
         ),
     };
-    if installed.is_ok() {
-        *WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
-    }
     if installed.is_ok() && log::set_logger(&BRIDGE).is_ok() {
         // Pingora's `debug!` calls on the request path cost one comparison when they are
         // off (the `log` crate checks this static first).
         log::set_max_level(log_level(max));
     }
-}
-
-/// Writes out every line logged so far, and stops the writer thread: later lines are lost.
-/// Call it just before the process exits.
-pub fn flush() {
-    let guard = WRITER.lock().unwrap_or_else(|p| p.into_inner()).take();
-    drop(guard);
 }
 
 fn log_level(max: LevelFilter) -> log::LevelFilter {

@@ -181,10 +181,7 @@ fn main() -> ExitCode {
     if !matches!(cmd, Cmd::Run { .. }) {
         hagate::logging::init(hagate::config::LogFormat::Text);
     }
-    let code = dispatch(cmd);
-    // what was logged comes before the error line
-    hagate::logging::flush();
-    match code {
+    match dispatch(cmd) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hagate: {e:#}");

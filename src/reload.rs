@@ -67,17 +67,37 @@ fn changes(event: &notify::Event, files: &BTreeSet<PathBuf>) -> bool {
     written && event.paths.iter().any(|p| files.contains(p))
 }
 
+/// The file that stderr (the log) is written to, if it is a regular file in one of `dirs`.
+/// inotify reports every write in a watched directory, and notify's mask cannot leave writes
+/// out, so the watcher would wake for every line logged.
+fn log_inside(dirs: &BTreeSet<PathBuf>) -> Option<PathBuf> {
+    let log = std::fs::canonicalize("/proc/self/fd/2").ok()?;
+    let is_file = std::fs::metadata(&log).ok()?.is_file();
+    (is_file && dirs.contains(log.parent()?)).then_some(log)
+}
+
 /// Watches the config and plugin files and reloads on change, until the process ends.
 pub async fn watch_config(gateway: Arc<Gateway>) {
     let Some(config) = gateway.config_path().map(PathBuf::from) else {
         return;
     };
+    let mut warned = false;
     loop {
         let files = watched_files(&gateway, &config);
         let dirs: BTreeSet<PathBuf> = files
             .iter()
             .filter_map(|f| f.parent().map(PathBuf::from))
             .collect();
+        if let Some(log) = log_inside(&dirs).filter(|_| !warned) {
+            warned = true;
+            tracing::warn!(
+                log = %log.display(),
+                "the log is written into a directory that the config watcher watches: every line \
+                 logged wakes the watcher, which with log.access on costs as much CPU as the \
+                 proxying; write the log to another directory"
+            );
+        }
+        tracing::info!(files = files.len(), dirs = ?dirs, "watching the config's files for changes");
         let (tx, mut rx) = mpsc::channel::<()>(16);
         let wanted = files.clone();
         let mut watcher =

@@ -384,8 +384,6 @@ pub fn run(
     server.run(pingora::server::RunArgs::default());
     remove_pid_file(&pid_file);
     tracing::info!("hagate stopped");
-    // the log's writer thread writes out what is queued; `exit` would not wait for it
-    crate::logging::flush();
     std::process::exit(0)
 }
 

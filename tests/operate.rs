@@ -606,9 +606,8 @@ async fn the_gateway_sets_the_allocator_purge_delay_unless_the_operator_did() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lines_logged_as_the_gateway_stops_are_in_its_log() {
-    // Lines are written by a thread of their own; the gateway writes out what is queued
-    // before it exits, so a graceful stop's last lines (pingora's, then its own, logged
-    // just before the exit) reach the log.
+    // A graceful stop's last lines (pingora's, then the gateway's own, logged just before
+    // the exit) reach the log, so an operator can tell a clean stop from a crash.
     let a = Upstream::start("A");
     let mut gw = Gateway::start_env(
         &instances(&[("cs_1", &a)]),
@@ -628,4 +627,53 @@ async fn the_lines_logged_as_the_gateway_stops_are_in_its_log() {
     assert!(log.contains("All runtimes exited, exiting now"), "{log}");
     let last = log.lines().last().unwrap_or_default();
     assert!(last.ends_with("hagate stopped"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_written_beside_the_config_is_named_in_a_warning() {
+    // inotify reports every write in the config's directory, so a log there wakes the
+    // watcher once per line; the gateway says so.
+    let a = Upstream::start("A");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hagate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n{}",
+            gateway_port(),
+            gateway_port(),
+            instances(&[("cs_1", &a)])
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("hagate.log");
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let warned = eventually("the warning", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            text.lines()
+                .find(|l| l.contains("config watcher watches"))
+                .map(String::from)
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warned.contains("WARN"), "{warned}");
+    let canonical = std::fs::canonicalize(&log).unwrap();
+    assert!(warned.contains(canonical.to_str().unwrap()), "{warned}");
+    // a log elsewhere (the harness writes it to a subdirectory) gets no warning
+    let gw = Gateway::start(&instances(&[("cs_1", &a)])).await;
+    let log = eventually("the watcher to start", Duration::from_secs(20), || {
+        let log = gw.log();
+        async move { log.contains("watching the config's files").then_some(log) }
+    })
+    .await;
+    assert!(!log.contains("config watcher watches"), "{log}");
 }

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hagate");
+/// A test gateway's log, under its directory but not in the config's own directory.
+const LOG: &str = "logs/hagate.log";
 
 /// A free loopback port for a gateway listener, below the kernel's ephemeral range
 /// (32768-60999 by default): a port from `bind(":0")` is ephemeral, and the kernel can hand
@@ -260,11 +262,13 @@ impl Gateway {
         );
         let path = dir.path().join("hagate.toml");
         std::fs::write(&path, config).unwrap();
-        // appended to, so that a process that replaces it (`upgrade`) can log there too
+        // appended to, so that a process that replaces it (`upgrade`) can log there too;
+        // not beside the config, whose directory the gateway watches
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.path().join("hagate.log"))
+            .open(dir.path().join(LOG))
             .unwrap();
         let mut cmd = match nofile {
             None => Command::new(BIN),
@@ -322,7 +326,7 @@ impl Gateway {
     pub async fn upgrade(&mut self) {
         let log = std::fs::OpenOptions::new()
             .append(true)
-            .open(self.dir.path().join("hagate.log"))
+            .open(self.dir.path().join(LOG))
             .unwrap();
         let new = Command::new(BIN)
             .args(["run", "--upgrade", "--config"])
@@ -427,7 +431,7 @@ impl Gateway {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("hagate.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(LOG)).unwrap_or_default()
     }
 
     /// Rewrites the config file in place.
