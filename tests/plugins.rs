@@ -416,6 +416,69 @@ async fn misbehaving_plugins_are_contained_and_counted() {
     );
 }
 
+/// Calls are synchronous on a proxy thread, so a plugin may not wait in WASI: a `sleep` is
+/// trapped at once, naming what waited, long before its deadline would cut it. Writing to
+/// stdout and stderr (a panic message, a debugging line) does not wait and is allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_waits_is_trapped_at_once_and_one_that_prints_is_not() {
+    let ups: Vec<Upstream> = ["cs_1", "cs_2"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    let wasm = plugin_wasm("misbehave");
+    let mut body = String::from(FAST_HEALTH);
+    body += &instances(&[("cs_1", &ups[0]), ("cs_2", &ups[1])]);
+    for mode in ["sleep", "print", "trap"] {
+        // a deadline the sleep would reach if it were not trapped: then it would count as
+        // a timeout, not a trap
+        let extra = format!(
+            "config = {mode:?}\nmatch = [{{ path_prefix = \"/{mode}/\" }}]\ndeadline = \"5s\""
+        );
+        body += &plugin_entry(mode, &wasm, &extra);
+    }
+    let mut gw = Gateway::start(&body).await;
+    let c = client();
+    for (mode, outcome) in [("sleep", "trap"), ("print", "ok"), ("trap", "trap")] {
+        let path = format!("/{mode}/createContextID");
+        let (status, body, _) = create(&c, &gw, &path, "misbehave").await;
+        assert_eq!(status, 200, "{mode}: {body}");
+        assert_eq!(
+            gw.metric(
+                "hagate_plugin_calls_total",
+                &[("plugin", mode), ("outcome", outcome)]
+            )
+            .await,
+            1.0,
+            "{mode} counted as {outcome}"
+        );
+    }
+    let log = gw.log();
+    let warned = |plugin: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| {
+                l.contains("placement plugin failed") && l.contains(&format!("plugin=\"{plugin}\""))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let sleep = warned("sleep");
+    assert!(
+        sleep.len() == 1 && sleep[0].contains("a placement plugin may not wait: wasi:io/poll"),
+        "the sleep was trapped, naming the wait:\n{log}"
+    );
+    // the panic message went to stderr without waiting: the trap is the guest's own
+    let trap = warned("trap");
+    assert!(
+        trap.len() == 1 && trap[0].contains("unreachable") && !trap[0].contains("may not wait"),
+        "the panic trapped as the guest's own trap:\n{log}"
+    );
+    assert!(
+        warned("print").is_empty(),
+        "printing is not a failure:\n{log}"
+    );
+    assert!(gw.still_running(), "the gateway exited");
+}
+
 /// The voluntary context switches of the gateway's epoch ticker thread: they climb by
 /// about 1000 a second while it ticks, and stand still while it is parked.
 fn ticker_switches(pid: u32) -> u64 {

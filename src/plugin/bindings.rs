@@ -13,9 +13,6 @@ mod generated {
         world: "placement",
         // Parameters borrow the host's data: no copies of aliases, labels or paths per call.
         ownership: Borrowing { duplicate_if_necessary: false },
-        // Calls run on a fiber and are awaited on the proxy's runtime, so WASI host calls
-        // (a guest printing a panic message) never block a runtime thread.
-        exports: { default: async },
     });
 }
 

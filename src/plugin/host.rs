@@ -1,14 +1,14 @@
 //! The wasmtime host for placement plugins, wrapped narrowly.
 //!
-//! - One `Engine` per process, configured here only: component model, async calls (each
-//!   on a fiber whose stack the store keeps), epoch interruption, and a 1 ms epoch ticker
+//! - One `Engine` per process, configured here only: component model, synchronous calls
+//!   (on the calling thread: no fiber to switch to), epoch interruption, and a 1 ms epoch ticker
 //!   thread that enforces per-call deadlines inside Wasm code (it runs while guest code
 //!   may run and for a second after, then parks until the next call). The deadline is CPU time:
 //!   a call that lasts a tick is charged that tick, and from then on the calling thread's
 //!   CPU clock says whether it has used its deadline up, so a call that waited for a core
-//!   on a busy machine is not cut (and a call shorter than a tick reads no clock). A wall-clock
-//!   timeout of twice the deadline, and at least 1 s, also bounds time spent waiting in
-//!   WASI host calls.
+//!   on a busy machine is not cut (and a call shorter than a tick reads no clock). No WASI
+//!   function can make a call wait: the ones that would trap instead (`nonblocking.rs`), so
+//!   the epoch deadline bounds the whole call.
 //! - A plugin is compiled and pre-linked once (`PlacementPre`). Its instances are kept in
 //!   a small pool and reused call after call, so a call never pays for an instantiation;
 //!   an instance that trapped or timed out is dropped, and the next call makes a new one.
@@ -125,7 +125,7 @@ fn linker() -> &'static Linker<HostState> {
     static LINKER: OnceLock<Linker<HostState>> = OnceLock::new();
     LINKER.get_or_init(|| {
         let mut linker = Linker::new(engine());
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).expect("WASI links once");
+        super::nonblocking::add_to_linker(&mut linker).expect("WASI links once");
         linker
     })
 }
@@ -152,7 +152,7 @@ enum CpuBudget {
     Clocked(std::thread::ThreadId, Duration, Duration),
 }
 
-/// The CPU time the calling thread has used (a Wasm call runs on its fiber on this thread).
+/// The CPU time the calling thread has used (a Wasm call runs on this thread).
 fn thread_cpu() -> Duration {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
         .map_or(Duration::ZERO, Duration::from)
@@ -307,7 +307,7 @@ impl Plugin {
             limits,
             idle: Mutex::new(Vec::new()),
         };
-        let slot = plugin.instantiate().await.map_err(|e| match e {
+        let slot = plugin.instantiate().map_err(|e| match e {
             SlotError::Instantiate(m) => LoadError::Instantiate(m),
             SlotError::Configure(m) => LoadError::Configure(m),
         })?;
@@ -316,7 +316,7 @@ impl Plugin {
     }
 
     /// A new instance, configured: what replacing a trapped instance costs.
-    async fn instantiate(&self) -> Result<Slot, SlotError> {
+    fn instantiate(&self) -> Result<Slot, SlotError> {
         let wasi = WasiCtx::builder()
             .allow_tcp(false)
             .allow_udp(false)
@@ -341,12 +341,10 @@ impl Plugin {
         store.set_epoch_deadline(ticks(SETUP_DEADLINE));
         let guest = self
             .pre
-            .instantiate_async(&mut store)
-            .await
+            .instantiate(&mut store)
             .map_err(|e| SlotError::Instantiate(format!("{e:#}")))?;
         guest
             .call_configure(&mut store, &self.config)
-            .await
             .map_err(|e| SlotError::Instantiate(CallError::from_wasm(e).to_string()))?
             .map_err(SlotError::Configure)?;
         Ok(Slot {
@@ -360,10 +358,7 @@ impl Plugin {
 
     /// Makes and drops one fresh instance (for benchmarks of the replacement cost).
     pub async fn replace_once(&self) -> Result<(), String> {
-        self.instantiate()
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
+        self.instantiate().map(drop).map_err(|e| e.to_string())
     }
 
     fn take(&self) -> Option<Slot> {
@@ -384,15 +379,7 @@ impl Plugin {
         request: &PlacementRequest<'_>,
         candidates: &Candidates<'_>,
     ) -> Result<Choice, CallError> {
-        let call = self.call(request, candidates);
-        // Epochs cut Wasm code once it has used its deadline in CPU time; this wall-clock
-        // bound (twice the deadline, at least SETUP_DEADLINE, so that a call waiting for a
-        // core on a busy machine is not cut) also cuts a guest waiting in a WASI host call.
-        // A call cut here is dropped with its instance.
-        let wall = (self.limits.deadline * 2).max(SETUP_DEADLINE);
-        let choice = tokio::time::timeout(wall, call)
-            .await
-            .map_err(|_| CallError::Timeout)??;
+        let choice = self.call(request, candidates)?;
         check_choice(
             choice.main,
             choice.backup,
@@ -403,7 +390,7 @@ impl Plugin {
     }
 
     /// One call on a pooled (or new) instance; the raw answer as indices.
-    async fn call(
+    fn call(
         &self,
         request: &PlacementRequest<'_>,
         candidates: &Candidates<'_>,
@@ -413,7 +400,6 @@ impl Plugin {
             Some(slot) => slot,
             None => self
                 .instantiate()
-                .await
                 .map_err(|e| CallError::Trap(e.to_string()))?,
         };
         slot.store.set_epoch_deadline(1);
@@ -430,7 +416,6 @@ impl Plugin {
             let instances = bindings::instances(&candidates.list, &labels);
             slot.guest
                 .call_set_instances(&mut slot.store, &instances)
-                .await
                 .map_err(CallError::from_wasm)?;
             slot.seen = Some(candidates.version);
         }
@@ -448,7 +433,6 @@ impl Plugin {
                 &slot.loads,
                 &slot.exclude,
             )
-            .await
             .map_err(CallError::from_wasm)?;
         slot.store.data_mut().cpu = None;
         self.put(slot);

@@ -13,6 +13,7 @@
 
 pub mod bindings;
 pub mod host;
+mod nonblocking;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -7,7 +7,9 @@
 //! - `trap`: panics, which traps the instance;
 //! - `unknown-alias`: answers with an instance index that does not exist;
 //! - `dead`: answers with an instance that is not live;
-//! - `error`: returns an error.
+//! - `error`: returns an error;
+//! - `sleep`: sleeps for an hour (a WASI wait: the gateway must trap it at once);
+//! - `print`: writes a line to stdout and to stderr, then places normally.
 //!
 //! The config `refuse` makes `configure` fail, so the plugin is refused at load.
 
@@ -26,7 +28,7 @@ impl Guest for Misbehave {
     fn configure(config: String) -> Result<(), String> {
         let mode = config.trim();
         match mode {
-            "spin" | "bomb" | "trap" | "unknown-alias" | "dead" | "error" => {
+            "spin" | "bomb" | "trap" | "unknown-alias" | "dead" | "error" | "sleep" | "print" => {
                 MODE.with_borrow_mut(|m| *m = mode.to_string());
                 Ok(())
             }
@@ -50,6 +52,11 @@ impl Guest for Misbehave {
                     HOARD.with_borrow_mut(|h| h.push(vec![1u8; 1 << 20]));
                 },
                 "trap" => panic!("misbehave: trap on purpose"),
+                "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+                "print" => {
+                    println!("misbehave: a line on stdout");
+                    eprintln!("misbehave: a line on stderr");
+                }
                 "unknown-alias" => {
                     return Ok(Choice {
                         main: loads.len() as u32 + 7,
