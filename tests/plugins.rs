@@ -419,8 +419,10 @@ async fn misbehaving_plugins_are_contained_and_counted() {
 /// Calls are synchronous on a proxy thread, so a plugin may not wait in WASI: a `sleep` is
 /// trapped at once, naming what waited, long before its deadline would cut it. Writing to
 /// stdout and stderr (a panic message, a debugging line) does not wait and is allowed.
+/// Guest code runs on the proxy thread's stack, so endless recursion must stop at
+/// wasmtime's stack limit with a trap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_that_waits_is_trapped_at_once_and_one_that_prints_is_not() {
+async fn a_plugin_that_waits_or_recurses_is_trapped_and_one_that_prints_is_not() {
     let ups: Vec<Upstream> = ["cs_1", "cs_2"]
         .iter()
         .map(|n| Upstream::start(n))
@@ -428,7 +430,7 @@ async fn a_plugin_that_waits_is_trapped_at_once_and_one_that_prints_is_not() {
     let wasm = plugin_wasm("misbehave");
     let mut body = String::from(FAST_HEALTH);
     body += &instances(&[("cs_1", &ups[0]), ("cs_2", &ups[1])]);
-    for mode in ["sleep", "print", "trap"] {
+    for mode in ["sleep", "print", "trap", "recurse"] {
         // a deadline the sleep would reach if it were not trapped: then it would count as
         // a timeout, not a trap
         let extra = format!(
@@ -438,7 +440,12 @@ async fn a_plugin_that_waits_is_trapped_at_once_and_one_that_prints_is_not() {
     }
     let mut gw = Gateway::start(&body).await;
     let c = client();
-    for (mode, outcome) in [("sleep", "trap"), ("print", "ok"), ("trap", "trap")] {
+    for (mode, outcome) in [
+        ("sleep", "trap"),
+        ("print", "ok"),
+        ("trap", "trap"),
+        ("recurse", "trap"),
+    ] {
         let path = format!("/{mode}/createContextID");
         let (status, body, _) = create(&c, &gw, &path, "misbehave").await;
         assert_eq!(status, 200, "{mode}: {body}");
@@ -475,6 +482,12 @@ async fn a_plugin_that_waits_is_trapped_at_once_and_one_that_prints_is_not() {
     assert!(
         warned("print").is_empty(),
         "printing is not a failure:\n{log}"
+    );
+    // on the proxy thread's own stack: wasmtime's stack limit, not a crash
+    let recurse = warned("recurse");
+    assert!(
+        recurse.len() == 1 && recurse[0].contains("call stack exhausted"),
+        "the recursion trapped at the stack limit:\n{log}"
     );
     assert!(gw.still_running(), "the gateway exited");
 }

@@ -9,7 +9,9 @@
 //! - `dead`: answers with an instance that is not live;
 //! - `error`: returns an error;
 //! - `sleep`: sleeps for an hour (a WASI wait: the gateway must trap it at once);
-//! - `print`: writes a line to stdout and to stderr, then places normally.
+//! - `print`: writes a line to stdout and to stderr, then places normally;
+//! - `recurse`: recurses without end (wasmtime's stack limit must trap it, on whatever
+//!   thread the gateway calls it from).
 //!
 //! The config `refuse` makes `configure` fail, so the plugin is refused at load.
 
@@ -28,7 +30,8 @@ impl Guest for Misbehave {
     fn configure(config: String) -> Result<(), String> {
         let mode = config.trim();
         match mode {
-            "spin" | "bomb" | "trap" | "unknown-alias" | "dead" | "error" | "sleep" | "print" => {
+            "spin" | "bomb" | "trap" | "unknown-alias" | "dead" | "error" | "sleep" | "print"
+            | "recurse" => {
                 MODE.with_borrow_mut(|m| *m = mode.to_string());
                 Ok(())
             }
@@ -53,6 +56,9 @@ impl Guest for Misbehave {
                 },
                 "trap" => panic!("misbehave: trap on purpose"),
                 "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+                "recurse" => {
+                    std::hint::black_box(deeper(std::hint::black_box(0)));
+                }
                 "print" => {
                     println!("misbehave: a line on stdout");
                     eprintln!("misbehave: a line on stderr");
@@ -81,6 +87,14 @@ impl Guest for Misbehave {
             backup: live.next(),
         })
     }
+}
+
+/// Recursion the optimiser cannot turn into a loop: each frame keeps a buffer alive
+/// across the call.
+#[allow(unconditional_recursion)]
+fn deeper(n: u64) -> u64 {
+    let frame = std::hint::black_box([n; 32]);
+    deeper(n + 1).wrapping_add(frame[(n % 32) as usize])
 }
 
 export!(Misbehave);
