@@ -57,7 +57,7 @@ impl Guest for Misbehave {
                 "trap" => panic!("misbehave: trap on purpose"),
                 "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
                 "recurse" => {
-                    std::hint::black_box(deeper(std::hint::black_box(0)));
+                    std::hint::black_box(deeper(std::hint::black_box(0u64)));
                 }
                 "print" => {
                     println!("misbehave: a line on stdout");
@@ -89,12 +89,13 @@ impl Guest for Misbehave {
     }
 }
 
-/// Recursion the optimiser cannot turn into a loop: each frame keeps a buffer alive
-/// across the call.
+/// Recursion that the optimiser cannot turn into a loop (each frame uses the result of the
+/// next) and that keeps nothing in linear memory, so it is the Wasm call stack that runs
+/// out, not the guest's own stack in its memory.
+#[inline(never)]
 #[allow(unconditional_recursion)]
 fn deeper(n: u64) -> u64 {
-    let frame = std::hint::black_box([n; 32]);
-    deeper(n + 1).wrapping_add(frame[(n % 32) as usize])
+    deeper(n.wrapping_add(1)).rotate_left(1) ^ n
 }
 
 export!(Misbehave);
