@@ -373,7 +373,9 @@ impl Plugin {
     }
 
     /// Asks the plugin for a placement and checks the answer. An instance that traps or
-    /// times out is dropped; the others go back to the pool.
+    /// times out is dropped; the others go back to the pool. The call runs on the calling
+    /// thread within the first poll: nothing in it waits, and the plugin's CPU deadline
+    /// bounds it. It must be polled inside a tokio runtime (see `nonblocking.rs`).
     pub async fn place(
         &self,
         request: &PlacementRequest<'_>,
