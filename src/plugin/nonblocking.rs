@@ -7,7 +7,7 @@
 //! on the current tokio runtime, which panics inside one. These replacements run the same
 //! functions, poll them once, and take the answer if it is there. If it is not, the call
 //! traps, naming the function: a placement plugin has a deadline of milliseconds and may
-//! not wait (a `sleep`, a read of stdin). What a well-behaved plugin touches, writing a
+//! not wait (a `sleep`, a `poll` on a clock). What a well-behaved plugin touches, writing a
 //! panic message to stderr, never waits: the store's stdout and stderr are sinks. The
 //! calls run inside the caller's tokio runtime (every `Plugin` method is `async`), which
 //! a clock's pollable needs in order to be polled at all.
