@@ -295,6 +295,20 @@ fn tenant_affinity_keeps_tenants_in_their_groups_and_falls_back() {
 
 /// Three upstreams, and one `misbehave` plugin per mode, each on its own path prefix.
 async fn misbehaving_gateway() -> (Vec<Upstream>, Gateway) {
+    misbehave_modes(&[
+        // generous deadlines: a normal call must not time out on a loaded machine
+        ("spin", "deadline = \"50ms\""),
+        ("bomb", "deadline = \"2s\"\nmemory_limit = \"4MiB\""),
+        ("trap", "deadline = \"200ms\""),
+        ("unknown-alias", "deadline = \"200ms\""),
+        ("error", "deadline = \"200ms\"\nfail_policy = \"reject\""),
+    ])
+    .await
+}
+
+/// Three upstreams, and a `misbehave` plugin for each `(mode, extra TOML)`, named after its
+/// mode and matching the path prefix `/{mode}/`.
+async fn misbehave_modes(modes: &[(&str, &str)]) -> (Vec<Upstream>, Gateway) {
     let ups: Vec<Upstream> = ["cs_1", "cs_2", "cs_3"]
         .iter()
         .map(|n| Upstream::start(n))
@@ -302,14 +316,7 @@ async fn misbehaving_gateway() -> (Vec<Upstream>, Gateway) {
     let wasm = plugin_wasm("misbehave");
     let mut body = String::from(FAST_HEALTH);
     body += &instances(&[("cs_1", &ups[0]), ("cs_2", &ups[1]), ("cs_3", &ups[2])]);
-    for (mode, extra) in [
-        // generous deadlines: a normal call must not time out on a loaded machine
-        ("spin", "deadline = \"50ms\""),
-        ("bomb", "deadline = \"2s\"\nmemory_limit = \"4MiB\""),
-        ("trap", "deadline = \"200ms\""),
-        ("unknown-alias", "deadline = \"200ms\""),
-        ("error", "deadline = \"200ms\"\nfail_policy = \"reject\""),
-    ] {
+    for (mode, extra) in modes {
         let extra =
             format!("config = {mode:?}\nmatch = [{{ path_prefix = \"/{mode}/\" }}]\n{extra}");
         body += &plugin_entry(mode, &wasm, &extra);
@@ -423,22 +430,16 @@ async fn misbehaving_plugins_are_contained_and_counted() {
 /// wasmtime's stack limit with a trap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_waits_or_recurses_is_trapped_and_one_that_prints_is_not() {
-    let ups: Vec<Upstream> = ["cs_1", "cs_2"]
-        .iter()
-        .map(|n| Upstream::start(n))
-        .collect();
-    let wasm = plugin_wasm("misbehave");
-    let mut body = String::from(FAST_HEALTH);
-    body += &instances(&[("cs_1", &ups[0]), ("cs_2", &ups[1])]);
-    for mode in ["sleep", "print", "trap", "recurse"] {
-        // a deadline the sleep would reach if it were not trapped: then it would count as
-        // a timeout, not a trap
-        let extra = format!(
-            "config = {mode:?}\nmatch = [{{ path_prefix = \"/{mode}/\" }}]\ndeadline = \"5s\""
-        );
-        body += &plugin_entry(mode, &wasm, &extra);
-    }
-    let mut gw = Gateway::start(&body).await;
+    // a deadline the sleep would reach if it were not trapped: then it would count as a
+    // timeout, not a trap
+    let deadline = "deadline = \"5s\"";
+    let (_ups, mut gw) = misbehave_modes(&[
+        ("sleep", deadline),
+        ("print", deadline),
+        ("trap", deadline),
+        ("recurse", deadline),
+    ])
+    .await;
     let c = client();
     for (mode, outcome) in [
         ("sleep", "trap"),
