@@ -293,6 +293,52 @@ fn tenant_affinity_keeps_tenants_in_their_groups_and_falls_back() {
     assert_eq!(pairs(&seen), BTreeSet::from([("s1", "s2")]), "{seen:?}");
 }
 
+#[test]
+fn one_host_speaks_both_released_versions_of_the_world() {
+    // the example plugins implement 0.2; the misbehave fixture still implements 0.1
+    let v2 = load("lowest_load", "");
+    let v1 = load("misbehave", "error");
+    assert_eq!(load("tenant_affinity", "").version(), "0.2.0");
+    assert_eq!((v2.version(), v1.version()), ("0.2.0", "0.1.0"));
+    let spec: &[Spec] = &[
+        ("a", false, 0, 1, ""),
+        ("b", true, 5, 1, ""),
+        ("c", true, 1, 1, ""),
+        ("d", true, 0, 1, ""),
+    ];
+    let l = labels(spec);
+    let cands = candidates(spec, &l);
+    // the same facts reach both: 0.1 takes the first live instances, 0.2 the least loaded
+    // that is not excluded (d is)
+    assert_eq!(
+        pairs(&place_n(&v1, None, &[], &cands, 5)),
+        BTreeSet::from([("b", "c")])
+    );
+    assert_eq!(
+        pairs(&place_n(&v2, None, &[3], &cands, 5)),
+        BTreeSet::from([("c", "b")])
+    );
+    // a refusal reaches the operator from either: 0.1's error string, 0.2's `why`
+    let req = PlacementRequest {
+        tenant: Some("misbehave"),
+        ..Default::default()
+    };
+    let err = block_on(v1.place(&req, &cands)).unwrap_err();
+    assert_eq!(
+        err,
+        CallError::Declined("misbehave: error on purpose".into())
+    );
+    let mut dead = cands.clone();
+    for c in &mut dead.list {
+        c.live = false;
+    }
+    let err = block_on(v2.place(&req, &dead)).unwrap_err();
+    assert_eq!(
+        err,
+        CallError::Declined("no live instance can take a new context".into())
+    );
+}
+
 /// Three upstreams, and one `misbehave` plugin per mode, each on its own path prefix.
 async fn misbehaving_gateway() -> (Vec<Upstream>, Gateway) {
     misbehave_modes(&[

@@ -9,7 +9,8 @@
 //!   on a busy machine is not cut (and a call shorter than a tick reads no clock). No WASI
 //!   function can make a call wait: the ones that would trap instead (`nonblocking.rs`), so
 //!   the epoch deadline bounds the whole call.
-//! - A plugin is compiled and pre-linked once (`PlacementPre`). Its instances are kept in
+//! - A plugin is compiled and pre-linked once (`PlacementPre`), as the newest version of the
+//!   world it implements (`bindings::v2`, else `bindings::v1`). Its instances are kept in
 //!   a small pool and reused call after call, so a call never pays for an instantiation;
 //!   an instance that trapped or timed out is dropped, and the next call makes a new one.
 //! - Every instance runs in its own `Store` with `StoreLimits` (a memory cap that traps on
@@ -26,7 +27,7 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{self, Label, PlacementPre};
+use super::bindings::{self, v1, v2};
 use crate::placement::{check_choice, Candidates, Choice, PlacementRequest};
 
 /// The epoch tick: deadlines are whole ticks, so a call is cut between `deadline - TICK`
@@ -231,8 +232,9 @@ impl CallError {
 /// Why a plugin could not be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoadError {
-    /// Not a component implementing `hagate:policy/placement@0.1.0`.
-    #[error("not a hagate:policy@0.1.0 placement component: {0}")]
+    /// Not a component implementing the `placement` world of `hagate:policy@0.2.0` or
+    /// `@0.1.0`.
+    #[error("not a hagate:policy placement component (0.2.0 or 0.1.0): {0}")]
     Component(String),
     /// Making the first instance failed (a trap or the limits).
     #[error("could not be instantiated: {0}")]
@@ -270,15 +272,34 @@ fn ticks(deadline: Duration) -> u64 {
 /// from call to call.
 struct Slot {
     store: Store<HostState>,
-    guest: bindings::Placement,
+    guest: Guest,
     seen: Option<u64>,
-    loads: Vec<bindings::Load>,
-    exclude: Vec<u32>,
+}
+
+/// An instance of one of the versions of the world, with that version's per-call buffers.
+enum Guest {
+    V1 {
+        guest: v1::Placement,
+        loads: Vec<v1::Load>,
+        exclude: Vec<u32>,
+    },
+    V2 {
+        guest: v2::Placement,
+        /// What `configure` asked for.
+        wants: v2::Wants,
+        words: Vec<u32>,
+    },
+}
+
+/// A pre-linked plugin, in the version of the world it implements.
+enum Pre {
+    V1(v1::PlacementPre<HostState>),
+    V2(v2::PlacementPre<HostState>),
 }
 
 /// A compiled, configured plugin with its pool of instances.
 pub struct Plugin {
-    pre: PlacementPre<HostState>,
+    pre: Pre,
     config: String,
     limits: Limits,
     idle: Mutex<Vec<Slot>>,
@@ -287,6 +308,7 @@ pub struct Plugin {
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
+            .field("version", &self.version())
             .field("limits", &self.limits)
             .finish()
     }
@@ -299,8 +321,19 @@ impl Plugin {
             Component::new(engine(), bytes).map_err(|e| LoadError::Component(format!("{e:#}")))?;
         let pre = linker()
             .instantiate_pre(&component)
-            .and_then(PlacementPre::new)
             .map_err(|e| LoadError::Component(format!("{e:#}")))?;
+        // The newest version first; the error names what each version found wrong.
+        let pre = match v2::PlacementPre::new(pre.clone()) {
+            Ok(v2) => Pre::V2(v2),
+            Err(e2) => match v1::PlacementPre::new(pre) {
+                Ok(v1) => Pre::V1(v1),
+                Err(e1) => {
+                    return Err(LoadError::Component(format!(
+                        "as 0.2.0: {e2:#}; as 0.1.0: {e1:#}"
+                    )))
+                }
+            },
+        };
         let plugin = Plugin {
             pre,
             config: config.to_string(),
@@ -339,21 +372,47 @@ impl Plugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(|mut ctx| Ok(on_epoch_deadline(&mut ctx.data_mut().cpu)));
         store.set_epoch_deadline(ticks(SETUP_DEADLINE));
-        let guest = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| SlotError::Instantiate(format!("{e:#}")))?;
-        guest
-            .call_configure(&mut store, &self.config)
-            .map_err(|e| SlotError::Instantiate(CallError::from_wasm(e).to_string()))?
-            .map_err(SlotError::Configure)?;
+        let instantiate = |e: wasmtime::Error| SlotError::Instantiate(format!("{e:#}"));
+        let configure = |e| SlotError::Instantiate(CallError::from_wasm(e).to_string());
+        let guest = match &self.pre {
+            Pre::V1(pre) => {
+                let guest = pre.instantiate(&mut store).map_err(instantiate)?;
+                guest
+                    .call_configure(&mut store, &self.config)
+                    .map_err(configure)?
+                    .map_err(SlotError::Configure)?;
+                Guest::V1 {
+                    guest,
+                    loads: Vec::new(),
+                    exclude: Vec::new(),
+                }
+            }
+            Pre::V2(pre) => {
+                let guest = pre.instantiate(&mut store).map_err(instantiate)?;
+                let wants = guest
+                    .call_configure(&mut store, &self.config)
+                    .map_err(configure)?
+                    .map_err(SlotError::Configure)?;
+                Guest::V2 {
+                    guest,
+                    wants,
+                    words: Vec::new(),
+                }
+            }
+        };
         Ok(Slot {
             store,
             guest,
             seen: None,
-            loads: Vec::new(),
-            exclude: Vec::new(),
         })
+    }
+
+    /// The version of `hagate:policy` the plugin implements: `"0.2.0"` or `"0.1.0"`.
+    pub fn version(&self) -> &'static str {
+        match self.pre {
+            Pre::V1(_) => "0.1.0",
+            Pre::V2(_) => "0.2.0",
+        }
     }
 
     /// Makes and drops one fresh instance (for benchmarks of the replacement cost).
@@ -381,14 +440,8 @@ impl Plugin {
         request: &PlacementRequest<'_>,
         candidates: &Candidates<'_>,
     ) -> Result<Choice, CallError> {
-        let choice = self.call(request, candidates)?;
-        check_choice(
-            choice.main,
-            choice.backup,
-            &candidates.list,
-            request.exclude,
-        )
-        .map_err(CallError::Invalid)
+        let (main, backup) = self.call(request, candidates)?;
+        check_choice(main, backup, &candidates.list, request.exclude).map_err(CallError::Invalid)
     }
 
     /// One call on a pooled (or new) instance; the raw answer as indices.
@@ -396,7 +449,7 @@ impl Plugin {
         &self,
         request: &PlacementRequest<'_>,
         candidates: &Candidates<'_>,
-    ) -> Result<bindings::Choice, CallError> {
+    ) -> Result<bindings::Answer, CallError> {
         let _running = Running::start();
         let mut slot = match self.take() {
             Some(slot) => slot,
@@ -409,36 +462,84 @@ impl Plugin {
             std::thread::current().id(),
             self.limits.deadline,
         ));
-        if slot.seen != Some(candidates.version) {
-            let labels: Vec<Vec<Label<'_>>> = candidates
-                .list
-                .iter()
-                .map(|c| bindings::labels(c.labels))
-                .collect();
-            let instances = bindings::instances(&candidates.list, &labels);
-            slot.guest
-                .call_set_instances(&mut slot.store, &instances)
-                .map_err(CallError::from_wasm)?;
-            slot.seen = Some(candidates.version);
-        }
-        slot.loads.clear();
-        slot.loads
-            .extend(candidates.list.iter().map(bindings::load));
-        slot.exclude.clear();
-        slot.exclude
-            .extend(request.exclude.iter().map(|&i| i as u32));
-        let answer = slot
-            .guest
-            .call_place(
-                &mut slot.store,
-                bindings::request(request),
-                &slot.loads,
-                &slot.exclude,
-            )
-            .map_err(CallError::from_wasm)?;
+        let fresh = slot.seen != Some(candidates.version);
+        let answer = slot.guest.call(&mut slot.store, fresh, request, candidates);
+        // The epoch deadline and traps: the instance is dropped, not pooled.
+        let answer = answer.map_err(CallError::from_wasm)?;
+        slot.seen = Some(candidates.version);
         slot.store.data_mut().cpu = None;
         self.put(slot);
-        answer.map_err(CallError::Declined)
+        answer
+    }
+}
+
+impl Guest {
+    /// `set-instances` when `fresh`, then `place`: a `wasmtime::Error` is the instance's
+    /// end (a trap or the deadline); the inner result is the plugin's answer.
+    fn call(
+        &mut self,
+        store: &mut Store<HostState>,
+        fresh: bool,
+        request: &PlacementRequest<'_>,
+        candidates: &Candidates<'_>,
+    ) -> wasmtime::Result<Result<bindings::Answer, CallError>> {
+        let list = &candidates.list;
+        match self {
+            Guest::V1 {
+                guest,
+                loads,
+                exclude,
+            } => {
+                if fresh {
+                    let labels: Vec<Vec<v1::Label<'_>>> = list
+                        .iter()
+                        .map(|c| bindings::labels(c.labels, |key, value| v1::Label { key, value }))
+                        .collect();
+                    let instances =
+                        bindings::instances(list, &labels, |alias, weight, labels| v1::Instance {
+                            alias,
+                            weight,
+                            labels,
+                        });
+                    guest.call_set_instances(&mut *store, &instances)?;
+                }
+                loads.clear();
+                loads.extend(list.iter().map(bindings::load_v1));
+                exclude.clear();
+                exclude.extend(request.exclude.iter().map(|&i| i as u32));
+                let answer =
+                    guest.call_place(&mut *store, bindings::request_v1(request), loads, exclude)?;
+                Ok(answer
+                    .map(|c| (c.main, c.backup))
+                    .map_err(CallError::Declined))
+            }
+            Guest::V2 {
+                guest,
+                wants,
+                words,
+            } => {
+                if fresh {
+                    let labels: Vec<Vec<v2::Label<'_>>> = list
+                        .iter()
+                        .map(|c| bindings::labels(c.labels, |key, value| v2::Label { key, value }))
+                        .collect();
+                    let instances =
+                        bindings::instances(list, &labels, |alias, weight, labels| v2::Instance {
+                            alias,
+                            weight,
+                            labels,
+                        });
+                    guest.call_set_instances(&mut *store, &instances)?;
+                }
+                words.clear();
+                bindings::loads_v2(list, request.exclude, words);
+                let request = bindings::request_v2(request, *wants);
+                match guest.call_place(&mut *store, request, words)? {
+                    Some(c) => Ok(Ok((c.main, c.backup))),
+                    None => Ok(Err(CallError::Declined(guest.call_why(&mut *store)?))),
+                }
+            }
+        }
     }
 }
 

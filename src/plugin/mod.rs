@@ -7,7 +7,7 @@
 //! says. With no plugin matching, the native policy places.
 //!
 //! Loading checks everything before anything is swapped: the file exists, hashes to its
-//! `sha256`, compiles as a `hagate:policy@0.1.0` component, instantiates within its limits,
+//! `sha256`, compiles as a `hagate:policy` component (0.2.0 or 0.1.0), instantiates within its limits,
 //! and accepts its `config`. A plugin whose file and settings did not change is reused, not
 //! recompiled. No pingora here.
 
@@ -91,6 +91,7 @@ fn load_fresh(spec: &PluginConfig, field: &str) -> Result<Loaded, ConfigError> {
     tracing::info!(
         plugin = %spec.name,
         path = %spec.path.display(),
+        wit = plugin.version(),
         took_ms = started.elapsed().as_millis() as u64,
         "placement plugin loaded"
     );

@@ -6,9 +6,9 @@
 
 use std::cell::RefCell;
 
-use placement_kit::{choose, parse_config, Known, Metric, Rng};
+use placement_kit::{choose, facts, parse_config, Known, Metric, Rng};
 
-wit_bindgen::generate!({ path: "../../wit", world: "placement" });
+wit_bindgen::generate!({ path: "../../wit/v0.2", world: "placement" });
 
 placement_kit::conversions!();
 
@@ -24,6 +24,8 @@ struct State {
     metric: Metric,
     known: Known,
     rng: Rng,
+    /// Why the last `place` returned `none`.
+    why: &'static str,
 }
 
 thread_local! {
@@ -33,11 +35,12 @@ thread_local! {
 struct LowestLoad;
 
 impl Guest for LowestLoad {
-    fn configure(config: String) -> Result<(), String> {
+    fn configure(config: String) -> Result<Wants, String> {
         let c: Config = parse_config(&config)?;
         let metric = Metric::parse(c.metric.as_deref().unwrap_or("inflight"))?;
         STATE.with_borrow_mut(|s| s.metric = metric);
-        Ok(())
+        // Nothing of the request: the loads decide.
+        Ok(Wants::empty())
     }
 
     fn set_instances(instances: Vec<Instance>) {
@@ -45,17 +48,23 @@ impl Guest for LowestLoad {
         STATE.with_borrow_mut(|s| s.known = known);
     }
 
-    fn place(_request: Request, loads: Vec<Load>, exclude: Vec<u32>) -> Result<Choice, String> {
+    fn place(_request: Request, loads: Vec<u32>) -> Option<Choice> {
         STATE.with_borrow_mut(|s| {
-            let nodes = s.known.nodes(facts(&loads), &exclude);
+            let nodes = s.known.nodes(facts(&loads));
             let all = |_| true;
-            let (main, backup) = choose(&nodes, s.metric, &mut s.rng, all, all)
-                .ok_or("no live instance can take a new context")?;
-            Ok(Choice {
+            let Some((main, backup)) = choose(&nodes, s.metric, &mut s.rng, all, all) else {
+                s.why = "no live instance can take a new context";
+                return None;
+            };
+            Some(Choice {
                 main: main as u32,
                 backup: backup.map(|b| b as u32),
             })
         })
+    }
+
+    fn why() -> String {
+        STATE.with_borrow(|s| s.why.to_string())
     }
 }
 

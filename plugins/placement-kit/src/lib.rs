@@ -3,14 +3,19 @@
 //! Nothing here knows the WIT types: each plugin converts its generated bindings into
 //! `Node`s (a few lines) and calls `choose`. That keeps the policy logic testable with
 //! `cargo test` on the host, and the same in every plugin.
+//!
+//! The kit speaks `hagate:policy@0.2.0` (`wit/v0.2`): `facts` reads `place`'s flat
+//! `loads` list.
 
 pub use fastrand::Rng;
 
-/// The per-call facts about one instance, as the WIT `load` record carries them.
+/// The per-call facts about one instance, as `place`'s `loads` carry them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadFacts {
     /// Live according to the gateway.
     pub live: bool,
+    /// Must not be chosen in this call.
+    pub excluded: bool,
     /// Requests in flight.
     pub inflight: u32,
     /// Response-time EWMA in microseconds.
@@ -52,8 +57,9 @@ impl Known {
             .map(|(_, v)| v.as_str())
     }
 
-    /// One `Node` per load record (an index past the known instances gets weight 0).
-    pub fn nodes(&self, loads: impl Iterator<Item = LoadFacts>, exclude: &[u32]) -> Vec<Node<'_>> {
+    /// One `Node` per instance in `loads` (an index past the known instances gets
+    /// weight 0).
+    pub fn nodes(&self, loads: impl Iterator<Item = LoadFacts>) -> Vec<Node<'_>> {
         loads
             .enumerate()
             .map(|(i, l)| Node {
@@ -63,10 +69,29 @@ impl Known {
                 latency_us: l.latency_us,
                 reported: l.reported,
                 zone: self.zones.get(i).and_then(|z| z.as_deref()),
-                excluded: exclude.contains(&(i as u32)),
+                excluded: l.excluded,
             })
             .collect()
     }
+}
+
+/// The numbers per instance in `place`'s `loads` (0.2).
+pub const WORDS: usize = 4;
+/// The flags word's bits (`loads[4*i]`).
+const LIVE: u32 = 1;
+const EXCLUDED: u32 = 2;
+const REPORTED: u32 = 4;
+
+/// The facts of each instance in `place`'s `loads` (0.2: four numbers per instance, the
+/// layout in `wit/v0.2/placement.wit`), in instance order.
+pub fn facts(loads: &[u32]) -> impl Iterator<Item = LoadFacts> + '_ {
+    loads.chunks_exact(WORDS).map(|w| LoadFacts {
+        live: w[0] & LIVE != 0,
+        excluded: w[0] & EXCLUDED != 0,
+        inflight: w[1],
+        latency_us: w[2],
+        reported: (w[0] & REPORTED != 0).then(|| f32::from_bits(w[3])),
+    })
 }
 
 /// Reads a plugin's JSON config; blank text gives the defaults.
@@ -204,8 +229,8 @@ pub fn choose(
     Some((main, backup))
 }
 
-/// Expands, inside a plugin crate (after `wit_bindgen::generate!`), to two conversions
-/// from the generated types: `known(instances) -> Known` and `facts(&loads)`.
+/// Expands, inside a plugin crate (after `wit_bindgen::generate!`), to the conversion
+/// from the generated instance records: `known(instances) -> Known`.
 #[macro_export]
 macro_rules! conversions {
     () => {
@@ -214,17 +239,6 @@ macro_rules! conversions {
                 let labels = i.labels.into_iter().map(|l| (l.key, l.value)).collect();
                 (i.weight, labels)
             }))
-        }
-
-        fn facts(
-            loads: &[hagate::policy::types::Load],
-        ) -> impl Iterator<Item = $crate::LoadFacts> + '_ {
-            loads.iter().map(|l| $crate::LoadFacts {
-                live: l.live,
-                inflight: l.inflight,
-                latency_us: l.latency_ewma_us,
-                reported: l.reported,
-            })
         }
     };
 }
@@ -243,6 +257,47 @@ mod tests {
             zone: Some(zone),
             excluded: false,
         }
+    }
+
+    #[test]
+    fn facts_reads_four_words_per_instance() {
+        let loads = [
+            LIVE,
+            3,
+            700,
+            0,
+            REPORTED | EXCLUDED,
+            9,
+            0,
+            0.25f32.to_bits(),
+            LIVE,
+            1,
+        ];
+        let got: Vec<LoadFacts> = facts(&loads).collect();
+        assert_eq!(
+            got,
+            [
+                LoadFacts {
+                    live: true,
+                    excluded: false,
+                    inflight: 3,
+                    latency_us: 700,
+                    reported: None,
+                },
+                LoadFacts {
+                    live: false,
+                    excluded: true,
+                    inflight: 9,
+                    latency_us: 0,
+                    reported: Some(0.25),
+                },
+            ],
+            "a trailing partial instance is ignored"
+        );
+        let known = Known::new([(2, vec![("zone".into(), "a".into())])].into_iter());
+        let nodes = known.nodes(got.into_iter());
+        assert_eq!((nodes[0].weight, nodes[0].zone), (2, Some("a")));
+        assert_eq!((nodes[1].weight, nodes[1].excluded), (0, true));
     }
 
     #[test]

@@ -20,9 +20,9 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use placement_kit::{can_take, choose, parse_config, Known, Metric, Rng};
+use placement_kit::{can_take, choose, facts, parse_config, Known, Metric, Rng};
 
-wit_bindgen::generate!({ path: "../../wit", world: "placement" });
+wit_bindgen::generate!({ path: "../../wit/v0.2", world: "placement" });
 
 placement_kit::conversions!();
 
@@ -56,6 +56,8 @@ struct State {
     metric: Metric,
     known: Known,
     rng: Rng,
+    /// Why the last `place` returned `none`.
+    why: String,
 }
 
 thread_local! {
@@ -66,8 +68,7 @@ thread_local! {
 fn place_tenant(
     s: &mut State,
     tenant: Option<&str>,
-    exclude: &[u32],
-    loads: &[Load],
+    loads: &[u32],
 ) -> Result<(usize, Option<usize>), String> {
     let State {
         label,
@@ -76,8 +77,9 @@ fn place_tenant(
         metric,
         known,
         rng,
+        why: _,
     } = s;
-    let nodes = known.nodes(facts(loads), exclude);
+    let nodes = known.nodes(facts(loads));
     let group = tenant.map(|t| tenants.get(t).map(String::as_str).unwrap_or(t));
     let group_of = |i: usize| known.label(i, label);
     let in_group = |i: usize| group.is_some() && group_of(i) == group;
@@ -104,7 +106,7 @@ fn place_tenant(
 struct TenantAffinity;
 
 impl Guest for TenantAffinity {
-    fn configure(config: String) -> Result<(), String> {
+    fn configure(config: String) -> Result<Wants, String> {
         let c: Config = parse_config(&config)?;
         let metric = Metric::parse(c.metric.as_deref().unwrap_or("inflight"))?;
         let label = c.label.unwrap_or_else(|| "tenant".into());
@@ -117,7 +119,8 @@ impl Guest for TenantAffinity {
             s.fallback = c.fallback;
             s.metric = metric;
         });
-        Ok(())
+        // The tenant picks the group; nothing else of the request matters.
+        Ok(Wants::TENANT)
     }
 
     fn set_instances(instances: Vec<Instance>) {
@@ -125,14 +128,23 @@ impl Guest for TenantAffinity {
         STATE.with_borrow_mut(|s| s.known = known);
     }
 
-    fn place(request: Request, loads: Vec<Load>, exclude: Vec<u32>) -> Result<Choice, String> {
-        STATE.with_borrow_mut(|s| {
-            let (main, backup) = place_tenant(s, request.tenant.as_deref(), &exclude, &loads)?;
-            Ok(Choice {
-                main: main as u32,
-                backup: backup.map(|b| b as u32),
-            })
-        })
+    fn place(request: Request, loads: Vec<u32>) -> Option<Choice> {
+        STATE.with_borrow_mut(
+            |s| match place_tenant(s, request.tenant.as_deref(), &loads) {
+                Ok((main, backup)) => Some(Choice {
+                    main: main as u32,
+                    backup: backup.map(|b| b as u32),
+                }),
+                Err(why) => {
+                    s.why = why;
+                    None
+                }
+            },
+        )
+    }
+
+    fn why() -> String {
+        STATE.with_borrow(|s| s.why.clone())
     }
 }
 
