@@ -407,7 +407,19 @@ fn running_pid(pid_file: &std::path::Path) -> Result<i32, StartError> {
             pid_file.display()
         ))
     })?;
-    Ok(pid)
+    // A pid file left by a gateway that was killed may name a pid the system has since
+    // given to another program, which SIGQUIT would stop: the process must be this program.
+    let name = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim_end().to_string())
+    };
+    match (name(&pid.to_string()), name("self")) {
+        (Ok(theirs), Ok(ours)) if theirs != ours => Err(StartError::Upgrade(format!(
+            "server.pid_file {} names pid {pid}, which is `{theirs}`, not a `{ours}` gateway \
+             (a pid file left by a gateway that did not stop cleanly?); refusing to signal it",
+            pid_file.display()
+        ))),
+        _ => Ok(pid),
+    }
 }
 
 fn write_pid_file(pid_file: &std::path::Path) {

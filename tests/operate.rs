@@ -629,6 +629,43 @@ async fn the_lines_logged_as_the_gateway_stops_are_in_its_log() {
     assert!(last.ends_with("hagate stopped"), "{log}");
 }
 
+#[test]
+fn an_upgrade_refuses_a_pid_file_that_names_another_program() {
+    // a gateway killed with SIGKILL leaves its pid file; its pid may since have gone to
+    // another program, which the upgrade's SIGQUIT would stop
+    let mut other = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hagate.pid"), format!("{}\n", other.id())).unwrap();
+    let config = dir.path().join("hagate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\npid_file = \"hagate.pid\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[instances.cs_1]\naddress = \"127.0.0.1:9\"\n",
+            gateway_port(),
+            gateway_port(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--upgrade", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let alive = other.try_wait().unwrap().is_none();
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("server.pid_file") && err.contains("`sleep`"),
+        "{err}"
+    );
+    assert!(alive, "the upgrade signalled another program");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_written_beside_the_config_is_named_in_a_warning() {
     // inotify reports every write in the config's directory, so a log there wakes the
@@ -639,7 +676,7 @@ async fn a_log_written_beside_the_config_is_named_in_a_warning() {
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n{}",
+            "[server]\nlisten = \"127.0.0.1:{}\"\npid_file = \"hagate.pid\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n{}",
             gateway_port(),
             gateway_port(),
             instances(&[("cs_1", &a)])

@@ -257,8 +257,16 @@ impl Gateway {
         let dir = tempfile::tempdir().unwrap();
         let proxy: SocketAddr = format!("127.0.0.1:{}", gateway_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", gateway_port()).parse().unwrap();
+        // The pid file in the test's own directory, not the default /tmp/hagate-PORT.pid: a
+        // gateway killed at the end of a test cannot remove it, and it would stay behind.
+        let pid_file = if server_extra.contains("pid_file") {
+            ""
+        } else {
+            std::fs::create_dir_all(dir.path().join("run")).unwrap();
+            "pid_file = \"run/hagate.pid\"\n"
+        };
         let config = format!(
-            "[server]\nlisten = \"{proxy}\"\nthreads = 2\ngrace_period = \"1s\"\n{server_extra}\n[admin]\nlisten = \"{admin}\"\n{admin_extra}\n{body}"
+            "[server]\nlisten = \"{proxy}\"\nthreads = 2\ngrace_period = \"1s\"\n{pid_file}{server_extra}\n[admin]\nlisten = \"{admin}\"\n{admin_extra}\n{body}"
         );
         let path = dir.path().join("hagate.toml");
         std::fs::write(&path, config).unwrap();
