@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,7 +82,7 @@ events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000;
   server {{ listen {port}; location / {{ return 200 "ok"; }} }} }}
 """)
-    return port, subprocess.Popen(["nginx", "-c", f"{work}/up.conf"])
+    return port, subprocess.Popen(["nginx", "-c", f"{work}/up.conf"]), work
 
 
 def write_config(path, port, admin, up, n, generation, json_table=False):
@@ -224,7 +225,7 @@ def spread(events, key):
 def main():
     haid = subprocess.run([BIN, "haid", "encode", "--main", "cs_1_m", "--backup", "cs_2_m",
                            "--id", "7"], capture_output=True, text=True, check=True).stdout.strip()
-    up, up_proc = upstream()
+    up, up_proc, up_work = upstream()
     work = tempfile.mkdtemp(prefix="hagate-mem.")
     procs = [up_proc]
     try:
@@ -343,6 +344,12 @@ def main():
             if p.poll() is None:
                 p.terminate()
                 p.wait()
+        # The configs and the gateways' logs: KEEP=1 leaves them for a look.
+        if os.environ.get("KEEP", "0") == "1":
+            print(f"memory: configs and logs kept in {work} and {up_work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(up_work, ignore_errors=True)
 
 
 if __name__ == "__main__":

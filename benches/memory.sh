@@ -5,6 +5,7 @@
 #
 #   benches/memory.sh
 #   ALIASES=10000 BIG=100000 RELOADS=20 DURATION=10s benches/memory.sh
+#   KEEP=1 benches/memory.sh        # keep the configs and the gateways' logs (removed otherwise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HAGATE_LOAD_TOOLS=1 source scripts/setup.sh
