@@ -12,9 +12,17 @@ the requests wrk saw served. It is far steadier than req/s on a shared machine. 
 median over the rounds are reported, and the ratios are taken between figures of the same
 run.
 
-With oha on the PATH (cargo install oha), a second phase measures latency at a constant rate:
-half of the best hagate throughput seen, direct and through each proxy, and reports the p99
-added over direct (goal P2).
+With oha on the PATH (cargo install oha --locked), a second phase measures latency at a constant rate:
+half of the best hagate throughput seen, direct and through each proxy, in RATE_ROUNDS
+interleaved rounds (1), and reports the median p99 and what each proxy adds to direct's
+(goal P2).
+
+PIN=1 gives the proxies cores of their own (taskset): the upstream and the load generators
+(wrk, oha) run on LOAD_CPUS (0), and each proxy (nginx, HAProxy, every hagate) on
+PROXY_CPUS (1), so that what a proxy adds to latency is its own work and not time spent
+waiting for a core that the load generator holds. On 2 cores the load side then saturates
+its one core (docs/performance.md, "Run 6"); on 4 or more, give it more
+(LOAD_CPUS=0-2 PROXY_CPUS=3).
 """
 
 import json
@@ -38,7 +46,19 @@ RATE_DURATION = os.environ.get("RATE_DURATION", "10s")
 # with a 64 KiB buffer, hagate as JSON (`log.access`, stderr to the file). HAProxy logs
 # only to syslog, so it stays without.
 ACCESS_LOG = os.environ.get("ACCESS_LOG", "0") == "1"
+RATE_ROUNDS = int(os.environ.get("RATE_ROUNDS", "1"))
+PIN = os.environ.get("PIN", "0") == "1"
+# With PIN=1: the CPUs of the load generators and the upstream, and of the proxies (taskset
+# lists, such as "0-1").
+LOAD_CPU = os.environ.get("LOAD_CPUS", "0")
+PROXY_CPU = os.environ.get("PROXY_CPUS", "1")
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+def pinned(args, cpus):
+    """`args` run on the CPUs `cpus` alone when PIN=1 (taskset), as they are otherwise."""
+    return ["taskset", "-c", cpus] + args if PIN else args
+
 BODY = "x" * 1024
 
 
@@ -102,7 +122,7 @@ class Target:
         return pids
 
     def run(self):
-        args = ["wrk", "-t1", f"-c{CONNS}", f"-d{DURATION}", "--latency"]
+        args = pinned(["wrk", "-t1", f"-c{CONNS}", f"-d{DURATION}", "--latency"], LOAD_CPU)
         for h in self.headers:
             args += ["-H", h]
         args.append(f"http://127.0.0.1:{self.port}/api/rest_j/v1/contextservice/get")
@@ -124,6 +144,12 @@ def main():
     bins = os.environ.get("HAGATE_BINS", "").split()
     if not bins:
         sys.exit("load: HAGATE_BINS is empty (run benches/load.sh)")
+    if PIN and (os.cpu_count() or 1) < 2:
+        sys.exit("load: PIN=1 needs 2 cores or more")
+    if PIN:
+        for cpus in (LOAD_CPU, PROXY_CPU):
+            if subprocess.run(["taskset", "-c", cpus, "true"]).returncode != 0:
+                sys.exit(f"load: taskset cannot run on CPUs {cpus!r} (LOAD_CPUS, PROXY_CPUS)")
     work = tempfile.mkdtemp(prefix="hagate-load.")
     procs = []
 
@@ -177,11 +203,12 @@ frontend f
 backend b
   server s1 127.0.0.1:{up}
 """)
-        start(["nginx", "-c", f"{work}/upstream.conf"])
+        start(pinned(["nginx", "-c", f"{work}/upstream.conf"], LOAD_CPU))
         direct = Target("direct", up, [procs[-1]], [])
-        start(["nginx", "-c", f"{work}/nginx.conf"])
+        start(pinned(["nginx", "-c", f"{work}/nginx.conf"], PROXY_CPU))
         targets = [direct, Target("nginx", ngx, [procs[-1]], [])]
-        start(["haproxy", "-f", f"{work}/haproxy.cfg", "-db"], stderr=subprocess.DEVNULL)
+        start(pinned(["haproxy", "-f", f"{work}/haproxy.cfg", "-db"], PROXY_CPU),
+              stderr=subprocess.DEVNULL)
         targets.append(Target("haproxy", hap, [procs[-1]], []))
 
         haid = None
@@ -210,7 +237,7 @@ address = "127.0.0.1:{up}"
             # wake for every write of its own log (docs/operating.md, "Logs").
             os.makedirs(f"{work}/logs", exist_ok=True)
             err = open(f"{work}/logs/{name}.err", "w")
-            start([path, "run", "--config", conf], stderr=err,
+            start(pinned([path, "run", "--config", conf], PROXY_CPU), stderr=err,
                   env=dict(os.environ,
                            RUST_LOG="warn,hagate::access=info" if ACCESS_LOG else "warn"))
             targets.append(Target(name, port, [procs[-1]], [f"contextID: {haid}"]))
@@ -243,20 +270,22 @@ def rate_phase(targets):
         return None
     hagates = targets[3:]
     rate = int(min(max(t.rps) for t in hagates) / 2)
-    p99 = {}
-    for t in targets:
-        args = ["oha", "--no-tui", "--output-format", "json", "--latency-correction",
-                "-z", RATE_DURATION,
-                "-q", str(rate), "-c", str(CONNS)]
-        for h in t.headers:
-            args += ["-H", h]
-        args.append(f"http://127.0.0.1:{t.port}/api/rest_j/v1/contextservice/get")
-        out = json.loads(subprocess.run(args, capture_output=True, text=True,
-                                        check=True).stdout)
-        codes = out.get("statusCodeDistribution", {})
-        if set(codes) - {"200"}:
-            sys.exit(f"load: {t.name} answered {codes} at a constant rate")
-        p99[t.name] = out["latencyPercentiles"]["p99"] * 1e6
+    p99 = {t.name: [] for t in targets}
+    for r in range(RATE_ROUNDS):
+        for t in targets[r % len(targets):] + targets[:r % len(targets)]:
+            args = pinned(["oha", "--no-tui", "--output-format", "json", "--latency-correction",
+                           "-z", RATE_DURATION, "-q", str(rate), "-c", str(CONNS)], LOAD_CPU)
+            for h in t.headers:
+                args += ["-H", h]
+            args.append(f"http://127.0.0.1:{t.port}/api/rest_j/v1/contextservice/get")
+            out = json.loads(subprocess.run(args, capture_output=True, text=True,
+                                            check=True).stdout)
+            codes = out.get("statusCodeDistribution", {})
+            if set(codes) - {"200"}:
+                sys.exit(f"load: {t.name} answered {codes} at a constant rate")
+            p99[t.name].append(out["latencyPercentiles"]["p99"] * 1e6)
+            print(f"rate round {r + 1}/{RATE_ROUNDS} {t.name:<10} p99 {p99[t.name][-1]:>7.0f} us",
+                  file=sys.stderr)
     return rate, p99
 
 
@@ -265,7 +294,9 @@ def report(targets, rated):
         return statistics.median(xs)
 
     print(f"\nwrk -t1 -c{CONNS} -d{DURATION}, {ROUNDS} interleaved rounds, 1 KiB answers, "
-          f"one worker each, loopback, {os.cpu_count()} cores")
+          f"one worker each, loopback, {os.cpu_count()} cores"
+          + (f"; PIN=1: upstream and load on CPU {LOAD_CPU}, proxies on CPU {PROXY_CPU}"
+             if PIN else ""))
     print(f"{'target':<10} {'req/s best':>11} {'median':>9} {'p99 us best':>12} {'median':>8}"
           f" {'CPU us/req best':>16} {'median':>8} {'of it kernel':>13}")
     for t in targets:
@@ -282,13 +313,18 @@ def report(targets, rated):
                   f"{med(h.rps) / med(p.rps):>8.2f}")
     if rated is not None:
         rate, p99 = rated
-        print(f"\noha -q {rate} -c {CONNS} -z {RATE_DURATION} (half of hagate's best req/s): "
-              "p99 and p99 added over direct")
-        for name, v in p99.items():
-            added = "" if name == "direct" else f"  +{v - p99['direct']:.0f} us"
-            print(f"{name:<10} p99 {v:>7.0f} us{added}")
+        print(f"\noha -q {rate} -c {CONNS} -z {RATE_DURATION} (half of hagate's best req/s), "
+              f"{RATE_ROUNDS} interleaved rounds: p99, and p99 added over direct's in the same "
+              "round (median; all rounds)")
+        for name, vs in p99.items():
+            line = f"{name:<10} p99 {med(vs):>7.0f} us"
+            if name != "direct":
+                added = [v - d for v, d in zip(vs, p99["direct"])]
+                line += (f"  added {med(added):>+6.0f} us  ("
+                         + " ".join(f"{a:+.0f}" for a in added) + ")")
+            print(line)
     else:
-        print("\n(oha not on the PATH: no constant-rate p99; cargo install oha)")
+        print("\n(oha not on the PATH: no constant-rate p99; cargo install oha --locked)")
 
 
 if __name__ == "__main__":
