@@ -6,11 +6,13 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use hagate::config::Config;
 use hagate::placement::{Candidate, Candidates, Labels, PlacementRequest};
-use hagate::plugin::{CallError, Limits, LoadError, Plugin};
+use hagate::plugin::{CallError, Limits, LoadError, Plugin, PluginSet};
 use serde_json::Value;
 
 const LIMITS: Limits = Limits {
@@ -337,6 +339,77 @@ fn one_host_speaks_both_released_versions_of_the_world() {
         err,
         CallError::Declined("no live instance can take a new context".into())
     );
+}
+
+#[test]
+fn entries_on_one_file_share_its_code_and_a_changed_config_compiles_nothing() {
+    let wasm = plugin_wasm("lowest_load");
+    let entry = |name: &str, metric: &str| {
+        plugin_entry(
+            name,
+            &wasm,
+            &format!("config = '{{\"metric\": \"{metric}\"}}'"),
+        )
+    };
+    let specs = |body: String| {
+        Config::parse(&format!(
+            "[instances.cs_1]\naddress = \"127.0.0.1:9\"\n{body}"
+        ))
+        .unwrap()
+        .plugins
+    };
+    let set = PluginSet::load(
+        &specs(entry("a", "inflight") + &entry("b", "latency")),
+        None,
+    )
+    .unwrap();
+    let [a, b] = set.plugins() else {
+        panic!("two plugins")
+    };
+    assert!(
+        Arc::ptr_eq(a.plugin.code(), b.plugin.code()),
+        "compiled twice"
+    );
+    // each places by its own config: x has fewer requests in flight, y answers faster
+    let labels = Labels::default();
+    let cand = |alias, inflight, latency_ewma_us| Candidate {
+        alias,
+        live: true,
+        inflight,
+        latency_ewma_us,
+        reported_load: None,
+        weight: 1,
+        labels: &labels,
+    };
+    let cands = Candidates {
+        version: 1,
+        list: vec![cand("x", 0, 900), cand("y", 5, 100)],
+    };
+    let main = |p: &Plugin| {
+        let c = block_on(p.place(&PlacementRequest::default(), &cands)).unwrap();
+        cands.list[c.main].alias
+    };
+    assert_eq!((main(&a.plugin), main(&b.plugin)), ("x", "y"));
+    // a reload that changes b's config only: a is kept whole, b is new on the same code
+    let next = PluginSet::load(
+        &specs(entry("a", "inflight") + &entry("b", "reported")),
+        Some(&set),
+    )
+    .unwrap();
+    assert!(Arc::ptr_eq(&next.plugins()[0].plugin, &a.plugin));
+    assert!(!Arc::ptr_eq(&next.plugins()[1].plugin, &b.plugin));
+    assert!(Arc::ptr_eq(
+        next.plugins()[1].plugin.code(),
+        b.plugin.code()
+    ));
+    // another file compiles its own
+    let other = plugin_entry("t", &plugin_wasm("tenant_affinity"), "");
+    let third = PluginSet::load(&specs(entry("a", "inflight") + &other), Some(&next)).unwrap();
+    assert!(!Arc::ptr_eq(
+        third.plugins()[1].plugin.code(),
+        a.plugin.code()
+    ));
+    assert_eq!(third.plugins()[1].plugin.version(), "0.2.0");
 }
 
 /// Three upstreams, and one `misbehave` plugin per mode, each on its own path prefix.

@@ -20,7 +20,7 @@
 //! No pingora here; the only domain type that leaves is `placement::Choice`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -297,26 +297,24 @@ enum Pre {
     V2(v2::PlacementPre<HostState>),
 }
 
-/// A compiled, configured plugin with its pool of instances.
-pub struct Plugin {
+/// A plugin's code, compiled and pre-linked: what depends on its file alone. Plugin entries
+/// that name the same file (by hash) share one, with a config, limits and instances each.
+pub struct Code {
     pre: Pre,
-    config: String,
-    limits: Limits,
-    idle: Mutex<Vec<Slot>>,
 }
 
-impl std::fmt::Debug for Plugin {
+impl std::fmt::Debug for Code {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin")
+        f.debug_struct("Code")
             .field("version", &self.version())
-            .field("limits", &self.limits)
             .finish()
     }
 }
 
-impl Plugin {
-    /// Compiles `bytes`, makes a first instance and runs `configure(config)` on it.
-    pub async fn load(bytes: &[u8], config: &str, limits: Limits) -> Result<Plugin, LoadError> {
+impl Code {
+    /// Compiles `bytes` and pre-links them as the newest version of the world they
+    /// implement.
+    pub fn compile(bytes: &[u8]) -> Result<Code, LoadError> {
         let component =
             Component::new(engine(), bytes).map_err(|e| LoadError::Component(format!("{e:#}")))?;
         let pre = linker()
@@ -334,8 +332,46 @@ impl Plugin {
                 }
             },
         };
+        Ok(Code { pre })
+    }
+
+    /// The version of `hagate:policy` the plugin implements: `"0.2.0"` or `"0.1.0"`.
+    pub fn version(&self) -> &'static str {
+        match self.pre {
+            Pre::V1(_) => "0.1.0",
+            Pre::V2(_) => "0.2.0",
+        }
+    }
+}
+
+/// A compiled, configured plugin with its pool of instances.
+pub struct Plugin {
+    code: Arc<Code>,
+    config: String,
+    limits: Limits,
+    idle: Mutex<Vec<Slot>>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("version", &self.version())
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl Plugin {
+    /// Compiles `bytes`, makes a first instance and runs `configure(config)` on it.
+    pub async fn load(bytes: &[u8], config: &str, limits: Limits) -> Result<Plugin, LoadError> {
+        Plugin::new(Arc::new(Code::compile(bytes)?), config, limits).await
+    }
+
+    /// A plugin on compiled `code`: makes a first instance and runs `configure(config)`
+    /// on it.
+    pub async fn new(code: Arc<Code>, config: &str, limits: Limits) -> Result<Plugin, LoadError> {
         let plugin = Plugin {
-            pre,
+            code,
             config: config.to_string(),
             limits,
             idle: Mutex::new(Vec::new()),
@@ -346,6 +382,11 @@ impl Plugin {
         })?;
         plugin.put(slot);
         Ok(plugin)
+    }
+
+    /// Its compiled code, which other plugins on the same file may share.
+    pub fn code(&self) -> &Arc<Code> {
+        &self.code
     }
 
     /// A new instance, configured: what replacing a trapped instance costs.
@@ -374,7 +415,7 @@ impl Plugin {
         store.set_epoch_deadline(ticks(SETUP_DEADLINE));
         let instantiate = |e: wasmtime::Error| SlotError::Instantiate(format!("{e:#}"));
         let configure = |e| SlotError::Instantiate(CallError::from_wasm(e).to_string());
-        let guest = match &self.pre {
+        let guest = match &self.code.pre {
             Pre::V1(pre) => {
                 let guest = pre.instantiate(&mut store).map_err(instantiate)?;
                 guest
@@ -409,10 +450,7 @@ impl Plugin {
 
     /// The version of `hagate:policy` the plugin implements: `"0.2.0"` or `"0.1.0"`.
     pub fn version(&self) -> &'static str {
-        match self.pre {
-            Pre::V1(_) => "0.1.0",
-            Pre::V2(_) => "0.2.0",
-        }
+        self.code.version()
     }
 
     /// Makes and drops one fresh instance (for benchmarks of the replacement cost).
