@@ -406,14 +406,15 @@ fn plugin_test(t: PluginTest) -> Result<ExitCode> {
             Err(e) => {
                 println!(
                     "{}",
-                    json!({"outcome": e.outcome(), "error": e.to_string()})
+                    json!({"outcome": e.outcome(), "error": e.to_string(), "wit": plugin.version()})
                 );
                 return Ok(ExitCode::FAILURE);
             }
         }
     }
     for ((main, backup), n) in counts {
-        let mut line = json!({"outcome": "ok", "main": main, "backup": backup});
+        let mut line =
+            json!({"outcome": "ok", "main": main, "backup": backup, "wit": plugin.version()});
         if t.repeat > 1 {
             line["count"] = n.into();
         }

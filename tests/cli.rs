@@ -293,6 +293,8 @@ fn plugin_test_runs_a_real_plugin_offline() {
         (v["main"].as_str(), v["backup"].as_str()),
         (Some("cs_2"), Some("cs_3"))
     );
+    // the version of the world the host found the component to implement
+    assert_eq!(v["wit"], "0.2.0");
     let out = run(&["--exclude", "cs_2"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
