@@ -181,12 +181,19 @@ impl PluginSet {
         let ready: Vec<Ready> = std::thread::scope(|s| {
             let mut sources: Vec<Source<'_>> = Vec::with_capacity(specs.len());
             for (i, spec) in specs.iter().enumerate() {
-                let checked = || read_checked(spec, &field(i)).is_ok();
                 let compiling = |j: usize| matches!(sources[j], Source::Compiling(_));
-                let source = if let Some(l) = old.iter().find(|l| l.spec == *spec && checked()) {
-                    Source::Reused(Arc::clone(&l.plugin))
-                } else if let Some(l) = old.iter().find(|l| same_file(&l.spec, spec) && checked()) {
-                    Source::Shared(Arc::clone(l.plugin.code()))
+                // The same settings keep the whole plugin, the same file its code; either
+                // only once the file is read and checked (once) against the hash.
+                let same = old.iter().find(|l| l.spec == *spec);
+                let kept = same
+                    .or_else(|| old.iter().find(|l| same_file(&l.spec, spec)))
+                    .filter(|_| read_checked(spec, &field(i)).is_ok());
+                let source = if let Some(l) = kept {
+                    if same.is_some() {
+                        Source::Reused(Arc::clone(&l.plugin))
+                    } else {
+                        Source::Shared(Arc::clone(l.plugin.code()))
+                    }
                 } else if let Some(j) = (0..i).find(|&j| same_file(&specs[j], spec) && compiling(j))
                 {
                     Source::SameAs(j)
