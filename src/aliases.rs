@@ -159,6 +159,8 @@ pub struct AliasTable {
     /// FxHash: keys come from trusted config, and lookups of hostile strings cannot
     /// create collisions among the stored keys.
     index: FxHashMap<Alias, usize>,
+    /// Whether any instance has `tls = true`.
+    tls: bool,
 }
 
 impl AliasTable {
@@ -192,10 +194,12 @@ impl AliasTable {
                 metrics: OnceLock::new(),
             });
         }
+        let tls = instances.iter().any(|i| i.tls);
         Ok(AliasTable {
             version,
             instances,
             index,
+            tls,
         })
     }
 
@@ -216,6 +220,11 @@ impl AliasTable {
     #[inline]
     pub fn get(&self, idx: usize) -> &Instance {
         &self.instances[idx]
+    }
+
+    /// Whether any instance speaks TLS (`tls = true`).
+    pub fn any_tls(&self) -> bool {
+        self.tls
     }
 
     /// Every instance, in alias order.

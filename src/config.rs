@@ -262,6 +262,24 @@ pub struct ServerConfig {
     /// new certificates take effect with `hagate run --upgrade`.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Which HTTP engine forwards requests: `forwarding = "hagate"` (the default) serves the
+    /// common HTTP/1.1 request with hagate's own forwarding loop, and hands every other
+    /// request (HTTP/1.0, HTTP/2, upgrades, `Expect`, chunked or large request bodies,
+    /// instances with `tls = true`) to pingora's proxy; `"pingora"` sends every request
+    /// through pingora's proxy. Read for each new client connection.
+    #[serde(default)]
+    pub forwarding: Forwarding,
+}
+
+/// `server.forwarding`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// hagate's own HTTP/1.1 loop for the common request, pingora's proxy for the rest.
+    #[default]
+    Hagate,
+    /// Pingora's proxy for every request.
+    Pingora,
 }
 
 /// `server.tls`

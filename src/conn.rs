@@ -43,6 +43,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
+use crate::forward::{Forwarder, Served};
 use crate::health::now_ms;
 use crate::metrics::metrics;
 
@@ -331,6 +332,8 @@ struct Guarded {
     evicted: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     /// Bytes of the JSON 400 written in place of pingora's bare one.
     replaced: usize,
+    /// Bytes already read from `inner` (by `forward`), read again first.
+    rewind: bytes::BytesMut,
 }
 
 impl std::fmt::Debug for Guarded {
@@ -366,6 +369,7 @@ impl Guarded {
             deadline: Box::pin(tokio::time::sleep(limits.keepalive_timeout)),
             evicted,
             replaced: 0,
+            rewind: bytes::BytesMut::new(),
         }
     }
 
@@ -394,6 +398,11 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if !this.rewind.is_empty() {
+            let n = this.rewind.len().min(buf.remaining());
+            buf.put_slice(&this.rewind.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         if let Phase::Refusing { written } = &mut this.phase {
             while *written < TOO_LARGE.len() {
                 match Pin::new(&mut this.inner).poll_write(cx, &TOO_LARGE[*written..]) {
@@ -614,14 +623,17 @@ fn peer_of(stream: &Stream) -> Option<SocketAddr> {
 pub struct Guard<A> {
     inner: Arc<A>,
     conns: Arc<Connections>,
+    forward: Option<Arc<Forwarder>>,
 }
 
 impl<A> Guard<A> {
-    /// Guards `inner` with `conns`.
-    pub fn new(inner: A, conns: Arc<Connections>) -> Self {
+    /// Guards `inner` with `conns`. With `forward`, each connection is first served by
+    /// hagate's own forwarding loop, and goes to `inner` only when the loop hands it over.
+    pub fn new(inner: A, conns: Arc<Connections>, forward: Option<Arc<Forwarder>>) -> Self {
         Guard {
             inner: Arc::new(inner),
             conns,
+            forward,
         }
     }
 }
@@ -641,8 +653,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
             None => self.conns.admit(peer).await?,
         };
         let limits = self.conns.limits();
-        let guarded: Stream = Box::new(Guarded::new(stream, ticket, limits));
-        self.inner.process_new(guarded, shutdown).await
+        let mut guarded = Guarded::new(stream, ticket, limits);
+        let h2 = guarded.inner.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2);
+        if let (Some(forward), false) = (&self.forward, h2) {
+            match forward.serve(&mut guarded, Some(peer), shutdown).await {
+                Served::Closed => return None,
+                Served::HandOver(read) => guarded.rewind = read,
+            }
+        }
+        self.inner.process_new(Box::new(guarded), shutdown).await
     }
 
     /// The listener stopped accepting (SIGTERM, or an upgrade handed it to a new process).

@@ -2,16 +2,19 @@
 //!
 //! The request path, top to bottom (arrows only point down):
 //!
-//! 1. `proxy` (the only pingora-aware module) gets a request and asks `context_id` for the
-//!    context id: the `contextID` query parameter, else the header, bare or Gson-wrapped.
+//! 1. `forward` (hagate's own HTTP/1.1 loop, for the common request) or `proxy` (the only
+//!    module that knows pingora's request phases, for the rest) gets a request, and
+//!    `proxy`'s plan asks `context_id` for the context id: the `contextID` query
+//!    parameter, else the header, bare or Gson-wrapped.
 //! 2. `haid` decodes it exactly as Linkis does, into borrowed `main`/`backup`/`id` parts.
 //! 3. `route::decide` resolves both aliases in the current `aliases::AliasTable` (an
 //!    `ArcSwap`, replaced whole by `gateway` on reload) and reads `health` atomics: main if
 //!    live, else backup, else 503 (or, opt-in, a replacement from `ring`). A request
 //!    without a HAID is placed by `plugin::PluginSet`: the matching Wasm plugin, or the
 //!    native policy in `placement`.
-//! 4. `proxy` forwards, retrying once on the other instance if the first cannot be reached,
-//!    feeds failures to passive health, and records `metrics`.
+//! 4. `forward` or pingora's proxy forwards, with `proxy` deciding each attempt: once more
+//!    on the other instance if the first cannot be reached. `proxy` feeds failures to
+//!    passive health, and records `metrics`.
 //!
 //! Around it: `config` (one validated TOML file), `health::active` (parallel HTTP checks),
 //! `store` (the membership heartbeat table) and `membership` (the protocol's client side and
@@ -29,6 +32,7 @@ pub mod conn;
 pub mod context_id;
 pub mod demo;
 pub mod dns;
+pub mod forward;
 pub mod gateway;
 pub mod haid;
 pub mod health;

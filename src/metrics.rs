@@ -85,14 +85,27 @@ const ROLES: [&str; 4] = ["main", "backup", "replacement", "none"];
 pub struct RequestMetrics {
     counts: [[OnceLock<IntCounter>; STATUSES.len()]; ROLES.len()],
     durations: [OnceLock<Histogram>; ROLES.len()],
+    engines: [OnceLock<IntCounter>; ENGINES.len()],
 }
+
+/// The label values of `hagate_engine_requests_total`'s `engine`.
+pub const ENGINES: [&str; 2] = ["hagate", "pingora"];
 
 impl RequestMetrics {
     fn new() -> Self {
         RequestMetrics {
             counts: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             durations: std::array::from_fn(|_| OnceLock::new()),
+            engines: std::array::from_fn(|_| OnceLock::new()),
         }
+    }
+
+    /// One request served by hagate's own forwarding loop (`true`) or pingora's proxy.
+    pub fn engine(&self, hagate: bool) {
+        let e = usize::from(!hagate);
+        self.engines[e]
+            .get_or_init(|| metrics().engine_requests.with_label_values(&[ENGINES[e]]))
+            .inc();
     }
 
     /// One request that ended with `status` (0: none written) in `role` (a label of
@@ -123,6 +136,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// `hagate_request_duration_seconds{role}`.
     pub request_duration: HistogramVec,
+    /// `hagate_engine_requests_total{engine}`: hagate (its own forwarding loop) or pingora.
+    pub engine_requests: IntCounterVec,
     /// `hagate_failovers_total{reason}`: main_down (sent to backup), connect_failure and
     /// in_flight (retried on the other instance).
     pub failovers: IntCounterVec,
@@ -273,6 +288,12 @@ impl Metrics {
             "hagate_requests_total",
             "Requests answered, by the role of the instance that served them and status.",
             &["role", "status"],
+        );
+        let engine_requests = counter_vec(
+            &r,
+            "hagate_engine_requests_total",
+            "Requests by the HTTP engine that served them: hagate (its own HTTP/1.1 forwarding loop) or pingora (its proxy).",
+            &["engine"],
         );
         let request_duration = histogram_vec(
             &r,
@@ -521,6 +542,7 @@ impl Metrics {
             plugin_call_seconds,
             plugin_reloads,
             requests,
+            engine_requests,
             request_duration,
             failovers,
             haid_errors,

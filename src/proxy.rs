@@ -34,9 +34,9 @@ const CONTEXT_ID: &str = "x-hagate-context-id";
 const MAIN_ALIAS: &str = "x-hagate-main-alias";
 const BACKUP_ALIAS: &str = "x-hagate-backup-alias";
 const EPOCH: &str = "x-hagate-epoch";
-const PREFIX: &str = "x-hagate-";
+pub(crate) const PREFIX: &str = "x-hagate-";
 /// Response header an instance may send to report its own load to placement.
-const LOAD: &str = "x-hagate-load";
+pub(crate) const LOAD: &str = "x-hagate-load";
 
 /// The proxy service.
 pub struct Proxy {
@@ -74,6 +74,8 @@ pub struct Ctx {
     attempts: u8,
     /// Whether an attempt went to the other instance after the first choice failed.
     failed_over: bool,
+    /// Served by hagate's own forwarding loop (`forward`), not pingora's proxy.
+    pub(crate) own_loop: bool,
 }
 
 /// The next upstream attempt.
@@ -89,7 +91,200 @@ enum Next {
     Done,
 }
 
+impl Default for Ctx {
+    fn default() -> Self {
+        Ctx {
+            started: Instant::now(),
+            settings: None,
+            table: None,
+            primary: None,
+            fallback: None,
+            next: Next::Primary,
+            reconnected: false,
+            local_trouble: false,
+            current: None,
+            inflight: None,
+            context_id: None,
+            placed: false,
+            attempts: 0,
+            failed_over: false,
+            own_loop: false,
+        }
+    }
+}
+
+/// The request's upstream attempts, as both HTTP engines make them (pingora's hooks below,
+/// and `forward`): which instance next, what a failure means, what a response tells.
 impl Ctx {
+    /// Starts the next attempt: the instance to try, or `None` when none is left.
+    pub(crate) fn begin_attempt(&mut self) -> Option<&crate::aliases::Instance> {
+        let target = match self.next {
+            Next::Primary => self.primary,
+            Next::Same => self.current,
+            Next::Fallback => self.fallback,
+            Next::Done => None,
+        }?;
+        let table = self.table.as_ref()?;
+        if self.next == Next::Fallback {
+            self.next = Next::Done;
+            self.failed_over = true;
+        }
+        self.attempts = self.attempts.saturating_add(1);
+        let inst = table.get(target.instance);
+        self.inflight = Some(inst.state.start_request());
+        self.current = Some(target);
+        Some(inst)
+    }
+
+    /// The connection to the instance could not be made; `local` says it was this
+    /// process's own resources (EMFILE, ...). Whether to try again (`begin_attempt`).
+    pub(crate) fn connect_failed(&mut self, local: bool) -> bool {
+        // Out of descriptors or buffers here says nothing about the upstream: do not eject
+        // it, and do not fail over (the other instance would fail the same way).
+        if local {
+            metrics()
+                .local_resource_errors
+                .with_label_values(&["upstream"])
+                .inc();
+            self.local_trouble = true;
+            return false;
+        }
+        self.record_failure();
+        let fail_over = self.can_fail_over();
+        if fail_over {
+            metrics()
+                .failovers
+                .with_label_values(&["connect_failure"])
+                .inc();
+            self.next = Next::Fallback;
+        }
+        fail_over
+    }
+
+    /// The exchange with the instance failed after it connected. `upstream`: the failure
+    /// was the upstream's (not the client's); `replayable`: nothing was answered yet and
+    /// the request body is still at hand; `stale`: it was a pooled connection that the
+    /// upstream had closed before answering anything. Whether to try again.
+    pub(crate) fn exchange_failed(
+        &mut self,
+        upstream: bool,
+        replayable: bool,
+        stale: bool,
+    ) -> bool {
+        if !upstream || !replayable {
+            if upstream {
+                self.record_failure();
+            }
+            return false;
+        }
+        // A pooled connection the upstream had already closed says nothing about its
+        // health: try the same instance once more on a fresh connection.
+        if stale && !self.reconnected {
+            self.reconnected = true;
+            self.next = Next::Same;
+            return true;
+        }
+        self.record_failure();
+        let replay = self
+            .settings
+            .as_ref()
+            .is_some_and(|s| s.config.routing.retry_in_flight)
+            && self.can_fail_over();
+        if replay {
+            metrics().failovers.with_label_values(&["in_flight"]).inc();
+            self.next = Next::Fallback;
+        }
+        replay
+    }
+
+    /// The instance answered with `status`, and with `load` in `x-hagate-load` if sent.
+    pub(crate) fn answered(&self, status: u16, load: Option<&[u8]>) {
+        let (Some(table), Some(cur)) = (self.table(), self.current) else {
+            return;
+        };
+        let state = &table.get(cur.instance).state;
+        state.record_latency(self.started.elapsed());
+        if let Some(load) =
+            load.and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<f32>().ok())
+        {
+            state.set_reported_load(load);
+        }
+        if (500..600).contains(&status) {
+            self.record_failure();
+        } else {
+            state.record_success();
+        }
+    }
+
+    /// The headers hagate adds to the request for the instance being tried: each name
+    /// and value, given to `put`.
+    pub(crate) fn our_headers(&self, mut put: impl FnMut(&'static str, &[u8])) {
+        if let Some(cur) = self.current {
+            put(ROLE, cur.role.as_str().as_bytes());
+            // A membership-held alias: the holder's fencing token, so the context server
+            // can refuse a route decided on a stale holding.
+            if let Some(epoch) = self.table.as_ref().and_then(|t| t.get(cur.instance).epoch) {
+                put(EPOCH, epoch.to_string().as_bytes());
+            }
+        }
+        if let Some(id) = &self.context_id {
+            put(CONTEXT_ID, id.as_bytes());
+        }
+        if self.placed {
+            if let (Some(table), Some(p)) = (self.table.as_ref(), self.primary) {
+                put(MAIN_ALIAS, table.get(p.instance).alias.as_str().as_bytes());
+                if let Some(b) = self.fallback {
+                    put(
+                        BACKUP_ALIAS,
+                        table.get(b.instance).alias.as_str().as_bytes(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The request is over with `status` (0: nothing was answered): metrics, the access
+    /// log, and its connection is idle again.
+    pub(crate) fn finish(
+        &mut self,
+        req: &impl RequestView,
+        status: u16,
+        conns: &Connections,
+        client: Option<std::net::SocketAddr>,
+    ) {
+        let role = self.current.map_or("none", |t| t.role.as_str());
+        let elapsed = self.started.elapsed();
+        request_metrics().observe(role, status, elapsed);
+        request_metrics().engine(self.own_loop);
+        let instance = self
+            .current
+            .zip(self.table.as_ref())
+            .map(|(t, table)| table.get(t.instance));
+        if let Some(inst) = instance {
+            inst.metrics().observe(status, elapsed);
+        }
+        if self.settings.as_ref().is_some_and(|s| s.config.log.access) {
+            tracing::info!(
+                target: "hagate::access",
+                method = req.method(),
+                path = req.path(),
+                status,
+                role,
+                alias = instance.map(|i| i.alias.as_str()),
+                upstream = instance.map(|i| tracing::field::display(i.address)),
+                attempts = self.attempts,
+                failed_over = self.failed_over,
+                duration_us = elapsed.as_micros() as u64,
+                context_id = self.context_id.as_ref().and_then(|v| v.to_str().ok()),
+            );
+        }
+        self.inflight = None;
+        // The request is over: its connection is idle (and may be evicted) until the next.
+        if let Some(peer) = client {
+            conns.idle(&peer);
+        }
+    }
+
     fn table(&self) -> Option<&AliasTable> {
         self.table.as_deref()
     }
@@ -122,7 +317,7 @@ impl Ctx {
 }
 
 /// A JSON error answer that ends the request in `request_filter`.
-struct Answer {
+pub(crate) struct Answer {
     status: u16,
     body: serde_json::Value,
     /// `Retry-After` seconds, sent with 503s.
@@ -196,6 +391,54 @@ impl Answer {
         )
     }
 
+    /// The 503 for a request stopped by this process's own resources (EMFILE, ...).
+    pub(crate) fn local_trouble() -> Self {
+        Answer {
+            status: 503,
+            body: serde_json::json!({"error": "local_resources_exhausted",
+                "detail": "the gateway is out of file descriptors or buffers; the upstream was not tried"}),
+            retry_after: None,
+        }
+    }
+
+    /// The 502 for a request that no instance answered; `what` names the last failure.
+    pub(crate) fn upstream_failed(what: &str) -> Self {
+        Answer {
+            status: 502,
+            body: serde_json::json!({"error": "upstream_failed",
+                "detail": format!("no instance of the request's HAID answered ({what})")}),
+            retry_after: None,
+        }
+    }
+
+    /// The status.
+    pub(crate) fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The whole answer as HTTP/1.1 bytes, closing the connection: what `send` writes
+    /// through pingora.
+    pub(crate) fn to_wire(&self) -> Vec<u8> {
+        use std::fmt::Write as _;
+        let body = format!("{}\n", self.body);
+        let reason = http::StatusCode::from_u16(self.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let mut head = format!(
+            "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            self.status,
+            body.len()
+        );
+        if let Some(secs) = self.retry_after {
+            let _ = write!(head, "retry-after: {secs}\r\n");
+        }
+        head.push_str("connection: close\r\n\r\n");
+        let mut wire = head.into_bytes();
+        wire.extend_from_slice(body.as_bytes());
+        wire
+    }
+
     /// Writes the answer and ends the request.
     async fn send(self, session: &mut Session) -> Result<bool> {
         let body = Bytes::from(format!("{}\n", self.body));
@@ -214,13 +457,53 @@ impl Answer {
     }
 }
 
+/// What planning reads of a request, whichever HTTP engine parsed it: pingora's
+/// `RequestHeader`, or the head that hagate's own forwarding loop parsed (`forward`).
+pub(crate) trait RequestView {
+    /// The method, as sent.
+    fn method(&self) -> &str;
+    /// The path of the request target.
+    fn path(&self) -> &str;
+    /// The query of the request target, if any.
+    fn query(&self) -> Option<&str>;
+    /// The values of the header `name`, in order.
+    fn values<'a>(&'a self, name: &'a http::HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a;
+    /// The first value of `name`, if it is visible ASCII (as `HeaderValue::to_str`).
+    fn text<'a>(&'a self, name: &'a http::HeaderName) -> Option<&'a str> {
+        let v = self.values(name).next()?;
+        if v.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b)) {
+            std::str::from_utf8(v).ok()
+        } else {
+            None
+        }
+    }
+}
+
+impl RequestView for RequestHeader {
+    fn method(&self) -> &str {
+        self.method.as_str()
+    }
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+    fn query(&self) -> Option<&str> {
+        self.uri.query()
+    }
+    fn values<'a>(&'a self, name: &'a http::HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers.get_all(name).iter().map(|v| v.as_bytes())
+    }
+}
+
 impl Proxy {
-    /// Decides where a request goes, or returns the error answer.
-    async fn plan(&self, session: &Session, ctx: &mut Ctx) -> Option<Answer> {
+    /// Decides where a request goes over `table`, or returns the error answer.
+    pub(crate) async fn plan(
+        &self,
+        req: &impl RequestView,
+        table: Arc<AliasTable>,
+        ctx: &mut Ctx,
+    ) -> Option<Answer> {
         let settings = self.gateway.settings();
-        let table = self.gateway.table();
-        let req = session.req_header();
-        let path = req.uri.path();
+        let path = req.path();
         let cfg = &settings.config;
         let routed = cfg
             .routing
@@ -229,12 +512,9 @@ impl Proxy {
             .any(|p| path.starts_with(p.as_str()));
         let raw = if routed {
             context_id::find(
-                req.uri.query(),
+                req.query(),
                 &cfg.context_id.query_param,
-                req.headers
-                    .get_all(&settings.context_header)
-                    .iter()
-                    .map(|v| v.as_bytes()),
+                req.values(&settings.context_header),
             )
         } else {
             Ok(None)
@@ -246,7 +526,7 @@ impl Proxy {
             )),
             Err(e @ ContextIdError::Ambiguous { .. }) => Some(Answer::ambiguous(e.to_string())),
             Err(e) => Some(Answer::invalid_haid("bad_wrapper", e.to_string())),
-            Ok(None) => self.place(session, &settings, &table, ctx).await,
+            Ok(None) => self.place(req, &settings, &table, ctx).await,
             Ok(Some(value)) => match context_id::unwrap(&value) {
                 Err(e) => Some(Answer::invalid_haid("bad_wrapper", e.to_string())),
                 Ok(text) => match haid::decode(&text) {
@@ -332,19 +612,15 @@ impl Proxy {
     /// Chooses a main and backup for a request without a HAID.
     async fn place(
         &self,
-        session: &Session,
+        req: &impl RequestView,
         settings: &Settings,
         table: &AliasTable,
         ctx: &mut Ctx,
     ) -> Option<Answer> {
-        let req = session.req_header();
         let candidates = Candidates::of(table, &LiveView::now());
         let request = PlacementRequest {
-            tenant: req
-                .headers
-                .get(&settings.tenant_header)
-                .and_then(|v| v.to_str().ok()),
-            path: req.uri.path(),
+            tenant: req.text(&settings.tenant_header),
+            path: req.path(),
             context_id: None,
             exclude: &[],
         };
@@ -387,54 +663,28 @@ impl ProxyHttp for Proxy {
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> Ctx {
-        Ctx {
-            started: Instant::now(),
-            settings: None,
-            table: None,
-            primary: None,
-            fallback: None,
-            next: Next::Primary,
-            reconnected: false,
-            local_trouble: false,
-            current: None,
-            inflight: None,
-            context_id: None,
-            placed: false,
-            attempts: 0,
-            failed_over: false,
-        }
+        Ctx::default()
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        match self.plan(session, ctx).await {
+        let table = self.gateway.table();
+        match self.plan(session.req_header(), table, ctx).await {
             None => Ok(false),
             Some(answer) => answer.send(session).await,
         }
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let target = match ctx.next {
-            Next::Primary => ctx.primary,
-            Next::Same => ctx.current,
-            Next::Fallback => ctx.fallback,
-            Next::Done => None,
-        }
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream left to try"))?;
-        if ctx.next == Next::Fallback {
-            ctx.next = Next::Done;
-            ctx.failed_over = true;
-        }
-        ctx.attempts = ctx.attempts.saturating_add(1);
-        let (Some(table), Some(settings)) = (ctx.table.as_ref(), ctx.settings.as_ref()) else {
+        let Some(up) = ctx.settings.clone() else {
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "request was not planned",
             ));
         };
-        let inst = table.get(target.instance);
-        ctx.inflight = Some(inst.state.start_request());
-        ctx.current = Some(target);
-        let up = &settings.config.upstream;
+        let up = &up.config.upstream;
+        let inst = ctx
+            .begin_attempt()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream left to try"))?;
         let mut peer = HttpPeer::new(inst.address, inst.tls, inst.sni.clone());
         peer.options.connection_timeout = Some(up.connect_timeout);
         peer.options.read_timeout = Some(up.read_timeout);
@@ -469,26 +719,15 @@ impl ProxyHttp for Proxy {
                 upstream.insert_header(cl, v)?;
             }
         }
-        if let Some(cur) = ctx.current {
-            upstream.insert_header(ROLE, cur.role.as_str())?;
-            // A membership-held alias: the holder's fencing token, so the context server
-            // can refuse a route decided on a stale holding.
-            if let Some(epoch) = ctx.table.as_ref().and_then(|t| t.get(cur.instance).epoch) {
-                upstream.insert_header(EPOCH, HeaderValue::from(epoch))?;
+        let mut result = Ok(());
+        ctx.our_headers(|name, value| {
+            if result.is_ok() {
+                result = HeaderValue::from_bytes(value)
+                    .map_err(|e| Error::because(ErrorType::InternalError, "our header", e))
+                    .and_then(|v| upstream.insert_header(name, v));
             }
-        }
-        if let Some(id) = &ctx.context_id {
-            upstream.insert_header(CONTEXT_ID, id.clone())?;
-        }
-        if ctx.placed {
-            if let (Some(table), Some(p)) = (ctx.table.as_ref(), ctx.primary) {
-                upstream.insert_header(MAIN_ALIAS, table.get(p.instance).alias.as_str())?;
-                if let Some(b) = ctx.fallback {
-                    upstream.insert_header(BACKUP_ALIAS, table.get(b.instance).alias.as_str())?;
-                }
-            }
-        }
-        Ok(())
+        });
+        result
     }
 
     async fn upstream_response_filter(
@@ -497,21 +736,11 @@ impl ProxyHttp for Proxy {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let (Some(table), Some(cur)) = (ctx.table(), ctx.current) {
-            let state = &table.get(cur.instance).state;
-            state.record_latency(ctx.started.elapsed());
-            if let Some(load) = response
-                .remove_header(LOAD)
-                .and_then(|v| v.to_str().ok()?.trim().parse::<f32>().ok())
-            {
-                state.set_reported_load(load);
-            }
-        }
-        if response.status.is_server_error() {
-            ctx.record_failure();
-        } else if let (Some(table), Some(cur)) = (ctx.table(), ctx.current) {
-            table.get(cur.instance).state.record_success();
-        }
+        let load = response.remove_header(LOAD);
+        ctx.answered(
+            response.status.as_u16(),
+            load.as_ref().map(|v| v.as_bytes()),
+        );
         Ok(())
     }
 
@@ -522,27 +751,9 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Out of descriptors or buffers here says nothing about the upstream: do not eject
-        // it, and do not fail over (the other instance would fail the same way).
-        if crate::health::is_local_resource_error(e.root_cause()) {
-            metrics()
-                .local_resource_errors
-                .with_label_values(&["upstream"])
-                .inc();
-            ctx.local_trouble = true;
-            e.set_retry(false);
-            return e;
-        }
-        ctx.record_failure();
-        let fail_over = ctx.can_fail_over();
-        if fail_over {
-            metrics()
-                .failovers
-                .with_label_values(&["connect_failure"])
-                .inc();
-            ctx.next = Next::Fallback;
-        }
-        e.set_retry(fail_over);
+        let local = crate::health::is_local_resource_error(e.root_cause());
+        let retry = ctx.connect_failed(local);
+        e.set_retry(retry);
         e
     }
 
@@ -559,20 +770,18 @@ impl ProxyHttp for Proxy {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let (status, body) = match (e.etype(), e.esource()) {
-            _ if ctx.local_trouble => (
-                503,
-                serde_json::json!({"error": "local_resources_exhausted",
-                    "detail": "the gateway is out of file descriptors or buffers; the upstream was not tried"}),
-            ),
+            _ if ctx.local_trouble => {
+                let a = Answer::local_trouble();
+                (a.status, a.body)
+            }
             (ErrorType::HTTPStatus(code), _) => (
                 *code,
                 serde_json::json!({"error": "http_error", "detail": e.to_string()}),
             ),
-            (_, ErrorSource::Upstream) => (
-                502,
-                serde_json::json!({"error": "upstream_failed",
-                    "detail": format!("no instance of the request's HAID answered ({})", e.etype().as_str())}),
-            ),
+            (_, ErrorSource::Upstream) => {
+                let a = Answer::upstream_failed(e.etype().as_str());
+                (a.status, a.body)
+            }
             (
                 ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
                 ErrorSource::Downstream,
@@ -617,73 +826,19 @@ impl ProxyHttp for Proxy {
         let mut e = e.more_context(format!("Peer: {peer}"));
         let replayable = session.as_ref().response_written().is_none()
             && !session.as_ref().retry_buffer_truncated();
-        if *e.esource() != ErrorSource::Upstream || !replayable {
-            if *e.esource() == ErrorSource::Upstream {
-                ctx.record_failure();
-            }
-            e.set_retry(false);
-            return e;
-        }
-        // A pooled connection the upstream had already closed says nothing about its
-        // health: try the same instance once more on a fresh connection.
-        if reused_connection
-            && !ctx.reconnected
-            && matches!(e.retry, RetryType::ReusedOnly | RetryType::Decided(true))
-        {
-            ctx.reconnected = true;
-            ctx.next = Next::Same;
-            e.set_retry(true);
-            return e;
-        }
-        ctx.record_failure();
-        let replay = ctx
-            .settings
-            .as_ref()
-            .is_some_and(|s| s.config.routing.retry_in_flight)
-            && ctx.can_fail_over();
-        if replay {
-            metrics().failovers.with_label_values(&["in_flight"]).inc();
-            ctx.next = Next::Fallback;
-        }
-        e.set_retry(replay);
+        let stale = reused_connection
+            && matches!(e.retry, RetryType::ReusedOnly | RetryType::Decided(true));
+        let retry = ctx.exchange_failed(*e.esource() == ErrorSource::Upstream, replayable, stale);
+        e.set_retry(retry);
         e
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let role = ctx.current.map_or("none", |t| t.role.as_str());
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(if e.is_some() { 502 } else { 0 });
-        let elapsed = ctx.started.elapsed();
-        request_metrics().observe(role, status, elapsed);
-        let instance = ctx
-            .current
-            .zip(ctx.table.as_ref())
-            .map(|(t, table)| table.get(t.instance));
-        if let Some(inst) = instance {
-            inst.metrics().observe(status, elapsed);
-        }
-        if ctx.settings.as_ref().is_some_and(|s| s.config.log.access) {
-            let req = session.req_header();
-            tracing::info!(
-                target: "hagate::access",
-                method = %req.method,
-                path = req.uri.path(),
-                status,
-                role,
-                alias = instance.map(|i| i.alias.as_str()),
-                upstream = instance.map(|i| tracing::field::display(i.address)),
-                attempts = ctx.attempts,
-                failed_over = ctx.failed_over,
-                duration_us = elapsed.as_micros() as u64,
-                context_id = ctx.context_id.as_ref().and_then(|v| v.to_str().ok()),
-            );
-        }
-        ctx.inflight = None;
-        // The request is over: its connection is idle (and may be evicted) until the next.
-        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
-            self.conns.idle(peer);
-        }
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        ctx.finish(session.req_header(), status, &self.conns, client);
     }
 }

@@ -16,6 +16,7 @@ use pingora::services::background::{background_service, BackgroundService};
 
 use crate::config::Config;
 use crate::conn::{Admit, Connections, Guard, Limits};
+use crate::forward::Forwarder;
 use crate::gateway::Gateway;
 use crate::http_server::ServeLimits;
 use crate::metrics::metrics;
@@ -53,6 +54,7 @@ pub enum StartError {
 struct ControlPlane {
     gateway: Arc<Gateway>,
     conns: Arc<Connections>,
+    forward: Arc<Forwarder>,
     nofile: u64,
 }
 
@@ -76,6 +78,7 @@ impl BackgroundService for ControlPlane {
             }
         }
         tokio::spawn(refresh_host_names(Arc::clone(&self.gateway)));
+        tokio::spawn(sweep_idle_upstreams(Arc::clone(&self.forward)));
         tokio::spawn(reload::watch_config(Arc::clone(&self.gateway)));
         tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway)));
         tokio::spawn(crate::notify::upgrade_on_sigusr2(
@@ -166,6 +169,16 @@ impl ServerApp for SharedAdmin {
         drop(permit);
         app.count();
         None
+    }
+}
+
+/// Closes the forwarding loop's pooled upstream connections once they have been idle
+/// for `upstream.idle_timeout`, checking every second.
+async fn sweep_idle_upstreams(forward: Arc<Forwarder>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        forward.sweep();
     }
 }
 
@@ -324,9 +337,10 @@ pub fn run(
         &server.configuration,
         Proxy::new(Arc::clone(&gateway), Arc::clone(&conns)),
     );
+    let forward = Forwarder::new(Arc::clone(&gateway), Arc::clone(&conns));
     let mut proxy = Service::new(
         "hagate proxy".to_string(),
-        Guard::new(app, Arc::clone(&conns)),
+        Guard::new(app, Arc::clone(&conns), Some(Arc::clone(&forward))),
     );
     proxy.set_connection_filter(Arc::new(Admit(Arc::clone(&conns))));
     match &tls {
@@ -361,6 +375,7 @@ pub fn run(
         ControlPlane {
             gateway: Arc::clone(&gateway),
             conns,
+            forward,
             nofile,
         },
     ));

@@ -1,0 +1,405 @@
+//! The two HTTP engines (`server.forwarding`): hagate's own forwarding loop for the common
+//! HTTP/1.1 request, and pingora's proxy for every other. Each test runs the real gateway
+//! in front of a real HTTP/1.1 server on `127.0.0.1:0` that answers in each of the ways
+//! HTTP frames a body (length, chunks with trailers, end of connection), and that closes
+//! keep-alive connections when told to.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A request as the upstream server received it.
+#[derive(Debug, Clone)]
+struct Seen {
+    head: String,
+    body: Vec<u8>,
+    /// Which of the server's connections it came on (counted from 0).
+    conn: usize,
+}
+
+impl Seen {
+    /// The value of header `name` (lower case), if sent.
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// An HTTP/1.1 server that records every request and answers by path:
+/// - `/chunked`: a chunked body with a trailer;
+/// - `/close`: a body ended by closing the connection;
+/// - `/drop`: a `Content-Length` answer, then it closes the keep-alive connection without
+///   saying so (the next request on it finds it closed);
+/// - anything else: `Content-Length` with `x-hagate-load: 0.25`.
+struct Server {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        tokio::spawn(async move {
+            for conn in 0.. {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(serve(s, conn, Arc::clone(&log)));
+            }
+        });
+        Server { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn toml(&self, alias: &str) -> String {
+        format!("[instances.{alias}]\naddress = \"{}\"\n", self.addr)
+    }
+}
+
+async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = read_until(&mut s, &mut buf, b"\r\n\r\n").await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        buf.drain(..end);
+        let mut seen = Seen {
+            head,
+            body: Vec::new(),
+            conn,
+        };
+        if seen
+            .header("transfer-encoding")
+            .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+        {
+            // Enough for the tests' bodies: chunks of text, no extensions, no trailers.
+            let Some(end) = read_until(&mut s, &mut buf, b"0\r\n\r\n").await else {
+                return;
+            };
+            let raw = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.drain(..end);
+            let mut lines = raw.split("\r\n");
+            while let (Some(size), Some(data)) = (lines.next(), lines.next()) {
+                if usize::from_str_radix(size, 16).unwrap_or(0) > 0 {
+                    seen.body.extend_from_slice(data.as_bytes());
+                }
+            }
+        } else {
+            let n: usize = seen
+                .header("content-length")
+                .map_or(0, |v| v.parse().unwrap());
+            while buf.len() < n {
+                let mut chunk = [0u8; 65536];
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                }
+            }
+            seen.body = buf.drain(..n).collect();
+        }
+        let path = seen.head.split(' ').nth(1).unwrap_or("").to_string();
+        let head_request = seen.head.starts_with("HEAD ");
+        log.lock().unwrap().push(seen);
+        let answer: Vec<u8> = match path.as_str() {
+            "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n".to_vec(),
+            "/close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(),
+            _ => {
+                let body = if head_request { "" } else { "ok" };
+                format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-hagate-load: 0.25\r\nx-served-by: raw\r\n\r\n{body}").into_bytes()
+            }
+        };
+        if s.write_all(&answer).await.is_err() || path == "/close" || path == "/drop" {
+            return;
+        }
+    }
+}
+
+/// Reads into `buf` until it holds `end`; the offset just past it.
+async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, end: &[u8]) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(end.len()).position(|w| w == end) {
+            return Some(i + end.len());
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The requests each engine served: (hagate's loop, pingora's proxy).
+async fn by_engine(gw: &Gateway) -> (f64, f64) {
+    let name = "hagate_engine_requests_total";
+    let own = gw.metric(name, &[("engine", "hagate")]).await;
+    (own, gw.metric(name, &[("engine", "pingora")]).await)
+}
+
+const NO_CHECKS: &str = "[health.active]\nenabled = false\n\n";
+
+async fn gateway(engine: &str, body: &str) -> Gateway {
+    Gateway::start_full(
+        &format!("{NO_CHECKS}{body}"),
+        &format!("forwarding = \"{engine}\"\n"),
+        "",
+        None,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_engines_forward_every_framing_and_fail_over_alike() {
+    for engine in ["hagate", "pingora"] {
+        let up = Server::start().await;
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let gw = gateway(
+            engine,
+            &format!(
+                "{}[instances.cs_9]\naddress = \"{dead}\"\n",
+                up.toml("cs_1")
+            ),
+        )
+        .await;
+        let c = client();
+        let haid = hagate::haid::encode("cs_1", &["cs_9"], "77").unwrap();
+        let get = |path: &str| {
+            c.get(gw.url(path))
+                .header("contextID", &haid)
+                .header("x-hagate-role", "forged")
+        };
+
+        // Content-Length: x-hagate-load is taken out, hagate's headers go up, the
+        // client's own x-hagate-* do not.
+        let r = get("/plain").send().await.unwrap();
+        assert_eq!(r.status(), 200, "{engine}");
+        assert!(r.headers().get("x-hagate-load").is_none(), "{engine}");
+        assert_eq!(r.headers()["x-served-by"], "raw", "{engine}");
+        assert_eq!(r.text().await.unwrap(), "ok", "{engine}");
+        let first = up.seen().last().cloned().unwrap();
+        assert_eq!(
+            first.header("x-hagate-role").as_deref(),
+            Some("main"),
+            "{engine}: {first:?}"
+        );
+        assert_eq!(
+            first.header("x-hagate-context-id").as_deref(),
+            Some("77"),
+            "{engine}"
+        );
+        assert_eq!(
+            first.head.matches("x-hagate-role").count(),
+            1,
+            "{engine}: {first:?}"
+        );
+
+        // chunks, with a trailer; and a body ended by the upstream closing
+        let r = get("/chunked").send().await.unwrap();
+        assert_eq!(r.status(), 200, "{engine}");
+        assert_eq!(r.text().await.unwrap(), "hello world", "{engine}");
+        let r = get("/close").send().await.unwrap();
+        assert_eq!(r.status(), 200, "{engine}");
+        assert_eq!(r.text().await.unwrap(), "until the end", "{engine}");
+
+        // HEAD: the head only, though the answer names a length
+        let r = c
+            .head(gw.url("/plain"))
+            .header("contextID", &haid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{engine}");
+        assert_eq!(r.headers()["content-length"], "2", "{engine}");
+        assert_eq!(r.text().await.unwrap(), "", "{engine}");
+
+        // bodies: small (read whole by hagate's loop), large (over its 64 KiB, so
+        // pingora's), and chunked (pingora's); each arrives whole
+        for size in [3, 200_000] {
+            let body = vec![b'b'; size];
+            let r = c
+                .post(gw.url("/plain"))
+                .header("contextID", &haid)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{engine} {size}");
+            assert_eq!(up.seen().last().unwrap().body, body, "{engine} {size}");
+        }
+        let mut raw = TcpStream::connect(gw.proxy).await.unwrap();
+        let chunked = format!(
+            "POST /plain HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nchunk one, \r\n9\r\nchunk two\r\n0\r\n\r\n"
+        );
+        let (status, _) = exchange(&mut raw, &mut Vec::new(), &chunked).await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{engine}");
+        assert_eq!(
+            up.seen().last().unwrap().body,
+            b"chunk one, chunk two",
+            "{engine}"
+        );
+
+        // the main refuses connections: the backup answers, the client sees no error
+        // (on a new connection: the one the large body went on stays with pingora)
+        let over = hagate::haid::encode("cs_9", &["cs_1"], "78").unwrap();
+        let r = client()
+            .post(gw.url("/plain"))
+            .header("contextID", &over)
+            .body("replayed")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{engine}");
+        let last = up.seen().last().cloned().unwrap();
+        assert_eq!(
+            last.header("x-hagate-role").as_deref(),
+            Some("backup"),
+            "{engine}"
+        );
+        assert_eq!(last.body, b"replayed", "{engine}");
+        assert_eq!(
+            gw.metric("hagate_failovers_total", &[("reason", "connect_failure")])
+                .await,
+            1.0,
+            "{engine}"
+        );
+        // every request counted (after its answer: wait for the last)
+        gw.wait_metric(
+            "hagate_instance_requests_total",
+            &[("alias", "cs_1"), ("class", "2xx")],
+            8.0,
+        )
+        .await;
+        // by the engine configured: pingora's for all, or hagate's loop for all but the
+        // large and the chunked body
+        match engine {
+            "hagate" => assert_eq!(by_engine(&gw).await, (6.0, 2.0)),
+            _ => assert_eq!(by_engine(&gw).await, (0.0, 8.0)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one() {
+    for engine in ["hagate", "pingora"] {
+        let up = Server::start().await;
+        let gw = gateway(engine, &format!("{}{}", up.toml("cs_1"), up.toml("cs_2"))).await;
+        let c = client();
+        let haid = hagate::haid::encode("cs_1", &["cs_2"], "5").unwrap();
+        let get = |path: &str| c.get(gw.url(path)).header("contextID", &haid).send();
+        // answered, and then the upstream closes that connection while it is pooled
+        let r = get("/drop").await.unwrap();
+        assert_eq!(r.status(), 200, "{engine}");
+        let first = up.seen().len();
+        let r = get("/plain").await.unwrap();
+        assert_eq!(r.status(), 200, "{engine}");
+        let seen = up.seen();
+        assert_eq!(seen.len(), first + 1, "{engine}: {seen:?}");
+        // on a new connection, from the main, with no failover and no ejection
+        assert_ne!(seen[first].conn, seen[first - 1].conn, "{engine}");
+        assert_eq!(
+            seen[first].header("x-hagate-role").as_deref(),
+            Some("main"),
+            "{engine}"
+        );
+        assert_eq!(
+            gw.metric("hagate_failovers_total", &[("reason", "in_flight")])
+                .await,
+            0.0
+        );
+        assert_eq!(
+            gw.metric("hagate_ejections_total", &[("alias", "cs_1")])
+                .await,
+            0.0
+        );
+    }
+}
+
+/// Writes `request` on `s` and reads one answer with a `Content-Length` body; its status
+/// line and body.
+async fn exchange(s: &mut TcpStream, buf: &mut Vec<u8>, request: &str) -> (String, String) {
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_answer(s, buf).await
+}
+
+async fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, String) {
+    let end = tokio::time::timeout(Duration::from_secs(10), read_until(s, buf, b"\r\n\r\n"))
+        .await
+        .expect("an answer within 10 s")
+        .expect("an answer before the connection closed");
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    buf.drain(..end);
+    let n: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    while buf.len() < n {
+        let mut chunk = [0u8; 4096];
+        let k = s.read(&mut chunk).await.unwrap();
+        assert!(k > 0, "closed in the body");
+        buf.extend_from_slice(&chunk[..k]);
+    }
+    let body = String::from_utf8_lossy(&buf[..n]).to_string();
+    buf.drain(..n);
+    (head.lines().next().unwrap().to_string(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_goes_from_hagates_loop_to_pingora_with_nothing_lost() {
+    let up = Server::start().await;
+    let gw = gateway("hagate", &format!("{}{}", up.toml("cs_1"), up.toml("cs_2"))).await;
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "9").unwrap();
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    let mut buf = Vec::new();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\n\r\n");
+
+    // two requests in one write (pipelined), both served by hagate's loop
+    let two = format!("{}{}", get("/one"), get("/two"));
+    let (status, body) = exchange(&mut s, &mut buf, &two).await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok"));
+    let (status, _) = read_answer(&mut s, &mut buf).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    // a chunked request body: handed to pingora, with the bytes already read
+    let chunked = format!(
+        "POST /three HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+    );
+    let (status, _) = exchange(&mut s, &mut buf, &chunked).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    // and pingora serves the rest of the connection
+    let (status, _) = exchange(&mut s, &mut buf, &get("/four")).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+
+    let seen = up.seen();
+    let paths: Vec<&str> = seen
+        .iter()
+        .map(|r| r.head.split(' ').nth(1).unwrap())
+        .collect();
+    assert_eq!(paths, ["/one", "/two", "/three", "/four"]);
+    assert_eq!(seen[2].body, b"body");
+    let served = [("alias", "cs_1"), ("class", "2xx")];
+    gw.wait_metric("hagate_instance_requests_total", &served, 4.0)
+        .await;
+    assert_eq!(
+        gw.metric("hagate_instance_requests_total", &served).await,
+        4.0
+    );
+    assert_eq!(by_engine(&gw).await, (2.0, 2.0));
+}
