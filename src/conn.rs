@@ -32,8 +32,9 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::listeners::ConnectionFilter;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType,
@@ -332,8 +333,6 @@ struct Guarded {
     evicted: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     /// Bytes of the JSON 400 written in place of pingora's bare one.
     replaced: usize,
-    /// Bytes already read from `inner` (by `forward`), read again first.
-    rewind: bytes::BytesMut,
 }
 
 impl std::fmt::Debug for Guarded {
@@ -369,7 +368,6 @@ impl Guarded {
             deadline: Box::pin(tokio::time::sleep(limits.keepalive_timeout)),
             evicted,
             replaced: 0,
-            rewind: bytes::BytesMut::new(),
         }
     }
 
@@ -398,11 +396,6 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if !this.rewind.is_empty() {
-            let n = this.rewind.len().min(buf.remaining());
-            buf.put_slice(&this.rewind.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
         if let Phase::Refusing { written } = &mut this.phase {
             while *written < TOO_LARGE.len() {
                 match Pin::new(&mut this.inner).poll_write(cx, &TOO_LARGE[*written..]) {
@@ -639,7 +632,7 @@ impl<A> Guard<A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -653,15 +646,35 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
             None => self.conns.admit(peer).await?,
         };
         let limits = self.conns.limits();
-        let mut guarded = Guarded::new(stream, ticket, limits);
-        let h2 = guarded.inner.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2);
-        if let (Some(forward), false) = (&self.forward, h2) {
-            match forward.serve(&mut guarded, Some(peer), shutdown).await {
+        let h2 = stream.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2);
+        let mut stream: Stream = Box::new(Guarded::new(stream, ticket, limits));
+        let Some(forward) = self.forward.as_ref().filter(|_| !h2) else {
+            return self.inner.process_new(stream, shutdown).await;
+        };
+        // hagate's loop serves what it can; each request it hands over is pingora's, with
+        // the bytes already read, and then the connection comes back to the loop.
+        loop {
+            let read = match forward.serve(&mut stream, Some(peer), shutdown).await {
                 Served::Closed => return None,
-                Served::HandOver(read) => guarded.rewind = read,
+                Served::HandOver(read) => read,
+            };
+            let mut session = ServerSession::new_http1(stream);
+            // As pingora's own HTTP/1 loop sets it (`ServerApp for HttpServerApp`).
+            session.set_keepalive((!*shutdown.borrow()).then_some(60));
+            session.set_keepalive_reuses_remaining(
+                self.inner
+                    .server_options()
+                    .and_then(|o| o.keepalive_request_limit),
+            );
+            if !read.is_empty() {
+                session.set_pipelined_prefix(read);
             }
+            // `None`: pingora closed it (no keep-alive, or the request failed).
+            let reused = self.inner.process_new_http(session, shutdown).await?;
+            // Its settings carry a pipelined prefix only with pingora's pipelining on,
+            // which hagate leaves off; the rest is pingora's keep-alive, set again above.
+            stream = reused.consume().0;
         }
-        self.inner.process_new(Box::new(guarded), shutdown).await
     }
 
     /// The listener stopped accepting (SIGTERM, or an upgrade handed it to a new process).

@@ -20,7 +20,8 @@
 //! over, eject and count alike, and the integration suite runs over both.
 //!
 //! What this loop does not serve goes to pingora's proxy with the bytes already read
-//! (`Served::HandOver`), and pingora serves the rest of that connection: HTTP/1.0, an
+//! (`Served::HandOver`); `conn::Guard` gives pingora that one request, and the connection
+//! comes back to the loop if pingora keeps it open. Pingora's are: HTTP/1.0, an
 //! `Upgrade`, `Expect`, a chunked or larger request body, duplicate `Content-Length`
 //! headers, a head httparse refuses or with more than 64 headers (pingora answers it),
 //! a table with a `tls = true` instance, and a gateway that is shutting down.
@@ -43,8 +44,8 @@ use crate::conn::Connections;
 use crate::gateway::Gateway;
 use crate::proxy::{Answer, Ctx, Proxy, RequestView, LOAD, PREFIX};
 
-/// The largest request body the loop reads whole; a larger one goes to pingora, which
-/// streams it.
+/// The largest request body the loop keeps for a replay; a larger one goes to pingora,
+/// which keeps the first 64 KiB.
 const MAX_BODY: usize = 64 * 1024;
 /// The most headers a request or response may have here (a request with more goes to
 /// pingora; a response with more is refused as an upstream failure).

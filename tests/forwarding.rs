@@ -254,7 +254,6 @@ async fn both_engines_forward_every_framing_and_fail_over_alike() {
         );
 
         // the main refuses connections: the backup answers, the client sees no error
-        // (on a new connection: the one the large body went on stays with pingora)
         let over = hagate::haid::encode("cs_9", &["cs_1"], "78").unwrap();
         let r = client()
             .post(gw.url("/plain"))
@@ -363,7 +362,7 @@ async fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_connection_goes_from_hagates_loop_to_pingora_with_nothing_lost() {
+async fn one_connection_goes_from_hagates_loop_to_pingora_and_back_with_nothing_lost() {
     let up = Server::start().await;
     let gw = gateway("hagate", &format!("{}{}", up.toml("cs_1"), up.toml("cs_2"))).await;
     let haid = hagate::haid::encode("cs_1", &["cs_2"], "9").unwrap();
@@ -383,7 +382,7 @@ async fn one_connection_goes_from_hagates_loop_to_pingora_with_nothing_lost() {
     );
     let (status, _) = exchange(&mut s, &mut buf, &chunked).await;
     assert_eq!(status, "HTTP/1.1 200 OK");
-    // and pingora serves the rest of the connection
+    // and the connection comes back to hagate's loop
     let (status, _) = exchange(&mut s, &mut buf, &get("/four")).await;
     assert_eq!(status, "HTTP/1.1 200 OK");
 
@@ -401,5 +400,47 @@ async fn one_connection_goes_from_hagates_loop_to_pingora_with_nothing_lost() {
         gw.metric("hagate_instance_requests_total", &served).await,
         4.0
     );
-    assert_eq!(by_engine(&gw).await, (2.0, 2.0));
+    assert_eq!(by_engine(&gw).await, (3.0, 1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_follows_a_config_reload() {
+    let up = Server::start().await;
+    let gw = gateway("hagate", &format!("{}{}", up.toml("cs_1"), up.toml("cs_2"))).await;
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], "3").unwrap();
+    // each on a new connection: the engine is chosen per connection and request
+    let send = || async {
+        let r = client()
+            .get(gw.url("/plain"))
+            .header("contextID", &haid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    };
+    send().await;
+    gw.wait_metric("hagate_engine_requests_total", &[("engine", "hagate")], 1.0)
+        .await;
+    gw.rewrite(|old| old.replace("forwarding = \"hagate\"", "forwarding = \"pingora\""));
+    eventually(
+        "a request through pingora",
+        Duration::from_secs(10),
+        || async {
+            send().await;
+            (by_engine(&gw).await.1 >= 1.0).then_some(())
+        },
+    )
+    .await;
+    // and back
+    let own = by_engine(&gw).await.0;
+    gw.rewrite(|old| old.replace("forwarding = \"pingora\"", "forwarding = \"hagate\""));
+    eventually(
+        "a request through hagate's loop",
+        Duration::from_secs(10),
+        || async {
+            send().await;
+            (by_engine(&gw).await.0 > own).then_some(())
+        },
+    )
+    .await;
 }
