@@ -105,7 +105,10 @@ impl Forwarder {
             return Served::HandOver(buf);
         }
         let mut head = Head::default();
-        let mut scratch = Scratch::default();
+        let mut scratch = Scratch {
+            client,
+            ..Scratch::default()
+        };
         loop {
             loop {
                 if !buf.is_empty() {
@@ -120,7 +123,9 @@ impl Forwarder {
                 }
             }
             let table = self.gateway.table();
-            if *shutdown.borrow() || table.any_tls() || !self.enabled() {
+            let settings = self.gateway.settings();
+            let ours = settings.config.server.forwarding == Forwarding::Hagate;
+            if *shutdown.borrow() || table.any_tls() || !ours {
                 return Served::HandOver(buf);
             }
             // The head on its own; the body follows in `buf` as it arrives.
@@ -130,7 +135,7 @@ impl Forwarder {
                 head: &head,
             };
             let keep = self
-                .forward(io, &view, &mut buf, table, client, &mut scratch)
+                .forward(io, &view, &mut buf, table, &settings, &mut scratch)
                 .await;
             if !keep {
                 return Served::Closed;
@@ -147,18 +152,19 @@ impl Forwarder {
         req: &View<'_>,
         body: &mut BytesMut,
         table: Arc<crate::aliases::AliasTable>,
-        client: Option<SocketAddr>,
+        settings: &crate::gateway::Settings,
         x: &mut Scratch,
     ) -> bool {
+        let client = x.client;
         let mut ctx = Ctx::default();
         ctx.own_loop = true;
         if let Some(answer) = self.proxy.plan(req, table, &mut ctx).await {
             return self.answer(io, req, answer, &mut ctx, client).await;
         }
-        let settings = self.gateway.settings();
         let up = &settings.config.upstream;
         // Attempts, as pingora's hooks make them: `ctx` decides whether there is another.
-        let (mut conn, addr) = loop {
+        let head_request = req.head.method_is_head(req.bytes);
+        let (mut conn, addr, head) = loop {
             let Some(inst) = ctx.begin_attempt() else {
                 let answer = Answer::upstream_failed("InternalError");
                 return self.answer(io, req, answer, &mut ctx, client).await;
@@ -203,11 +209,15 @@ impl Forwarder {
                 result = send(&mut conn, &body[sent..now], up).await;
                 sent = now;
             }
-            if result.is_ok() {
-                result = read_head(&mut conn, &mut x.response, up).await;
-            }
+            let result = match result {
+                Ok(()) => {
+                    let client_close = req.head.close;
+                    read_head(&mut conn, x, up, head_request, client_close).await
+                }
+                Err(what) => Err(what),
+            };
             match result {
-                Ok(()) => break (conn, addr),
+                Ok(head) => break (conn, addr, head),
                 Err(what) => {
                     // A pooled connection that was closed before it answered anything.
                     let stale = reused && x.response.is_empty();
@@ -220,19 +230,8 @@ impl Forwarder {
                 }
             }
         };
-        let head = match parse_response(&x.response, req.head.method_is_head(req.bytes)) {
-            Ok(head) => head,
-            Err(what) => {
-                ctx.exchange_failed(true, true, false);
-                tracing::warn!(upstream = %addr, error = what, "upstream answered a bad head");
-                let answer = Answer::upstream_failed(what);
-                return self.answer(io, req, answer, &mut ctx, client).await;
-            }
-        };
         ctx.answered(head.status, head.load.map(|(a, b)| &x.response[a..b]));
-        let close = req.head.close || head.framing == Framing::Close;
-        x.out.clear();
-        write_response_head(&x.response, &head, close, &mut x.out);
+        let close = head.close;
         let (outcome, reusable) = relay(&mut conn, io, &head, x, up.read_timeout).await;
         match outcome {
             Relayed::Done => {}
@@ -279,9 +278,11 @@ async fn read_more<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> bool
     matches!(io.read_buf(buf).await, Ok(n) if n > 0)
 }
 
-/// Per-connection buffers, kept across its requests.
+/// Per-connection state: the client's address, and buffers kept across its requests.
 #[derive(Default)]
 struct Scratch {
+    /// Who the client is (for `Connections::idle`).
+    client: Option<SocketAddr>,
     /// The request as sent upstream.
     request: Vec<u8>,
     /// What the upstream sent: its head, and then the body as it arrives.
@@ -504,13 +505,17 @@ async fn send(
     }
 }
 
-/// Reads until `response` holds a whole response head (interim 1xx heads are read
-/// past). On failure, pingora's name for what failed.
+/// Reads until `x.response` holds a whole response head (interim 1xx heads are read
+/// past), and writes the head that goes to the client into `x.out`. On failure, pingora's
+/// name for what failed.
 async fn read_head(
     conn: &mut TcpStream,
-    response: &mut BytesMut,
+    x: &mut Scratch,
     up: &crate::config::UpstreamConfig,
-) -> Result<(), &'static str> {
+    head_request: bool,
+    client_close: bool,
+) -> Result<ResponseHead, &'static str> {
+    let response = &mut x.response;
     loop {
         if !response.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -528,7 +533,15 @@ async fn read_head(
                         let _ = response.split_to(n);
                         continue;
                     }
-                    return Ok(());
+                    x.out.clear();
+                    return response_head(
+                        &resp,
+                        response,
+                        n,
+                        head_request,
+                        client_close,
+                        &mut x.out,
+                    );
                 }
             }
         }
@@ -565,17 +578,24 @@ struct ResponseHead {
     framing: Framing,
     /// The upstream connection may carry another request after this response.
     reusable: bool,
+    /// The client connection closes after this response.
+    close: bool,
     /// Where the `x-hagate-load` value is.
     load: Option<(usize, usize)>,
 }
 
-fn parse_response(bytes: &[u8], head_request: bool) -> Result<ResponseHead, &'static str> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(bytes) {
-        Ok(httparse::Status::Complete(n)) => n,
-        _ => return Err("InvalidHTTPHeader"),
-    };
+/// What the parsed head `resp` (the first `len` of `bytes`) says of the response, for a
+/// request by HEAD or not and a client that asked to close or not; and, into `out`, the
+/// head that goes to the client: the upstream's, with `x-hagate-load` and hop-by-hop
+/// headers taken out (and `Content-Length` when a transfer coding frames the body).
+fn response_head(
+    resp: &httparse::Response<'_, '_>,
+    bytes: &[u8],
+    len: usize,
+    head_request: bool,
+    client_close: bool,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, &'static str> {
     let status = resp.code.unwrap_or(0);
     if !(200..600).contains(&status) {
         return Err("InvalidHTTPHeader");
@@ -621,30 +641,10 @@ fn parse_response(bytes: &[u8], head_request: bool) -> Result<ResponseHead, &'st
             None => Framing::Close,
         }
     };
-    Ok(ResponseHead {
-        status,
-        len,
-        framing,
-        reusable: reusable && framing != Framing::Close,
-        load,
-    })
-}
-
-/// The head that goes to the client: the upstream's, with `x-hagate-load` and hop-by-hop
-/// headers taken out (and `Content-Length` when a transfer coding frames the body).
-fn write_response_head(bytes: &[u8], head: &ResponseHead, close: bool, out: &mut Vec<u8>) {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    // Parsed once already (`parse_response`); this pass only walks it.
-    let _ = resp.parse(bytes);
+    let close = client_close || framing == Framing::Close;
     use std::io::Write as _;
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        head.status,
-        resp.reason.unwrap_or("")
-    );
-    let coded = matches!(head.framing, Framing::Chunked | Framing::Close);
+    let _ = write!(out, "HTTP/1.1 {status} {}\r\n", resp.reason.unwrap_or(""));
+    let coded = matches!(framing, Framing::Chunked | Framing::Close);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if hop_by_hop(name)
@@ -659,6 +659,14 @@ fn write_response_head(bytes: &[u8], head: &ResponseHead, close: bool, out: &mut
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    Ok(ResponseHead {
+        status,
+        len,
+        framing,
+        reusable: reusable && framing != Framing::Close,
+        close,
+        load,
+    })
 }
 
 /// How relaying a response body ended.
@@ -940,10 +948,26 @@ mod tests {
         );
     }
 
+    /// `response_head` of `bytes`, as `read_head` calls it, and the head for the client.
+    fn respond(
+        bytes: &[u8],
+        head_request: bool,
+        client_close: bool,
+    ) -> Result<(ResponseHead, String), &'static str> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(len)) = resp.parse(bytes) else {
+            return Err("not a whole head");
+        };
+        let mut out = Vec::new();
+        let head = response_head(&resp, bytes, len, head_request, client_close, &mut out)?;
+        Ok((head, String::from_utf8_lossy(&out).into_owned()))
+    }
+
     #[test]
     fn response_framing() {
         let frame = |text: &str, head: bool| {
-            parse_response(text.as_bytes(), head).map(|h| (h.framing, h.reusable))
+            respond(text.as_bytes(), head, false).map(|(h, _)| (h.framing, h.reusable))
         };
         assert_eq!(
             frame("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false),
@@ -991,14 +1015,22 @@ mod tests {
         assert!(frame("HTTP/1.1 101 Switching Protocols\r\n\r\n", false).is_err());
 
         let text = "HTTP/1.1 200 OK\r\nX-Hagate-Load: 0.5\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n";
-        let head = parse_response(text.as_bytes(), false).unwrap();
+        let (head, out) = respond(text.as_bytes(), false, true).unwrap();
         assert_eq!(&text[head.load.unwrap().0..head.load.unwrap().1], "0.5");
-        let mut out = Vec::new();
-        write_response_head(text.as_bytes(), &head, true, &mut out);
+        assert!(head.close);
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            out,
             "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\n"
         );
+        // a body ended by close closes the client connection too, and a chunked one
+        // drops a Content-Length the upstream sent with it
+        let (head, out) = respond(b"HTTP/1.1 200 OK\r\nx: y\r\n\r\n", false, false).unwrap();
+        assert!(head.close);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nx: y\r\nconnection: close\r\n\r\n");
+        let both = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (head, out) = respond(both, false, false).unwrap();
+        assert!(!head.close);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
     }
 
     #[test]
@@ -1017,10 +1049,7 @@ mod tests {
         fn no_input_makes_the_parsers_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut head = Head::default();
             let _ = parse_request(&bytes, &mut head);
-            if let Ok(h) = parse_response(&bytes, false) {
-                let mut out = Vec::new();
-                write_response_head(&bytes, &h, false, &mut out);
-            }
+            let _ = respond(&bytes, false, false);
             let _ = Chunks::default().advance(&bytes);
         }
 
