@@ -200,8 +200,8 @@ impl Forwarder {
             let mut result = send(&mut conn, &x.request, up).await;
             while result.is_ok() && sent < length {
                 if !read_more(io, body).await {
-                    // The client left before its body was all sent: its failure.
-                    ctx.exchange_failed(false, false, false);
+                    // The client left before its body was all sent: its failure, not the
+                    // upstream's (no passive-health mark), logged as pingora's path logs it.
                     ctx.finish(req, 502, &self.conns, client);
                     return false;
                 }
