@@ -39,7 +39,7 @@ pub struct Instance {
     pub sni: String,
     /// Its request metrics, resolved at its first request (not at build: a 100k-alias
     /// table is built without touching the registry).
-    metrics: OnceLock<InstanceMetrics>,
+    metrics: OnceLock<Arc<InstanceMetrics>>,
 }
 
 impl Instance {

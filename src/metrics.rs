@@ -3,11 +3,14 @@
 //! Names carry the `hagate_` prefix, counters end in `_total`, durations in `_seconds`.
 //! Other modules call the small helpers here; none of them touch the registry.
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::haid::HaidError;
@@ -20,22 +23,41 @@ const REQUEST_BUCKETS: [f64; 13] = [
 /// Status classes, the `class` label of `hagate_instance_requests_total`.
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 
-/// One alias's request metrics, resolved once (a `with_label_values` lookup hashes and
-/// locks), then used by every request it serves.
-#[derive(Debug, Clone)]
+/// One alias's request metrics: `hagate_instance_requests_total{alias,class}` and
+/// `hagate_instance_request_duration_seconds{alias}`, as plain atomics.
+///
+/// They are not registry children: one child per alias and label value took about 4 KB an
+/// alias, 33 MiB once placement had spread requests over 10k aliases (docs/performance.md,
+/// P7). These take 176 bytes. Each alias has one for the process's life, from its first
+/// request, so its counters only grow across table swaps; `/metrics` renders them
+/// (`Metrics::render`) exactly as the registry's encoder would.
+#[derive(Debug, Default)]
 pub struct InstanceMetrics {
-    by_class: [IntCounter; 6],
-    duration: Histogram,
+    by_class: [AtomicU64; CLASSES.len()],
+    /// Requests per duration bucket (not cumulative): `REQUEST_BUCKETS`, then `+Inf`.
+    buckets: [AtomicU64; REQUEST_BUCKETS.len() + 1],
+    /// The sum of the durations, in nanoseconds.
+    sum_ns: AtomicU64,
+}
+
+/// Every alias's request metrics, by alias.
+type ByAlias = BTreeMap<Box<str>, Arc<InstanceMetrics>>;
+
+fn by_alias() -> std::sync::MutexGuard<'static, ByAlias> {
+    static BY_ALIAS: Mutex<ByAlias> = Mutex::new(BTreeMap::new());
+    BY_ALIAS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl InstanceMetrics {
-    /// The children for `alias`.
-    pub fn for_alias(alias: &str) -> Self {
-        let m = metrics();
-        InstanceMetrics {
-            by_class: CLASSES.map(|class| m.instance_requests.with_label_values(&[alias, class])),
-            duration: m.instance_duration.with_label_values(&[alias]),
+    /// The metrics of `alias` (made at its first request; the caller keeps them).
+    pub fn for_alias(alias: &str) -> Arc<Self> {
+        let mut all = by_alias();
+        if let Some(m) = all.get(alias) {
+            return Arc::clone(m);
         }
+        let m = Arc::new(InstanceMetrics::default());
+        all.insert(alias.into(), Arc::clone(&m));
+        m
     }
 
     /// One request answered with `status` (0: none was written) after `elapsed`.
@@ -44,8 +66,128 @@ impl InstanceMetrics {
             100..=599 => usize::from(status / 100 - 1),
             _ => 5,
         };
-        self.by_class[class].inc();
-        self.duration.observe(elapsed.as_secs_f64());
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        let seconds = elapsed.as_secs_f64();
+        let bucket = REQUEST_BUCKETS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(REQUEST_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+/// Samples in the text exposition format (0.0.4), written as the registry's encoder
+/// writes them, for the families rendered from state at scrape time rather than held as
+/// registry children: the per-instance ones, which a 100k-alias table makes large.
+pub struct Exposition<'a> {
+    out: &'a mut String,
+    /// The `# HELP` and `# TYPE` lines of the family begun, until its first sample (a
+    /// family with no samples is left out, as the registry leaves it out).
+    header: Option<(&'static str, &'static str, &'static str)>,
+}
+
+impl Exposition<'_> {
+    /// Begins the family `name` of type `kind` (`counter`, `gauge`, `histogram`).
+    pub fn family(&mut self, name: &'static str, help: &'static str, kind: &'static str) {
+        self.header = Some((name, help, kind));
+    }
+
+    /// One sample: `name{labels} value`. Labels are written in the order given, which
+    /// is the registry's: by label name.
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        if let Some((family, help, kind)) = self.header.take() {
+            let _ = write!(
+                self.out,
+                "# HELP {family} {}\n# TYPE {family} {kind}\n",
+                escape(help, false)
+            );
+        }
+        self.out.push_str(name);
+        let mut separator = '{';
+        for (label, value) in labels {
+            let _ = write!(self.out, "{separator}{label}=\"{}\"", escape(value, true));
+            separator = ',';
+        }
+        if !labels.is_empty() {
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+/// A help text or label value as the exposition format escapes it.
+fn escape(text: &str, quote: bool) -> std::borrow::Cow<'_, str> {
+    if !text.contains(['\\', '\n', '"']) {
+        return text.into();
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '\n' => escaped.push_str("\\n"),
+            '"' if quote => escaped.push_str("\\\""),
+            c => escaped.push(c),
+        }
+    }
+    escaped.into()
+}
+
+/// Writes every alias's request metrics.
+fn render_instances(x: &mut Exposition<'_>) {
+    let all: Vec<(Box<str>, Arc<InstanceMetrics>)> = by_alias()
+        .iter()
+        .map(|(alias, m)| (alias.clone(), Arc::clone(m)))
+        .collect();
+    const DURATION: &str = "hagate_instance_request_duration_seconds";
+    x.family(
+        DURATION,
+        "Time from request to the end of the response, by the instance that served it.",
+        "histogram",
+    );
+    let mut le = String::new();
+    for (alias, m) in &all {
+        let mut count = 0;
+        for (i, bucket) in m.buckets.iter().enumerate() {
+            count += bucket.load(Ordering::Relaxed);
+            le.clear();
+            match REQUEST_BUCKETS.get(i) {
+                Some(bound) => {
+                    let _ = write!(le, "{bound}");
+                }
+                None => le.push_str("+Inf"),
+            }
+            let labels = [("alias", &**alias), ("le", le.as_str())];
+            x.sample(
+                "hagate_instance_request_duration_seconds_bucket",
+                &labels,
+                count as f64,
+            );
+        }
+        let sum = m.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        x.sample(
+            "hagate_instance_request_duration_seconds_sum",
+            &[("alias", alias)],
+            sum,
+        );
+        x.sample(
+            "hagate_instance_request_duration_seconds_count",
+            &[("alias", alias)],
+            count as f64,
+        );
+    }
+    const REQUESTS: &str = "hagate_instance_requests_total";
+    x.family(
+        REQUESTS,
+        "Requests an instance served (the last attempt's instance), by status class.",
+        "counter",
+    );
+    for (alias, m) in &all {
+        for (class, n) in CLASSES.iter().zip(&m.by_class) {
+            let labels = [("alias", &**alias), ("class", class)];
+            x.sample(REQUESTS, &labels, n.load(Ordering::Relaxed) as f64);
+        }
     }
 }
 
@@ -149,10 +291,6 @@ pub struct Metrics {
     pub no_live: IntCounter,
     /// `hagate_placements_total{outcome}`: ok or no_live_instance.
     pub placements: IntCounterVec,
-    /// `hagate_instance_up{alias,address}`: 1 when live.
-    pub instance_up: IntGaugeVec,
-    /// `hagate_instance_inflight{alias}`.
-    pub instance_inflight: IntGaugeVec,
     /// `hagate_health_checks_total{alias,result}`: pass or fail.
     pub health_checks: IntCounterVec,
     /// `hagate_health_transitions_total{alias,to}`: up or down.
@@ -180,8 +318,6 @@ pub struct Metrics {
     pub heartbeats: IntCounterVec,
     /// `hagate_membership_takeovers_total{alias}`: an expired holder replaced by another.
     pub takeovers: IntCounterVec,
-    /// `hagate_membership_holder_age_seconds{alias}`: age of each alias's last heartbeat.
-    pub holder_age: GaugeVec,
     /// `hagate_replacements_total`: requests sent to a re-placement instance.
     pub replacements: IntCounter,
     /// `hagate_store_up`: 1 while the membership store is in sync (always, for the
@@ -202,11 +338,6 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// `hagate_connections_open{listener}`: open connections on the proxy and admin listeners.
     pub connections_open: IntGaugeVec,
-    /// `hagate_instance_requests_total{alias,class}`: requests an instance served, by
-    /// status class (2xx ... 5xx, or error when no answer was written).
-    pub instance_requests: IntCounterVec,
-    /// `hagate_instance_request_duration_seconds{alias}`.
-    pub instance_duration: HistogramVec,
     /// `hagate_dns_lookups_total{result}`: host-name lookups of instance addresses, ok or
     /// error (an error keeps the last good address).
     pub dns_lookups: IntCounterVec,
@@ -302,19 +433,6 @@ impl Metrics {
             &REQUEST_BUCKETS,
             &["role"],
         );
-        let instance_requests = counter_vec(
-            &r,
-            "hagate_instance_requests_total",
-            "Requests an instance served (the last attempt's instance), by status class.",
-            &["alias", "class"],
-        );
-        let instance_duration = histogram_vec(
-            &r,
-            "hagate_instance_request_duration_seconds",
-            "Time from request to the end of the response, by the instance that served it.",
-            &REQUEST_BUCKETS,
-            &["alias"],
-        );
         let failovers = counter_vec(
             &r,
             "hagate_failovers_total",
@@ -351,18 +469,6 @@ impl Metrics {
             "hagate_placements_total",
             "Placements of requests without a HAID, by outcome.",
             &["outcome"],
-        );
-        let instance_up = gauge_vec(
-            &r,
-            "hagate_instance_up",
-            "1 if the instance is live (active checks up and not ejected), else 0.",
-            &["alias", "address"],
-        );
-        let instance_inflight = gauge_vec(
-            &r,
-            "hagate_instance_inflight",
-            "Requests in flight to the instance.",
-            &["alias"],
         );
         let health_checks = counter_vec(
             &r,
@@ -431,17 +537,6 @@ impl Metrics {
             "hagate_membership_takeovers_total",
             "Aliases taken over from an expired holder by another instance.",
             &["alias"],
-        );
-        let holder_age = register(
-            &r,
-            GaugeVec::new(
-                Opts::new(
-                    "hagate_membership_holder_age_seconds",
-                    "Age of the last accepted heartbeat of each alias's entry.",
-                ),
-                &["alias"],
-            )
-            .expect("valid metric"),
         );
         let replacements = counter(
             &r,
@@ -524,8 +619,6 @@ impl Metrics {
         Metrics {
             registry: r,
             dns_lookups,
-            instance_requests,
-            instance_duration,
             connections_closed,
             connections_open,
             local_resource_errors,
@@ -536,7 +629,6 @@ impl Metrics {
             store_events,
             heartbeats,
             takeovers,
-            holder_age,
             replacements,
             plugin_calls,
             plugin_call_seconds,
@@ -549,8 +641,6 @@ impl Metrics {
             unknown_alias,
             no_live,
             placements,
-            instance_up,
-            instance_inflight,
             health_checks,
             health_transitions,
             ejections,
@@ -566,14 +656,20 @@ impl Metrics {
         self.table_size.set(size as i64);
     }
 
-    /// Renders the text exposition. The caller refreshes the gauges that are read on
-    /// demand (per-instance state, holder ages) first.
-    pub fn render(&self) -> String {
-        let mut out = Vec::new();
+    /// Renders the text exposition: the registry's families, every alias's request
+    /// metrics, then what `scraped` writes from state read now (the per-instance gauges).
+    pub fn render(&self, scraped: impl FnOnce(&mut Exposition<'_>)) -> String {
+        let mut out = String::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
+            .encode_utf8(&self.registry.gather(), &mut out)
             .expect("text encoding cannot fail");
-        String::from_utf8(out).expect("prometheus text is UTF-8")
+        let mut x = Exposition {
+            out: &mut out,
+            header: None,
+        };
+        render_instances(&mut x);
+        scraped(&mut x);
+        out
     }
 }
 
@@ -586,6 +682,75 @@ pub fn metrics() -> &'static Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every line about one alias, and the family headers, in order.
+    fn about(text: &str, alias: &str) -> Vec<String> {
+        let label = format!("alias=\"{alias}\"");
+        text.lines()
+            .filter(|l| l.starts_with("# ") || l.contains(&label))
+            .filter(|l| !l.starts_with("# ") || l.contains("hagate_instance_request"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn instance_metrics_render_as_the_registrys_encoder_renders_them() {
+        let alias = "render_test_alias";
+        let ours = InstanceMetrics::for_alias(alias);
+        assert!(Arc::ptr_eq(&ours, &InstanceMetrics::for_alias(alias)));
+        // The same metrics as registry children, as they were before.
+        let r = Registry::new();
+        let requests = counter_vec(
+            &r,
+            "hagate_instance_requests_total",
+            "Requests an instance served (the last attempt's instance), by status class.",
+            &["alias", "class"],
+        );
+        let duration = histogram_vec(
+            &r,
+            "hagate_instance_request_duration_seconds",
+            "Time from request to the end of the response, by the instance that served it.",
+            &REQUEST_BUCKETS,
+            &["alias"],
+        );
+        for class in CLASSES {
+            requests.with_label_values(&[alias, class]);
+        }
+        // Bounds are inclusive (`le`), and the sums are exact in binary and in nanoseconds.
+        for (status, seconds) in [(200, 0.0), (204, 0.25), (503, 0.5), (0, 1.0), (101, 7.0)] {
+            let elapsed = std::time::Duration::from_secs_f64(seconds);
+            ours.observe(status, elapsed);
+            let class = match status {
+                100..=599 => usize::from(status / 100 - 1),
+                _ => 5,
+            };
+            requests.with_label_values(&[alias, CLASSES[class]]).inc();
+            duration.with_label_values(&[alias]).observe(seconds);
+        }
+        let mut expected = String::new();
+        TextEncoder::new()
+            .encode_utf8(&r.gather(), &mut expected)
+            .unwrap();
+        let rendered = metrics().render(|_| {});
+        assert_eq!(about(&rendered, alias), about(&expected, alias));
+        assert_eq!(about(&rendered, alias).len(), 2 * 2 + 16 + 6);
+    }
+
+    #[test]
+    fn label_values_and_help_are_escaped_as_the_format_asks() {
+        let mut out = String::new();
+        let mut x = Exposition {
+            out: &mut out,
+            header: None,
+        };
+        x.family("a_total", "one \\ two\nthree \"q\"", "counter");
+        x.sample("a_total", &[("k", "x\\y\"z\nw")], 1.5);
+        x.family("b", "no samples, no header", "gauge");
+        assert_eq!(
+            out,
+            "# HELP a_total one \\\\ two\\nthree \"q\"\n# TYPE a_total counter\na_total{k=\"x\\\\y\\\"z\\nw\"} 1.5\n"
+        );
+    }
 
     #[test]
     fn common_codes_have_their_own_label_and_the_rest_their_class() {
@@ -614,7 +779,7 @@ mod tests {
             .get();
         assert_eq!(after - before, 2);
         assert!(metrics()
-            .render()
+            .render(|_| {})
             .contains("hagate_request_duration_seconds_count{role=\"backup\"}"));
     }
 }

@@ -4,6 +4,7 @@
 //! Writes need `Authorization: Bearer <admin.token>` when a token is configured:
 //! no header gives 401, a wrong token 403. Every answer is JSON except `/metrics`.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -18,7 +19,7 @@ use crate::gateway::{Gateway, PutError};
 use crate::haid;
 use crate::health::{now_ms, LiveView};
 use crate::http_server::{json, read_json, text, Reply};
-use crate::metrics::metrics;
+use crate::metrics::{metrics, Exposition};
 use crate::placement::{Candidates, PlacementError, PlacementRequest};
 use crate::store::Listed;
 
@@ -31,8 +32,9 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
     match (req.method().clone(), req.uri().path()) {
         (Method::GET, "/metrics") => {
             let members = gateway.store().list().await.unwrap_or_default();
-            refresh_gauges(&gateway.table(), &members);
+            let table = gateway.table();
             let m = metrics();
+            m.observe_table(table.version(), table.len());
             match gateway.etcd() {
                 Some(etcd) => {
                     m.store_up.set(i64::from(etcd.in_sync()));
@@ -47,7 +49,7 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                metrics().render(),
+                m.render(|x| per_instance(x, &table, &members)),
             )
         }
         (Method::GET, "/healthz") => json(StatusCode::OK, &json!({"status": "ok"})),
@@ -82,30 +84,54 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
     }
 }
 
-/// Sets the gauges that are read on demand: each instance's liveness and in-flight count
-/// from `table`, and each holder's heartbeat age from `members`.
-fn refresh_gauges(table: &AliasTable, members: &[Listed]) {
-    let m = metrics();
-    m.observe_table(table.version(), table.len());
-    m.holder_age.reset();
+/// Writes the gauges read at scrape time: each instance's liveness and in-flight count
+/// from `table`, and each holder's heartbeat age from `members`. They are rendered, not
+/// held as registry children: a 100k-alias table would keep 200k of them between scrapes.
+fn per_instance(x: &mut Exposition<'_>, table: &AliasTable, members: &[Listed]) {
+    let now = now_ms();
+    x.family(
+        "hagate_instance_inflight",
+        "Requests in flight to the instance.",
+        "gauge",
+    );
+    for i in table.instances() {
+        let labels = [("alias", i.alias.as_str())];
+        x.sample(
+            "hagate_instance_inflight",
+            &labels,
+            i.state.inflight() as f64,
+        );
+    }
+    x.family(
+        "hagate_instance_up",
+        "1 if the instance is live (active checks up and not ejected), else 0.",
+        "gauge",
+    );
+    let mut address = String::new();
+    for i in table.instances() {
+        address.clear();
+        let _ = write!(address, "{}", i.address);
+        let labels = [("address", address.as_str()), ("alias", i.alias.as_str())];
+        x.sample(
+            "hagate_instance_up",
+            &labels,
+            f64::from(u8::from(i.state.is_live(now))),
+        );
+    }
+    x.family(
+        "hagate_membership_holder_age_seconds",
+        "Age of the last accepted heartbeat of each alias's entry.",
+        "gauge",
+    );
     for l in members {
         if let Some(age) = l.age {
-            m.holder_age
-                .with_label_values(&[l.entry.alias.as_str()])
-                .set(age.as_secs_f64());
+            let labels = [("alias", l.entry.alias.as_str())];
+            x.sample(
+                "hagate_membership_holder_age_seconds",
+                &labels,
+                age.as_secs_f64(),
+            );
         }
-    }
-    m.instance_up.reset();
-    m.instance_inflight.reset();
-    let now = now_ms();
-    for i in table.instances() {
-        let address = i.address.to_string();
-        m.instance_up
-            .with_label_values(&[i.alias.as_str(), &address])
-            .set(i64::from(i.state.is_live(now)));
-        m.instance_inflight
-            .with_label_values(&[i.alias.as_str()])
-            .set(i.state.inflight() as i64);
     }
 }
 
