@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Active health checks at ALIASES aliases (10k), each on an address of its own (127.a.b.c,
 all served by one nginx): the seconds from the gateway's start until every address has
-passed one check (read from `hagate_health_checks_total` on /metrics), and the gateway's
-RSS then and 10 s later. Run through benches/health.sh; HAGATE_BIN is the gateway.
+passed one check (read from `hagate_health_checks_total` on /metrics), the gateway's RSS
+then and 10 s later, and its CPU time over those 10 s. Run through benches/health.sh;
+HAGATE_BIN is the gateway.
 """
 
 import os
@@ -26,6 +27,13 @@ def free_port():
 def rss_mib(pid):
     with open(f"/proc/{pid}/status") as f:
         return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) // 1024
+
+
+def cpu_s(pid):
+    """utime + stime of `pid`, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main():
@@ -72,11 +80,13 @@ timeout = "1s"
                 took = time.monotonic() - start
                 break
             time.sleep(0.5)
-        then = rss_mib(gw.pid)
+        then, cpu = rss_mib(gw.pid), cpu_s(gw.pid)
         time.sleep(10)
+        busy = (cpu_s(gw.pid) - cpu) / 10
         print(f"{os.path.basename(BIN)}: {ALIASES} aliases, {checked} passed a check "
               f"after {'more than 300' if took is None else f'{took:.1f}'} s; "
-              f"RSS {then} MiB then, {rss_mib(gw.pid)} MiB 10 s later")
+              f"RSS {then} MiB then, {rss_mib(gw.pid)} MiB 10 s later; "
+              f"CPU over those 10 s {busy:.0%} of a core")
     finally:
         gw.terminate()
         gw.wait()

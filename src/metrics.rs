@@ -23,14 +23,17 @@ const REQUEST_BUCKETS: [f64; 13] = [
 /// Status classes, the `class` label of `hagate_instance_requests_total`.
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 
-/// One alias's request metrics: `hagate_instance_requests_total{alias,class}` and
-/// `hagate_instance_request_duration_seconds{alias}`, as plain atomics.
+/// One alias's request and health-check metrics, as plain atomics:
+/// `hagate_instance_requests_total{alias,class}`,
+/// `hagate_instance_request_duration_seconds{alias}`, `hagate_health_checks_total{alias,result}`
+/// and `hagate_health_transitions_total{alias,to}`.
 ///
 /// They are not registry children: one child per alias and label value took about 4 KB an
 /// alias, 33 MiB once placement had spread requests over 10k aliases (docs/performance.md,
-/// P7). These take 176 bytes. Each alias has one for the process's life, from its first
-/// request, so its counters only grow across table swaps; `/metrics` renders them
-/// (`Metrics::render`) exactly as the registry's encoder would.
+/// P7). These take 208 bytes. Each alias has one for the process's life, from its first
+/// request or check, so its counters only grow across table swaps; `/metrics` renders them
+/// (`Metrics::render`) exactly as the registry's encoder would, a series from its first
+/// count on.
 #[derive(Debug, Default)]
 pub struct InstanceMetrics {
     by_class: [AtomicU64; CLASSES.len()],
@@ -38,6 +41,10 @@ pub struct InstanceMetrics {
     buckets: [AtomicU64; REQUEST_BUCKETS.len() + 1],
     /// The sum of the durations, in nanoseconds.
     sum_ns: AtomicU64,
+    /// `hagate_health_checks_total{alias,result}`: pass, fail.
+    checks: [AtomicU64; 2],
+    /// `hagate_health_transitions_total{alias,to}`: up, down.
+    transitions: [AtomicU64; 2],
 }
 
 /// Every alias's request metrics, by alias.
@@ -75,6 +82,16 @@ impl InstanceMetrics {
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.sum_ns.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// One active health check, passed or failed.
+    pub fn checked(&self, passed: bool) {
+        self.checks[usize::from(!passed)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One change of the active verdict, to up or to down.
+    pub fn turned(&self, up: bool) {
+        self.transitions[usize::from(!up)].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -146,8 +163,10 @@ fn render_instances(x: &mut Exposition<'_>) {
         "Time from request to the end of the response, by the instance that served it.",
         "histogram",
     );
+    // an alias with checks but no request yet has no request series
+    let requested = |m: &InstanceMetrics| m.by_class.iter().any(|n| n.load(Ordering::Relaxed) > 0);
     let mut le = String::new();
-    for (alias, m) in &all {
+    for (alias, m) in all.iter().filter(|(_, m)| requested(m)) {
         let mut count = 0;
         for (i, bucket) in m.buckets.iter().enumerate() {
             count += bucket.load(Ordering::Relaxed);
@@ -183,10 +202,36 @@ fn render_instances(x: &mut Exposition<'_>) {
         "Requests an instance served (the last attempt's instance), by status class.",
         "counter",
     );
-    for (alias, m) in &all {
+    for (alias, m) in all.iter().filter(|(_, m)| requested(m)) {
         for (class, n) in CLASSES.iter().zip(&m.by_class) {
             let labels = [("alias", &**alias), ("class", class)];
             x.sample(REQUESTS, &labels, n.load(Ordering::Relaxed) as f64);
+        }
+    }
+    for (name, help, label, values, counts) in [
+        (
+            "hagate_health_checks_total",
+            "Active health checks, by result.",
+            "result",
+            ["pass", "fail"],
+            (|m: &InstanceMetrics| &m.checks) as fn(&InstanceMetrics) -> &[AtomicU64; 2],
+        ),
+        (
+            "hagate_health_transitions_total",
+            "Active health verdict changes.",
+            "to",
+            ["up", "down"],
+            |m: &InstanceMetrics| &m.transitions,
+        ),
+    ] {
+        x.family(name, help, "counter");
+        for (alias, m) in &all {
+            for (value, n) in values.iter().zip(counts(m)) {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    x.sample(name, &[("alias", alias), (label, value)], n as f64);
+                }
+            }
         }
     }
 }
@@ -291,10 +336,6 @@ pub struct Metrics {
     pub no_live: IntCounter,
     /// `hagate_placements_total{outcome}`: ok or no_live_instance.
     pub placements: IntCounterVec,
-    /// `hagate_health_checks_total{alias,result}`: pass or fail.
-    pub health_checks: IntCounterVec,
-    /// `hagate_health_transitions_total{alias,to}`: up or down.
-    pub health_transitions: IntCounterVec,
     /// `hagate_passive_ejections_total{alias}`.
     pub ejections: IntCounterVec,
     /// `hagate_alias_table_version`.
@@ -470,18 +511,6 @@ impl Metrics {
             "Placements of requests without a HAID, by outcome.",
             &["outcome"],
         );
-        let health_checks = counter_vec(
-            &r,
-            "hagate_health_checks_total",
-            "Active health checks, by result.",
-            &["alias", "result"],
-        );
-        let health_transitions = counter_vec(
-            &r,
-            "hagate_health_transitions_total",
-            "Active health verdict changes.",
-            &["alias", "to"],
-        );
         let ejections = counter_vec(
             &r,
             "hagate_passive_ejections_total",
@@ -641,8 +670,6 @@ impl Metrics {
             unknown_alias,
             no_live,
             placements,
-            health_checks,
-            health_transitions,
             ejections,
             table_version,
             table_size,
