@@ -854,6 +854,16 @@ impl Config {
                 format!("{:?} must start with `/`", a.path),
             ));
         }
+        // it is sent as the request line's target, as written
+        if !a.path.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                "health.active.path",
+                format!(
+                    "{:?} must be printable ASCII with no spaces (percent-encode the rest)",
+                    a.path
+                ),
+            ));
+        }
         if a.rise == 0 {
             return Err(invalid("health.active.rise", "must be at least 1"));
         }
@@ -1230,6 +1240,14 @@ mod tests {
         );
         assert!(err(&format!("[health.active]\nrise = 0\n{MINIMAL}"))
             .starts_with("health.active.rise:"));
+        for path in ["/a b", "/a\\r\\nX: y", "/caf\u{e9}"] {
+            let text = format!("[health.active]\npath = \"{path}\"\n{MINIMAL}");
+            assert!(
+                err(&text).starts_with("health.active.path:"),
+                "{path:?}: {}",
+                err(&text)
+            );
+        }
         assert!(err(&format!("[routing]\nhaid_paths = [\"x\"]\n{MINIMAL}"))
             .starts_with("routing.haid_paths[0]:"));
         assert!(err("").starts_with("instances:"));

@@ -107,13 +107,13 @@ pub struct Exposition<'a> {
 
 impl Exposition<'_> {
     /// Begins the family `name` of type `kind` (`counter`, `gauge`, `histogram`).
-    pub fn family(&mut self, name: &'static str, help: &'static str, kind: &'static str) {
+    fn family(&mut self, name: &'static str, help: &'static str, kind: &'static str) {
         self.header = Some((name, help, kind));
     }
 
     /// One sample: `name{labels} value`. Labels are written in the order given, which
     /// is the registry's: by label name.
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         if let Some((family, help, kind)) = self.header.take() {
             let _ = write!(
                 self.out,
@@ -131,6 +131,58 @@ impl Exposition<'_> {
             self.out.push('}');
         }
         let _ = writeln!(self.out, " {value}");
+    }
+}
+
+/// One instance's gauges, read at scrape time.
+pub struct InstanceGauges<'a> {
+    /// Its alias.
+    pub alias: &'a str,
+    /// Its address.
+    pub address: std::net::SocketAddr,
+    /// Live: active checks up and not ejected.
+    pub live: bool,
+    /// Requests in flight to it.
+    pub inflight: u64,
+}
+
+impl Exposition<'_> {
+    /// `hagate_instance_inflight{alias}` and `hagate_instance_up{address,alias}` of every
+    /// instance, and `hagate_membership_holder_age_seconds{alias}` of every holder (alias,
+    /// seconds). Written from state at scrape time, not held as registry children: a
+    /// 100k-alias table would keep 200k of them between scrapes.
+    pub fn instance_gauges<'a>(
+        &mut self,
+        instances: impl Iterator<Item = InstanceGauges<'a>> + Clone,
+        holders: impl Iterator<Item = (&'a str, f64)>,
+    ) {
+        const INFLIGHT: &str = "hagate_instance_inflight";
+        self.family(INFLIGHT, "Requests in flight to the instance.", "gauge");
+        for i in instances.clone() {
+            self.sample(INFLIGHT, &[("alias", i.alias)], i.inflight as f64);
+        }
+        const UP: &str = "hagate_instance_up";
+        self.family(
+            UP,
+            "1 if the instance is live (active checks up and not ejected), else 0.",
+            "gauge",
+        );
+        let mut address = String::new();
+        for i in instances {
+            address.clear();
+            let _ = write!(address, "{}", i.address);
+            let labels = [("address", address.as_str()), ("alias", i.alias)];
+            self.sample(UP, &labels, f64::from(u8::from(i.live)));
+        }
+        const AGE: &str = "hagate_membership_holder_age_seconds";
+        self.family(
+            AGE,
+            "Age of the last accepted heartbeat of each alias's entry.",
+            "gauge",
+        );
+        for (alias, age) in holders {
+            self.sample(AGE, &[("alias", alias)], age);
+        }
     }
 }
 
@@ -761,6 +813,62 @@ mod tests {
         let rendered = metrics().render(|_| {});
         assert_eq!(about(&rendered, alias), about(&expected, alias));
         assert_eq!(about(&rendered, alias).len(), 2 * 2 + 16 + 6);
+    }
+
+    #[test]
+    fn instance_gauges_render_as_the_registrys_encoder_renders_them() {
+        let r = Registry::new();
+        let inflight = gauge_vec(
+            &r,
+            "hagate_instance_inflight",
+            "Requests in flight to the instance.",
+            &["alias"],
+        );
+        let up = gauge_vec(
+            &r,
+            "hagate_instance_up",
+            "1 if the instance is live (active checks up and not ejected), else 0.",
+            &["alias", "address"],
+        );
+        let age = register(
+            &r,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "hagate_membership_holder_age_seconds",
+                    "Age of the last accepted heartbeat of each alias's entry.",
+                ),
+                &["alias"],
+            )
+            .unwrap(),
+        );
+        let instances = [
+            ("cs_1", "127.0.0.1:9101", true, 3),
+            ("cs_2", "[::1]:9102", false, 0),
+        ];
+        for (alias, address, live, n) in instances {
+            inflight.with_label_values(&[alias]).set(n);
+            up.with_label_values(&[alias, address]).set(i64::from(live));
+        }
+        age.with_label_values(&["cs_1"]).set(0.25);
+        let mut expected = String::new();
+        TextEncoder::new()
+            .encode_utf8(&r.gather(), &mut expected)
+            .unwrap();
+        let mut out = String::new();
+        let mut x = Exposition {
+            out: &mut out,
+            header: None,
+        };
+        let gauges = instances
+            .iter()
+            .map(|&(alias, address, live, n)| InstanceGauges {
+                alias,
+                address: address.parse().unwrap(),
+                live,
+                inflight: n as u64,
+            });
+        x.instance_gauges(gauges, [("cs_1", 0.25)].into_iter());
+        assert_eq!(out, expected);
     }
 
     #[test]

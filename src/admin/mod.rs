@@ -4,7 +4,6 @@
 //! Writes need `Authorization: Bearer <admin.token>` when a token is configured:
 //! no header gives 401, a wrong token 403. Every answer is JSON except `/metrics`.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -19,7 +18,7 @@ use crate::gateway::{Gateway, PutError};
 use crate::haid;
 use crate::health::{now_ms, LiveView};
 use crate::http_server::{json, read_json, text, Reply};
-use crate::metrics::{metrics, Exposition};
+use crate::metrics::{metrics, Exposition, InstanceGauges};
 use crate::placement::{Candidates, PlacementError, PlacementRequest};
 use crate::store::Listed;
 
@@ -84,55 +83,20 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Reply {
     }
 }
 
-/// Writes the gauges read at scrape time: each instance's liveness and in-flight count
-/// from `table`, and each holder's heartbeat age from `members`. They are rendered, not
-/// held as registry children: a 100k-alias table would keep 200k of them between scrapes.
+/// The gauges read at scrape time: each instance's liveness and in-flight count from
+/// `table`, and each holder's heartbeat age from `members`.
 fn per_instance(x: &mut Exposition<'_>, table: &AliasTable, members: &[Listed]) {
     let now = now_ms();
-    x.family(
-        "hagate_instance_inflight",
-        "Requests in flight to the instance.",
-        "gauge",
-    );
-    for i in table.instances() {
-        let labels = [("alias", i.alias.as_str())];
-        x.sample(
-            "hagate_instance_inflight",
-            &labels,
-            i.state.inflight() as f64,
-        );
-    }
-    x.family(
-        "hagate_instance_up",
-        "1 if the instance is live (active checks up and not ejected), else 0.",
-        "gauge",
-    );
-    let mut address = String::new();
-    for i in table.instances() {
-        address.clear();
-        let _ = write!(address, "{}", i.address);
-        let labels = [("address", address.as_str()), ("alias", i.alias.as_str())];
-        x.sample(
-            "hagate_instance_up",
-            &labels,
-            f64::from(u8::from(i.state.is_live(now))),
-        );
-    }
-    x.family(
-        "hagate_membership_holder_age_seconds",
-        "Age of the last accepted heartbeat of each alias's entry.",
-        "gauge",
-    );
-    for l in members {
-        if let Some(age) = l.age {
-            let labels = [("alias", l.entry.alias.as_str())];
-            x.sample(
-                "hagate_membership_holder_age_seconds",
-                &labels,
-                age.as_secs_f64(),
-            );
-        }
-    }
+    let instances = table.instances().iter().map(|i| InstanceGauges {
+        alias: i.alias.as_str(),
+        address: i.address,
+        live: i.state.is_live(now),
+        inflight: i.state.inflight(),
+    });
+    let holders = members
+        .iter()
+        .filter_map(|l| Some((l.entry.alias.as_str(), l.age?.as_secs_f64())));
+    x.instance_gauges(instances, holders);
 }
 
 fn aliases(gateway: &Gateway) -> Reply {
