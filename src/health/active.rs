@@ -254,21 +254,22 @@ fn answer_of(head: &[u8]) -> Result<Option<Answer>, String> {
 enum Exchanged {
     /// The status, and the connection if it can serve the next check.
     Answered(u16, Option<TcpStream>),
-    /// Closed (or reset) before any byte of an answer: on a kept connection, the server
-    /// had closed it while idle.
-    Closed,
+    /// Closed (or reset, with the error) before any byte of an answer: on a kept
+    /// connection, the server had closed it while idle.
+    Closed(Option<std::io::Error>),
 }
 
 /// Sends `request` on `conn` and reads the answer's status, and its body when it is short
 /// and framed by length, so that the connection can be kept.
 async fn exchange(mut conn: TcpStream, request: &[u8]) -> Result<Exchanged, CheckError> {
-    if conn.write_all(request).await.is_err() {
-        return Ok(Exchanged::Closed);
+    if let Err(e) = conn.write_all(request).await {
+        return Ok(Exchanged::Closed(Some(e)));
     }
     let mut buf = Vec::with_capacity(512);
     let answer = loop {
         match conn.read_buf(&mut buf).await {
-            Ok(0) | Err(_) if buf.is_empty() => return Ok(Exchanged::Closed),
+            Ok(0) if buf.is_empty() => return Ok(Exchanged::Closed(None)),
+            Err(e) if buf.is_empty() => return Ok(Exchanged::Closed(Some(e))),
             Ok(0) => {
                 return Err(CheckError::Failed(
                     "the connection closed before a status line".into(),
@@ -319,7 +320,9 @@ async fn plain_check(
             *kept = conn;
             Ok(status)
         }
-        Exchanged::Closed => Err(CheckError::Failed(
+        // on a new connection the error is the check's (or the gateway's: out of buffers)
+        Exchanged::Closed(Some(e)) => Err(CheckError::io(e)),
+        Exchanged::Closed(None) => Err(CheckError::Failed(
             "the connection closed before a status line".into(),
         )),
     }
@@ -523,6 +526,15 @@ mod tests {
             assert_eq!(plain_check(addr, &request, &mut kept).await.unwrap(), 200);
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+        // nothing listening: the OS's error, the instance's failure
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let nobody = closed.local_addr().unwrap();
+        drop(closed);
+        match plain_check(nobody, &request, &mut None).await {
+            Err(CheckError::Failed(error)) => assert!(error.contains("refused"), "{error}"),
+            other => panic!("{other:?}"),
+        }
 
         // an answer the connection cannot be kept after: the status still counts
         let (addr, _) = server("HTTP/1.1 503 Busy\r\n\r\nbusy", false).await;
