@@ -48,7 +48,7 @@ pub struct InstanceMetrics {
 }
 
 /// Every alias's request metrics, by alias.
-type ByAlias = BTreeMap<Box<str>, Arc<InstanceMetrics>>;
+type ByAlias = BTreeMap<Arc<str>, Arc<InstanceMetrics>>;
 
 fn by_alias() -> std::sync::MutexGuard<'static, ByAlias> {
     static BY_ALIAS: Mutex<ByAlias> = Mutex::new(BTreeMap::new());
@@ -205,9 +205,10 @@ fn escape(text: &str, quote: bool) -> std::borrow::Cow<'_, str> {
 
 /// Writes every alias's request metrics.
 fn render_instances(x: &mut Exposition<'_>) {
-    let all: Vec<(Box<str>, Arc<InstanceMetrics>)> = by_alias()
+    // a snapshot, so that no alias's first request waits for the rendering
+    let all: Vec<(Arc<str>, Arc<InstanceMetrics>)> = by_alias()
         .iter()
-        .map(|(alias, m)| (alias.clone(), Arc::clone(m)))
+        .map(|(alias, m)| (Arc::clone(alias), Arc::clone(m)))
         .collect();
     const DURATION: &str = "hagate_instance_request_duration_seconds";
     x.family(
@@ -217,18 +218,15 @@ fn render_instances(x: &mut Exposition<'_>) {
     );
     // an alias with checks but no request yet has no request series
     let requested = |m: &InstanceMetrics| m.by_class.iter().any(|n| n.load(Ordering::Relaxed) > 0);
-    let mut le = String::new();
+    let bounds: Vec<String> = REQUEST_BUCKETS
+        .iter()
+        .map(f64::to_string)
+        .chain(["+Inf".to_string()])
+        .collect();
     for (alias, m) in all.iter().filter(|(_, m)| requested(m)) {
         let mut count = 0;
-        for (i, bucket) in m.buckets.iter().enumerate() {
+        for (le, bucket) in bounds.iter().zip(&m.buckets) {
             count += bucket.load(Ordering::Relaxed);
-            le.clear();
-            match REQUEST_BUCKETS.get(i) {
-                Some(bound) => {
-                    let _ = write!(le, "{bound}");
-                }
-                None => le.push_str("+Inf"),
-            }
             let labels = [("alias", &**alias), ("le", le.as_str())];
             x.sample(
                 "hagate_instance_request_duration_seconds_bucket",
