@@ -42,6 +42,7 @@ use tokio::net::TcpStream;
 use crate::config::Forwarding;
 use crate::conn::Connections;
 use crate::gateway::Gateway;
+use crate::http1::{digits, response_framing, Framed, Framing};
 use crate::proxy::{Answer, Ctx, Proxy, RequestView, LOAD, PREFIX};
 
 /// The largest request body the loop keeps for a replay; a larger one goes to pingora,
@@ -388,13 +389,6 @@ fn parse_request(buf: &[u8], head: &mut Head) -> Parsed {
 }
 
 /// A decimal number made of digits only, as `Content-Length` must be.
-fn digits(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
-}
-
 /// Whether a header belongs to one connection only, and is not forwarded.
 fn hop_by_hop(name: &[u8]) -> bool {
     name.eq_ignore_ascii_case(b"connection")
@@ -557,19 +551,6 @@ async fn read_head(
     }
 }
 
-/// How a response body ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// It has none.
-    Empty,
-    /// After this many bytes.
-    Length(u64),
-    /// With the last chunk (and trailers).
-    Chunked,
-    /// When the upstream closes the connection.
-    Close,
-}
-
 /// A response head, parsed in place.
 #[derive(Debug)]
 struct ResponseHead {
@@ -596,61 +577,24 @@ fn response_head(
     client_close: bool,
     out: &mut Vec<u8>,
 ) -> Result<ResponseHead, &'static str> {
-    let status = resp.code.unwrap_or(0);
-    if !(200..600).contains(&status) {
-        return Err("InvalidHTTPHeader");
-    }
-    let mut reusable = resp.version == Some(1);
-    let (mut length, mut chunked, mut coded, mut load) = (None, false, false, None);
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = digits(h.value).ok_or("InvalidHTTPHeader")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("InvalidHTTPHeader");
-            }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            coded = true;
-            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
-            chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            if h.value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-            {
-                reusable = false;
-            }
-        } else if name.eq_ignore_ascii_case(LOAD.as_bytes()) {
-            let s = Span::of(bytes, h.value);
-            load = Some((s.0 as usize, s.1 as usize));
-        }
-    }
-    let framing = if head_request || status == 204 || status == 304 {
-        Framing::Empty
-    } else if coded {
-        if chunked {
-            Framing::Chunked
-        } else {
-            Framing::Close
-        }
-    } else {
-        match length {
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => Framing::Close,
-        }
-    };
+    let Framed {
+        status,
+        framing,
+        reusable,
+    } = response_framing(resp, head_request)?;
     let close = client_close || framing == Framing::Close;
     use std::io::Write as _;
     let _ = write!(out, "HTTP/1.1 {status} {}\r\n", resp.reason.unwrap_or(""));
     let coded = matches!(framing, Framing::Chunked | Framing::Close);
+    let mut load = None;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        if hop_by_hop(name)
-            || name.eq_ignore_ascii_case(LOAD.as_bytes())
-            || (coded && name.eq_ignore_ascii_case(b"content-length"))
-        {
+        if name.eq_ignore_ascii_case(LOAD.as_bytes()) {
+            let s = Span::of(bytes, h.value);
+            load = Some((s.0 as usize, s.1 as usize));
+            continue;
+        }
+        if hop_by_hop(name) || (coded && name.eq_ignore_ascii_case(b"content-length")) {
             continue;
         }
         header(out, name, h.value);
@@ -663,7 +607,7 @@ fn response_head(
         status,
         len,
         framing,
-        reusable: reusable && framing != Framing::Close,
+        reusable,
         close,
         load,
     })

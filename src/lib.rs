@@ -36,6 +36,7 @@ pub mod forward;
 pub mod gateway;
 pub mod haid;
 pub mod health;
+pub mod http1;
 pub mod http_server;
 pub mod logging;
 pub mod membership;

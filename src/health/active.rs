@@ -26,6 +26,7 @@ use tokio::time::{interval, MissedTickBehavior};
 use tokio::sync::watch;
 
 use crate::health::{InstanceState, Transition};
+use crate::http1::{response_framing, Framed, Framing};
 use crate::metrics::{metrics, InstanceMetrics};
 use crate::model::ActiveHealthConfig;
 
@@ -214,29 +215,19 @@ fn answer_of(head: &[u8]) -> Result<Option<Answer>, String> {
         };
     };
     let reuse = match parsed {
-        Ok(httparse::Status::Complete(len)) if response.version == Some(1) && status >= 200 => {
-            let mut length = None;
-            let mut other = false;
-            for h in response.headers.iter() {
-                if h.name.eq_ignore_ascii_case("content-length") {
-                    other |= length.is_some();
-                    length = std::str::from_utf8(h.value)
-                        .ok()
-                        .and_then(|v| v.parse().ok());
-                    other |= length.is_none();
-                } else if h.name.eq_ignore_ascii_case("transfer-encoding")
-                    || (h.name.eq_ignore_ascii_case("connection")
-                        && h.value.eq_ignore_ascii_case(b"close"))
-                {
-                    other = true;
-                }
-            }
-            match (other, status) {
-                (true, _) => None,
-                (false, 204 | 304) => Some((len, 0)),
-                (false, _) => length.map(|body| (len, body)),
-            }
-        }
+        // the forwarding loop's framing rules: kept after a body framed by its length
+        Ok(httparse::Status::Complete(len)) => match response_framing(&response, false) {
+            Ok(Framed {
+                framing,
+                reusable: true,
+                ..
+            }) => match framing {
+                Framing::Empty => Some((len, 0)),
+                Framing::Length(n) => usize::try_from(n).ok().map(|n| (len, n)),
+                Framing::Chunked | Framing::Close => None,
+            },
+            _ => None,
+        },
         // the status line is whole and the head not yet: the rest, up to MAX_HEAD
         Ok(httparse::Status::Partial) if head.len() < MAX_HEAD => return Ok(None),
         Ok(_) => None,
@@ -452,7 +443,8 @@ mod tests {
             "HTTP/1.1 200 OK\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
             "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n",
             "HTTP/1.1 100 Continue\r\n\r\n",
