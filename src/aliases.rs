@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
-use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::health::{InstanceState, StateRegistry};
 use crate::metrics::InstanceMetrics;
@@ -108,21 +107,29 @@ impl TableError {
     }
 }
 
-/// One spec, checked: its alias, its address, and the host name it was written with (empty
-/// for an IP address).
+/// One spec's address, checked, and the host name it was written with (empty for an IP
+/// address).
 struct Checked<'a> {
-    alias: Alias,
     address: SocketAddr,
     host: &'a str,
 }
 
-/// Checks the alias and the address of one spec; a host name takes its last resolved
-/// address (tables never wait on DNS).
+/// Checks the alias and the address of one spec.
 fn check<'a>(name: &str, spec: &'a InstanceSpec) -> Result<Checked<'a>, TableError> {
-    let alias = Alias::try_from(name.to_string()).map_err(|source| TableError::Alias {
+    Alias::check(name).map_err(|source| alias_error(name, source))?;
+    check_address(name, spec)
+}
+
+fn alias_error(name: &str, source: AliasError) -> TableError {
+    TableError::Alias {
         alias: name.to_string(),
         source,
-    })?;
+    }
+}
+
+/// Checks the address of one spec; a host name takes its last resolved address (tables
+/// never wait on DNS).
+fn check_address<'a>(name: &str, spec: &'a InstanceSpec) -> Result<Checked<'a>, TableError> {
     let (address, host) = match spec.address.parse() {
         Ok(a) => (a, ""),
         Err(_) if crate::dns::is_host_name(&spec.address) => {
@@ -144,11 +151,13 @@ fn check<'a>(name: &str, spec: &'a InstanceSpec) -> Result<Checked<'a>, TableErr
         address: spec.address.clone(),
         reason,
     })?;
-    Ok(Checked {
-        alias,
-        address,
-        host,
-    })
+    Ok(Checked { address, host })
+}
+
+/// The hash of an alias in the table's index.
+fn alias_hash(alias: &str) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(alias)
 }
 
 /// An immutable, validated alias table.
@@ -156,9 +165,11 @@ fn check<'a>(name: &str, spec: &'a InstanceSpec) -> Result<Checked<'a>, TableErr
 pub struct AliasTable {
     version: u64,
     instances: Vec<Instance>,
-    /// FxHash: keys come from trusted config, and lookups of hostile strings cannot
-    /// create collisions among the stored keys.
-    index: FxHashMap<Alias, usize>,
+    /// Positions in `instances`, by the hash of their alias: no copy of the alias (a 100k
+    /// table is built with one allocation per alias, not two). FxHash: keys come from
+    /// trusted config, and lookups of hostile strings cannot create collisions among the
+    /// stored keys.
+    index: hashbrown::HashTable<usize>,
     /// Whether any instance has `tls = true`.
     tls: bool,
 }
@@ -172,22 +183,30 @@ impl AliasTable {
         version: u64,
         states: &StateRegistry,
     ) -> Result<Self, TableError> {
+        // every alias and address checked before anything is built
         let checked = specs
             .iter()
-            .map(|(name, spec)| check(name, spec))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(name, spec)| {
+                let alias =
+                    Alias::try_from(name.clone()).map_err(|source| alias_error(name, source))?;
+                Ok((alias, check_address(name, spec)?))
+            })
+            .collect::<Result<Vec<_>, TableError>>()?;
         // one lock for the whole table, not one per alias
         let mut states = states.lock();
-        let mut index = FxHashMap::with_capacity_and_hasher(specs.len(), Default::default());
-        let mut instances = Vec::with_capacity(specs.len());
-        for (c, spec) in checked.into_iter().zip(specs.values()) {
-            index.insert(c.alias.clone(), instances.len());
+        let mut index = hashbrown::HashTable::with_capacity(specs.len());
+        let mut instances: Vec<Instance> = Vec::with_capacity(specs.len());
+        for ((alias, c), spec) in checked.into_iter().zip(specs.values()) {
+            // a BTreeMap's keys are unique: every alias is a new entry
+            index.insert_unique(alias_hash(alias.as_str()), instances.len(), |&i| {
+                alias_hash(instances[i].alias.as_str())
+            });
             instances.push(Instance {
-                alias: c.alias,
+                alias,
                 address: c.address,
                 labels: spec.labels.clone(),
                 weight: spec.weight,
-                state: states.state_for(c.address),
+                state: states.state_for(c.address, version),
                 epoch: spec.epoch,
                 tls: spec.tls,
                 sni: spec.sni.clone().unwrap_or_else(|| c.host.to_string()),
@@ -213,7 +232,11 @@ impl AliasTable {
     /// The index of `alias`, if the table has it.
     #[inline]
     pub fn resolve(&self, alias: &str) -> Option<usize> {
-        self.index.get(alias).copied()
+        self.index
+            .find(alias_hash(alias), |&i| {
+                self.instances[i].alias.as_str() == alias
+            })
+            .copied()
     }
 
     /// The instance at `idx` (from `resolve`).
@@ -305,8 +328,7 @@ impl TableHolder {
         let table = Arc::new(AliasTable::build(specs, version, &self.states)?);
         self.versions.store(version, Ordering::SeqCst);
         crate::retire::later(self.current.swap(Arc::clone(&table)));
-        let keep: FxHashSet<SocketAddr> = table.instances().iter().map(|i| i.address).collect();
-        self.states.lock().retain(|a| keep.contains(a));
+        self.states.lock().keep_only(version);
         Ok(table)
     }
 }
@@ -351,5 +373,21 @@ mod tests {
         assert_eq!(new.resolve("b"), None);
         // the old Arc still serves requests that loaded it
         assert_eq!(old.resolve("b"), Some(1));
+        // b's address left with b: a table that brings it back starts it afresh
+        let b_state = Arc::clone(&old.get(old.resolve("b").unwrap()).state);
+        let back = holder.publish(&specs(&[("b", "127.0.0.1:2")])).unwrap();
+        assert!(!Arc::ptr_eq(&back.get(0).state, &b_state));
+        // and a table with many aliases finds each by its index
+        let many: Vec<(String, String)> = (0..1000)
+            .map(|i| (format!("cs_{i}"), format!("127.0.0.1:{}", i + 1)))
+            .collect();
+        let pairs: Vec<(&str, &str)> = many.iter().map(|(a, b)| (&**a, &**b)).collect();
+        let big = holder.publish(&specs(&pairs)).unwrap();
+        for (alias, address) in &pairs {
+            let i = big.resolve(alias).unwrap();
+            assert_eq!(big.get(i).alias.as_str(), *alias);
+            assert_eq!(big.get(i).address.to_string(), *address);
+        }
+        assert_eq!(big.resolve("cs_1000"), None);
     }
 }

@@ -39,27 +39,49 @@ pub enum AliasError {
 impl TryFrom<String> for Alias {
     type Error = AliasError;
     fn try_from(s: String) -> Result<Self, AliasError> {
+        Alias::check(&s)?;
+        Ok(Alias(s.into_boxed_str()))
+    }
+}
+
+impl Alias {
+    /// Whether `s` would make an alias, without making one (no allocation on success).
+    pub fn check(s: &str) -> Result<(), AliasError> {
         if s.is_empty() {
             return Err(AliasError::Empty);
         }
         if s.len() > 255 {
             return Err(AliasError::TooLong);
         }
-        // ASCII (nearly every alias): whitespace and controls are the bytes up to the
-        // space, and DEL; the invisible characters are all outside ASCII
-        let bad = if s.is_ascii() {
-            s.bytes().any(|b| b <= b' ' || b == 0x7f)
+        // ASCII (nearly every alias), in one pass: whitespace and controls are the bytes
+        // up to the space, and DEL; the invisible characters are all outside ASCII
+        let (bad, dashes) = if s.is_ascii() {
+            let mut previous = 0;
+            let (mut bad, mut dashes) = (false, false);
+            for b in s.bytes() {
+                bad |= b <= b' ' || b == 0x7f;
+                dashes |= b == b'-' && previous == b'-';
+                previous = b;
+            }
+            (bad, dashes)
         } else {
-            s.chars()
-                .any(|c| c.is_whitespace() || c.is_control() || invisible(c))
+            let bad = s
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || invisible(c));
+            (bad, s.contains("--"))
         };
         if bad {
-            return Err(AliasError::BadChar(s));
+            return Err(AliasError::BadChar(s.to_string()));
         }
-        if s.contains("--") || s.starts_with('-') || s.ends_with('-') {
-            return Err(AliasError::Dashes(s));
+        if dashes || s.starts_with('-') || s.ends_with('-') {
+            return Err(AliasError::Dashes(s.to_string()));
         }
-        Ok(Alias(s.into_boxed_str()))
+        Ok(())
+    }
+
+    /// The alias text.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -76,13 +98,6 @@ fn invisible(c: char) -> bool {
 impl From<Alias> for String {
     fn from(a: Alias) -> String {
         a.0.into()
-    }
-}
-
-impl Alias {
-    /// The alias text.
-    pub fn as_str(&self) -> &str {
-        &self.0
     }
 }
 
@@ -175,9 +190,139 @@ impl Serialize for Labels {
 }
 
 impl<'de> Deserialize<'de> for Labels {
+    /// As a map would read them (a repeated key keeps its last value), but without
+    /// building one; while a table is read (`deserialize_specs`), equal label sets are
+    /// read into one shared copy.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        BTreeMap::deserialize(d).map(Labels::from)
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = Labels;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a table of labels: key -> value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Labels, A::Error> {
+                let mut pairs: Vec<(Text<'de>, Text<'de>)> = Vec::new();
+                while let Some(pair) = map.next_entry()? {
+                    pairs.push(pair);
+                }
+                // stable: equal keys keep their order, and the last of each is kept
+                pairs.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut unique: Vec<(Text<'de>, Text<'de>)> = Vec::with_capacity(pairs.len());
+                for pair in pairs {
+                    match unique.last_mut() {
+                        Some(last) if last.0 == pair.0 => *last = pair,
+                        _ => unique.push(pair),
+                    }
+                }
+                Ok(Labels::interned(&unique))
+            }
+        }
+        d.deserialize_map(Pairs)
     }
+}
+
+/// A string as the deserializer has it: borrowed from the input when it can be.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Text<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(v.to_string().into()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(v.into()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+thread_local! {
+    /// The label sets read so far by the `deserialize_specs` running on this thread;
+    /// `None` outside one.
+    static INTERNED: std::cell::RefCell<Option<hashbrown::HashTable<Labels>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Labels {
+    /// Labels with these (sorted, unique) pairs: the copy already read by this table if
+    /// there is one, else a new one.
+    fn interned(pairs: &[(Text<'_>, Text<'_>)]) -> Labels {
+        if pairs.is_empty() {
+            return Labels::default();
+        }
+        let fresh = || {
+            Labels(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (Box::from(&*k.0), Box::from(&*v.0)))
+                    .collect(),
+            )
+        };
+        INTERNED.with_borrow_mut(|interned| {
+            let Some(interned) = interned else {
+                return fresh();
+            };
+            let hash = labels_hash(pairs.iter().map(|(k, v)| (&*k.0, &*v.0)));
+            let same = |l: &Labels| {
+                l.len() == pairs.len()
+                    && l.iter()
+                        .zip(pairs)
+                        .all(|((k, v), (pk, pv))| k == pk.0 && v == pv.0)
+            };
+            if let Some(l) = interned.find(hash, same) {
+                return l.clone();
+            }
+            let labels = fresh();
+            interned.insert_unique(hash, labels.clone(), |l| labels_hash(l.iter()));
+            labels
+        })
+    }
+}
+
+fn labels_hash<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = rustc_hash::FxBuildHasher.build_hasher();
+    for (k, v) in pairs {
+        h.write(k.as_bytes());
+        h.write_u8(0xff);
+        h.write(v.as_bytes());
+        h.write_u8(0xff);
+    }
+    h.finish()
+}
+
+/// Shares equal label sets among the specs that `read` deserializes on this thread.
+fn interning_labels<T>(read: impl FnOnce() -> T) -> T {
+    struct Scope(bool);
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            if self.0 {
+                INTERNED.set(None);
+            }
+        }
+    }
+    // a table inside a table (never, today) joins the outer scope
+    let _scope = Scope(INTERNED.with_borrow_mut(|i| {
+        i.is_none() && {
+            *i = Some(hashbrown::HashTable::new());
+            true
+        }
+    }));
+    read()
 }
 
 /// An alias table as written (alias -> spec), shared: the config, the static table and
@@ -216,7 +361,8 @@ pub fn deserialize_specs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Specs
             Ok(pairs)
         }
     }
-    Ok(Arc::new(d.deserialize_map(Pairs)?.into_iter().collect()))
+    let pairs = interning_labels(|| d.deserialize_map(Pairs))?;
+    Ok(Arc::new(pairs.into_iter().collect()))
 }
 
 /// One instance as written in config or `PUT /v1/aliases`:
@@ -433,6 +579,71 @@ mod tests {
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(json["labels"], serde_json::json!({ "zone": "a" }));
         assert_eq!(serde_json::from_value::<InstanceSpec>(json).unwrap(), spec);
+    }
+
+    #[test]
+    fn dashes_are_refused_alike_in_ascii_and_not() {
+        for (text, ok) in [
+            ("a--b", false),
+            ("-a", false),
+            ("a-", false),
+            ("a-b-c", true),
+            ("é--b", false),
+            ("é-b", true),
+            ("-", false),
+        ] {
+            let checked = Alias::check(text);
+            assert_eq!(checked.is_ok(), ok, "{text:?}: {checked:?}");
+            assert_eq!(Alias::try_from(text.to_string()).err(), checked.err());
+        }
+    }
+
+    #[test]
+    fn labels_read_as_a_map_would() {
+        // a repeated key keeps its last value, and the keys come out sorted
+        let spec: InstanceSpec = serde_json::from_str(
+            r#"{"address": "10.0.0.5:9116", "labels": {"zone": "a", "rack": "r\u0031", "zone": "b"}}"#,
+        )
+        .unwrap();
+        let pairs: Vec<_> = spec.labels.iter().collect();
+        assert_eq!(pairs, [("rack", "r1"), ("zone", "b")]);
+        let empty: InstanceSpec =
+            serde_json::from_str(r#"{"address": "10.0.0.5:9116", "labels": {}}"#).unwrap();
+        assert!(Arc::ptr_eq(&empty.labels.0, &Labels::default().0));
+        assert!(serde_json::from_str::<InstanceSpec>(
+            r#"{"address": "10.0.0.5:9116", "labels": {"zone": 1}}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn a_table_shares_equal_label_sets_and_only_while_it_is_read() {
+        let table: TableValue = serde_json::from_str(
+            r#"{"instances": {
+                "a": {"address": "10.0.0.1:1", "labels": {"zone": "x", "rack": "1"}},
+                "b": {"address": "10.0.0.2:1", "labels": {"rack": "1", "zone": "x"}},
+                "c": {"address": "10.0.0.3:1", "labels": {"zone": "y"}}}}"#,
+        )
+        .unwrap();
+        let labels = |alias: &str| table.instances[alias].labels.clone();
+        assert!(
+            Arc::ptr_eq(&labels("a").0, &labels("b").0),
+            "equal sets, one copy"
+        );
+        assert!(!Arc::ptr_eq(&labels("a").0, &labels("c").0));
+        assert_eq!(labels("c").get("zone"), Some("y"));
+        // outside a table, nothing is kept for the next one
+        assert!(INTERNED.with_borrow(|i| i.is_none()));
+        let again: TableValue = serde_json::from_str(
+            r#"{"instances": {"a": {"address": "10.0.0.1:1", "labels": {"zone": "y"}}}}"#,
+        )
+        .unwrap();
+        assert!(!Arc::ptr_eq(&again.instances["a"].labels.0, &labels("c").0));
+        // a table that fails to read leaves no interner behind either
+        assert!(
+            serde_json::from_str::<TableValue>(r#"{"instances": {"a": {"adress": "x"}}}"#).is_err()
+        );
+        assert!(INTERNED.with_borrow(|i| i.is_none()));
     }
 
     #[test]

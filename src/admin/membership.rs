@@ -91,7 +91,7 @@ pub async fn handle(gateway: &Arc<Gateway>, method: Method, req: Request<Incomin
         }
         (Method::GET, p) if p.starts_with("/v1/membership/primary/") => {
             let alias = &p["/v1/membership/primary/".len()..];
-            if let Err(e) = Alias::try_from(alias.to_string()) {
+            if let Err(e) = Alias::check(alias) {
                 return bad("invalid_alias", e.to_string());
             }
             let primary = match store.get_primary(alias).await {

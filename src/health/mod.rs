@@ -285,8 +285,9 @@ impl Drop for InflightGuard {
 /// addresses the old one had. Used only when building tables, never per request.
 #[derive(Debug, Default)]
 pub struct StateRegistry {
-    /// FxHash: the keys are the table's own addresses, from trusted config.
-    states: Mutex<FxHashMap<SocketAddr, Arc<InstanceState>>>,
+    /// FxHash: the keys are the table's own addresses, from trusted config. With each
+    /// state, the version of the last table that took it.
+    states: Mutex<FxHashMap<SocketAddr, (Arc<InstanceState>, u64)>>,
 }
 
 impl StateRegistry {
@@ -297,17 +298,22 @@ impl StateRegistry {
 }
 
 /// The locked registry (`StateRegistry::lock`).
-pub struct StatesGuard<'a>(std::sync::MutexGuard<'a, FxHashMap<SocketAddr, Arc<InstanceState>>>);
+pub struct StatesGuard<'a>(
+    std::sync::MutexGuard<'a, FxHashMap<SocketAddr, (Arc<InstanceState>, u64)>>,
+);
 
 impl StatesGuard<'_> {
-    /// The state for `addr`, created if new.
-    pub fn state_for(&mut self, addr: SocketAddr) -> Arc<InstanceState> {
-        Arc::clone(self.0.entry(addr).or_default())
+    /// The state for `addr`, created if new, taken by the table of `version`.
+    pub fn state_for(&mut self, addr: SocketAddr, version: u64) -> Arc<InstanceState> {
+        let (state, taken_by) = self.0.entry(addr).or_default();
+        *taken_by = version;
+        Arc::clone(state)
     }
 
-    /// Forgets addresses that no table uses any more.
-    pub fn retain(&mut self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.0.retain(|a, _| keep(a));
+    /// Forgets the addresses that the table of `version` did not take: once it is
+    /// published, no new table uses them.
+    pub fn keep_only(&mut self, version: u64) {
+        self.0.retain(|_, (_, taken_by)| *taken_by == version);
     }
 }
 
