@@ -1,7 +1,8 @@
 //! Hot reload triggers: the config file, its `table.file` or a plugin's `.wasm` file
 //! changing on disk (`notify`, watching their parent directories so editors'
 //! rename-into-place is seen), and SIGHUP. Both call `Gateway::reload`, which validates (and loads plugins) before it
-//! swaps.
+//! swaps. Both record what the files held when they reloaded (`Loaded`), so a change that
+//! one of them reloaded is not reloaded again by the other.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -45,12 +46,63 @@ fn watched_files(gateway: &Gateway, config: &Path) -> BTreeSet<PathBuf> {
 /// A digest of each of `files`, to tell a real change from a touch. A digest, not the
 /// contents: a 10k-alias config and three plugins would otherwise stay in memory between
 /// changes.
-fn fingerprint(files: &BTreeSet<PathBuf>) -> Vec<Option<[u8; 32]>> {
+fn fingerprint(files: &BTreeSet<PathBuf>) -> Fingerprint {
     use sha2::{Digest, Sha256};
     files
         .iter()
-        .map(|f| std::fs::read(f).ok().map(|b| Sha256::digest(b).into()))
+        .map(|f| {
+            (
+                f.clone(),
+                std::fs::read(f).ok().map(|b| Sha256::digest(b).into()),
+            )
+        })
         .collect()
+}
+
+/// Each watched file and the digest of what it held (`None`: it could not be read).
+type Fingerprint = Vec<(PathBuf, Option<[u8; 32]>)>;
+
+/// `fingerprint`, on a blocking thread: reading and digesting a 100k-alias table file takes
+/// tens of milliseconds, which the control plane's runtime must not wait on.
+async fn fingerprint_off_runtime(files: BTreeSet<PathBuf>) -> Fingerprint {
+    tokio::task::spawn_blocking(move || fingerprint(&files))
+        .await
+        // a digest that failed: nothing matches it, so the change is not missed
+        .unwrap_or_default()
+}
+
+/// What the watched files held when the last reload read them, shared by the watcher and
+/// SIGHUP: a change that SIGHUP reloaded is not reloaded a second time by the watcher
+/// (with a 100k-alias table, that second reload cost as much as the first). The digest is
+/// taken before the reload reads the files, so a write in between is reloaded again,
+/// never missed.
+#[derive(Debug, Default)]
+pub struct Loaded(tokio::sync::Mutex<Fingerprint>);
+
+impl Loaded {
+    /// Reloads if the files changed since the last reload read them (or always, if
+    /// `force`); one reload at a time. Returns whether it reloaded.
+    async fn reload_if<F: std::future::Future>(
+        &self,
+        files: &BTreeSet<PathBuf>,
+        force: bool,
+        reload: impl FnOnce() -> F,
+    ) -> bool {
+        let mut last = self.0.lock().await;
+        let now = fingerprint_off_runtime(files.clone()).await;
+        if !force && now == *last {
+            return false;
+        }
+        *last = now;
+        reload().await;
+        true
+    }
+
+    /// Takes what the files hold now as read (the watcher's start, or a new set of files).
+    async fn settle(&self, files: &BTreeSet<PathBuf>) {
+        let mut last = self.0.lock().await;
+        *last = fingerprint_off_runtime(files.clone()).await;
+    }
 }
 
 /// Whether `event` may have changed one of `files`. Reading a file is not a change: notify
@@ -77,7 +129,7 @@ fn log_inside(dirs: &BTreeSet<PathBuf>) -> Option<PathBuf> {
 }
 
 /// Watches the config and plugin files and reloads on change, until the process ends.
-pub async fn watch_config(gateway: Arc<Gateway>) {
+pub async fn watch_config(gateway: Arc<Gateway>, loaded: Arc<Loaded>) {
     let Some(config) = gateway.config_path().map(PathBuf::from) else {
         return;
     };
@@ -117,27 +169,28 @@ pub async fn watch_config(gateway: Arc<Gateway>) {
                 tracing::error!(%error, dir = %dir.display(), "cannot watch this directory; use SIGHUP to reload");
             }
         }
-        let mut last = fingerprint(&files);
+        loaded.settle(&files).await;
         while rx.recv().await.is_some() {
             // Let a burst of events (truncate + write, or rename) settle into one reload.
             while tokio::time::timeout(SETTLE, rx.recv())
                 .await
                 .is_ok_and(|e| e.is_some())
             {}
-            let now = fingerprint(&files);
-            if now != last && config.exists() {
-                last = now;
-                let _ = gateway.reload(SwapSource::ConfigFile).await;
-                if watched_files(&gateway, &config) != files {
-                    break; // the plugins or the table file changed: watch the new set
-                }
+            if !config.exists() {
+                continue;
+            }
+            let reloaded = loaded
+                .reload_if(&files, false, || gateway.reload(SwapSource::ConfigFile))
+                .await;
+            if reloaded && watched_files(&gateway, &config) != files {
+                break; // the plugins or the table file changed: watch the new set
             }
         }
     }
 }
 
 /// Reloads on every SIGHUP, until the process ends.
-pub async fn on_sighup(gateway: Arc<Gateway>) {
+pub async fn on_sighup(gateway: Arc<Gateway>, loaded: Arc<Loaded>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -148,13 +201,59 @@ pub async fn on_sighup(gateway: Arc<Gateway>) {
     };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the config");
-        let _ = gateway.reload(SwapSource::Sighup).await;
+        match gateway.config_path().map(PathBuf::from) {
+            Some(config) => {
+                let files = watched_files(&gateway, &config);
+                loaded
+                    .reload_if(&files, true, || gateway.reload(SwapSource::Sighup))
+                    .await;
+            }
+            None => {
+                let _ = gateway.reload(SwapSource::Sighup).await;
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SIGHUP and the watcher share what the last reload read: a change that one reloaded
+    /// the other leaves alone, and a write during a reload is reloaded again.
+    #[tokio::test]
+    async fn a_change_is_reloaded_once_whoever_sees_it_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = canonical(&dir.path().join("hagate.toml"));
+        std::fs::write(&file, "a = 1\n").unwrap();
+        let files = BTreeSet::from([file.clone()]);
+        let loaded = Loaded::default();
+        loaded.settle(&files).await;
+        let reloads = std::sync::atomic::AtomicUsize::new(0);
+        let reload = || async {
+            reloads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        };
+        // the watcher wakes for nothing new: no reload
+        assert!(!loaded.reload_if(&files, false, reload).await);
+        // an edit, then SIGHUP: SIGHUP reloads it, and the watcher's event for the same
+        // edit then finds nothing new
+        std::fs::write(&file, "a = 2\n").unwrap();
+        assert!(loaded.reload_if(&files, true, reload).await);
+        assert!(!loaded.reload_if(&files, false, reload).await);
+        // SIGHUP reloads even when nothing changed
+        assert!(loaded.reload_if(&files, true, reload).await);
+        // the watcher sees the next edit
+        std::fs::write(&file, "a = 3\n").unwrap();
+        assert!(loaded.reload_if(&files, false, reload).await);
+        // a write while a reload runs (after its digest) is reloaded again, not missed
+        let write_during = || async {
+            std::fs::write(&file, "a = 4\n").unwrap();
+        };
+        assert!(loaded.reload_if(&files, true, write_during).await);
+        assert!(loaded.reload_if(&files, false, reload).await);
+        assert!(!loaded.reload_if(&files, false, reload).await);
+        assert_eq!(reloads.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
 
     /// With the real watcher: reading a watched file wakes nothing, writing it does.
     #[test]

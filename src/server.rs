@@ -79,8 +79,12 @@ impl BackgroundService for ControlPlane {
         }
         tokio::spawn(refresh_host_names(Arc::clone(&self.gateway)));
         tokio::spawn(sweep_idle_upstreams(Arc::clone(&self.forward)));
-        tokio::spawn(reload::watch_config(Arc::clone(&self.gateway)));
-        tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway)));
+        let loaded = Arc::new(reload::Loaded::default());
+        tokio::spawn(reload::watch_config(
+            Arc::clone(&self.gateway),
+            Arc::clone(&loaded),
+        ));
+        tokio::spawn(reload::on_sighup(Arc::clone(&self.gateway), loaded));
         tokio::spawn(crate::notify::upgrade_on_sigusr2(
             self.gateway.config_path().map(std::path::Path::to_path_buf),
         ));
