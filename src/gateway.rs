@@ -635,6 +635,8 @@ impl Gateway {
             .with_label_values(&[source.label(), "ok"])
             .inc();
         metrics().observe_table(table.version(), table.len());
+        // an alias that left takes its series with it
+        metrics().forget_aliases(|alias| table.resolve(alias).is_some());
         self.changes.send_modify(|v| *v += 1);
         tracing::info!(
             source = source.label(),

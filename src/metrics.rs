@@ -30,10 +30,10 @@ const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 ///
 /// They are not registry children: one child per alias and label value took about 4 KB an
 /// alias, 33 MiB once placement had spread requests over 10k aliases (docs/performance.md,
-/// P7). These take 208 bytes. Each alias has one for the process's life, from its first
-/// request or check, so its counters only grow across table swaps; `/metrics` renders them
-/// (`Metrics::render`) exactly as the registry's encoder would, a series from its first
-/// count on.
+/// P7). These take 208 bytes. Each alias has one from its first request or check until a
+/// swapped-in table no longer has it (`Metrics::forget_aliases`), so its counters only grow
+/// across the swaps that keep it; `/metrics` renders them (`Metrics::render`) exactly as
+/// the registry's encoder would, a series from its first count on.
 #[derive(Debug, Default)]
 pub struct InstanceMetrics {
     by_class: [AtomicU64; CLASSES.len()],
@@ -733,6 +733,29 @@ impl Metrics {
         self.table_size.set(size as i64);
     }
 
+    /// Forgets the series of every alias that `kept` refuses (one that left the table):
+    /// its request, duration and health-check metrics, and its passive ejections. Without
+    /// this, a gateway whose table keeps changing its aliases would export, and hold, a
+    /// series for every alias it ever served. An alias that comes back starts from zero,
+    /// which Prometheus reads as a counter reset.
+    pub fn forget_aliases(&self, kept: impl Fn(&str) -> bool) {
+        by_alias().retain(|alias, _| kept(alias));
+        // ejections are rare: their children are few, so read them back from the family
+        use prometheus::core::Collector;
+        let gone: Vec<String> = self
+            .ejections
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .flat_map(|m| m.get_label().iter().map(|l| l.value()))
+            .filter(|alias| !kept(alias))
+            .map(str::to_string)
+            .collect();
+        for alias in gone {
+            let _ = self.ejections.remove_label_values(&[&alias]);
+        }
+    }
+
     /// Renders the text exposition: the registry's families, every alias's request
     /// metrics, then what `scraped` writes from state read now (the per-instance gauges).
     pub fn render(&self, scraped: impl FnOnce(&mut Exposition<'_>)) -> String {
@@ -914,5 +937,45 @@ mod tests {
         assert!(metrics()
             .render(|_| {})
             .contains("hagate_request_duration_seconds_count{role=\"backup\"}"));
+    }
+
+    #[test]
+    fn an_alias_forgotten_leaves_the_exposition_and_comes_back_from_zero() {
+        // other tests share the process-wide metrics: touch only these aliases
+        let (gone, kept) = ("forget_test_gone", "forget_test_kept");
+        let series = |text: &str, alias: &str| {
+            let label = format!("alias=\"{alias}\"");
+            text.lines().filter(|l| l.contains(&label)).count()
+        };
+        let old = InstanceMetrics::for_alias(gone);
+        old.observe(200, std::time::Duration::from_millis(1));
+        old.checked(true);
+        InstanceMetrics::for_alias(kept).observe(200, std::time::Duration::from_millis(1));
+        metrics().ejections.with_label_values(&[gone]).inc();
+        metrics().ejections.with_label_values(&[kept]).inc();
+        let before = metrics().render(|_| {});
+        // 14 buckets, sum, count, 6 classes, the passed check, the ejection
+        assert_eq!(series(&before, gone), 24, "{before}");
+        metrics().forget_aliases(|alias| alias != gone);
+        let after = metrics().render(|_| {});
+        assert_eq!(series(&after, gone), 0, "{after}");
+        assert_eq!(series(&after, kept), series(&before, kept), "{after}");
+        // back: a new series from zero, not the old counts
+        let new = InstanceMetrics::for_alias(gone);
+        assert!(!Arc::ptr_eq(&old, &new));
+        new.observe(503, std::time::Duration::from_millis(1));
+        let again = metrics().render(|_| {});
+        assert!(
+            again.contains(&format!(
+                "hagate_instance_requests_total{{alias=\"{gone}\",class=\"2xx\"}} 0\n"
+            )),
+            "{again}"
+        );
+        assert!(
+            again.contains(&format!(
+                "hagate_instance_requests_total{{alias=\"{gone}\",class=\"5xx\"}} 1\n"
+            )),
+            "{again}"
+        );
     }
 }

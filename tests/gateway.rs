@@ -558,22 +558,31 @@ async fn a_table_over_admin_max_body_is_refused_with_413_and_the_old_one_serves(
     assert_eq!(aliases["instances"]["cs_9"]["address"], a.addr.to_string());
 }
 
+/// Makes `main` (named as its alias) answer 500 and sends it `haid` until it is ejected:
+/// consecutive_failures = 3, so three 500s reach the client (the answer is the server's own).
+async fn eject_the_main(main: &Upstream, gw: &Gateway, haid: &str) {
+    let c = client();
+    main.set_status(500).await;
+    for _ in 0..3 {
+        let (s, body) = get_haid(&c, gw, haid).await;
+        assert_eq!(
+            (s, body["server"].as_str()),
+            (500, Some(main.name.as_str()))
+        );
+    }
+    assert_eq!(
+        gw.metric("hagate_passive_ejections_total", &[("alias", &main.name)])
+            .await,
+        1.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consecutive_5xx_eject_the_main_until_it_passes_rise_checks() {
     let (a, _b, _c, gw) = three().await;
     let c = client();
     let haid = haid_for("cs_1", "cs_2", "55");
-    a.set_status(500).await;
-    // consecutive_failures = 3: three 500s reach the client (the answer is the server's own)
-    for _ in 0..3 {
-        let (s, body) = get_haid(&c, &gw, &haid).await;
-        assert_eq!((s, body["server"].as_str()), (500, Some("cs_1")));
-    }
-    assert_eq!(
-        gw.metric("hagate_passive_ejections_total", &[("alias", "cs_1")])
-            .await,
-        1.0
-    );
+    eject_the_main(&a, &gw, &haid).await;
     // ejected: the backup serves while the main keeps passing its /health checks
     let (s, body) = get_haid(&c, &gw, &haid).await;
     assert_eq!(
@@ -583,6 +592,78 @@ async fn consecutive_5xx_eject_the_main_until_it_passes_rise_checks() {
     // once fixed, the main comes back after the ejection time and `rise` passing checks
     a.set_status(200).await;
     gw.wait_served_by(&haid, "cs_1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_that_leaves_the_table_takes_its_series_with_it() {
+    let (a, b, c3, gw) = three().await;
+    let c = client();
+    let haid = haid_for("cs_1", "cs_2", "56");
+    // cs_1 serves, is checked, and is ejected by three 500s
+    eject_the_main(&a, &gw, &haid).await;
+    let checked = [("alias", "cs_1"), ("result", "pass")];
+    gw.wait_metric("hagate_health_checks_total", &checked, 1.0)
+        .await;
+    let checked_2 = [("alias", "cs_2"), ("result", "pass")];
+    gw.wait_metric("hagate_health_checks_total", &checked_2, 1.0)
+        .await;
+    gw.wait_metric(
+        "hagate_instance_requests_total",
+        &[("alias", "cs_1"), ("class", "5xx")],
+        3.0,
+    )
+    .await;
+    let ejected = [("alias", "cs_1")];
+    let names = |text: &str, alias: &str| {
+        let label = format!("alias=\"{alias}\"");
+        text.lines()
+            .filter(|l| l.contains(&label))
+            .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let before = names(&gw.metrics_text().await, "cs_1");
+    for series in [
+        "hagate_instance_requests_total",
+        "hagate_health_checks_total",
+        "hagate_passive_ejections_total",
+        "hagate_instance_up",
+    ] {
+        assert!(before.contains(series), "{before:?}");
+    }
+    // a table without cs_1: none of its series is left, and cs_2's are
+    let put = |pairs: &[(&str, &Upstream)]| {
+        c.put(gw.admin_url("/v1/aliases"))
+            .json(&specs(pairs))
+            .send()
+    };
+    let r = put(&[("cs_2", &b), ("cs_3", &c3)]).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let after = gw.metrics_text().await;
+    assert!(names(&after, "cs_1").is_empty(), "{after}");
+    for series in ["hagate_health_checks_total", "hagate_instance_up"] {
+        assert!(names(&after, "cs_2").contains(series), "{after}");
+    }
+    assert!(gw.metric("hagate_health_checks_total", &checked_2).await >= 1.0);
+    // back: its counts start again from zero
+    let r = put(&[("cs_1", &a), ("cs_2", &b), ("cs_3", &c3)])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    a.set_status(200).await;
+    let (s, body) = get_haid(&c, &gw, &haid).await;
+    assert_eq!((s, body["server"].as_str()), (200, Some("cs_1")));
+    let served = [("alias", "cs_1"), ("class", "2xx")];
+    gw.wait_metric("hagate_instance_requests_total", &served, 1.0)
+        .await;
+    let failed = [("alias", "cs_1"), ("class", "5xx")];
+    assert_eq!(
+        gw.metric("hagate_instance_requests_total", &failed).await,
+        0.0
+    );
+    assert_eq!(
+        gw.metric("hagate_passive_ejections_total", &ejected).await,
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
