@@ -34,7 +34,7 @@ fn json(n: usize, generation: usize) -> Vec<u8> {
 }
 
 fn parse(bytes: &[u8]) -> TableValue {
-    serde_json::from_slice(bytes).unwrap()
+    hagate::model::from_json(bytes).unwrap()
 }
 
 fn bench(c: &mut Criterion) {

@@ -183,34 +183,36 @@ impl AliasTable {
         version: u64,
         states: &StateRegistry,
     ) -> Result<Self, TableError> {
-        // every alias and address checked before anything is built
-        let checked = specs
-            .iter()
-            .map(|(name, spec)| {
-                let alias =
-                    Alias::try_from(name.clone()).map_err(|source| alias_error(name, source))?;
-                Ok((alias, check_address(name, spec)?))
-            })
-            .collect::<Result<Vec<_>, TableError>>()?;
-        // one lock for the whole table, not one per alias
-        let mut states = states.lock();
-        let mut index = hashbrown::HashTable::with_capacity(specs.len());
+        // Every alias and address checked before the health registry is touched: each
+        // instance takes a placeholder state until all are checked. Built straight into
+        // a list of its final size: a 100k table is mostly fresh pages, and the kernel's
+        // page faults are much of what it costs (docs/performance.md, P6).
+        let unchecked = Arc::new(InstanceState::default());
         let mut instances: Vec<Instance> = Vec::with_capacity(specs.len());
-        for ((alias, c), spec) in checked.into_iter().zip(specs.values()) {
-            // a BTreeMap's keys are unique: every alias is a new entry
-            index.insert_unique(alias_hash(alias.as_str()), instances.len(), |&i| {
-                alias_hash(instances[i].alias.as_str())
-            });
+        for (name, spec) in specs {
+            let alias =
+                Alias::try_from(name.clone()).map_err(|source| alias_error(name, source))?;
+            let c = check_address(name, spec)?;
             instances.push(Instance {
                 alias,
                 address: c.address,
                 labels: spec.labels.clone(),
                 weight: spec.weight,
-                state: states.state_for(c.address, version),
+                state: Arc::clone(&unchecked),
                 epoch: spec.epoch,
                 tls: spec.tls,
                 sni: spec.sni.clone().unwrap_or_else(|| c.host.to_string()),
                 metrics: OnceLock::new(),
+            });
+        }
+        // one lock for the whole table, not one per alias
+        let mut states = states.lock();
+        let mut index = hashbrown::HashTable::with_capacity(instances.len());
+        for at in 0..instances.len() {
+            instances[at].state = states.state_for(instances[at].address, version);
+            // a BTreeMap's keys are unique: every alias is a new entry
+            index.insert_unique(alias_hash(instances[at].alias.as_str()), at, |&i| {
+                alias_hash(instances[i].alias.as_str())
             });
         }
         let tls = instances.iter().any(|i| i.tls);

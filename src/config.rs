@@ -652,7 +652,7 @@ fn read_table_file(path: &Path) -> Result<crate::model::Specs, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_slice::<crate::model::TableValue>(&bytes)
+    crate::model::from_json::<crate::model::TableValue>(&bytes)
         .map(|t| t.instances)
         .map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),

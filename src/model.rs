@@ -325,6 +325,43 @@ fn interning_labels<T>(read: impl FnOnce() -> T) -> T {
     read()
 }
 
+/// Parses JSON from bytes: as text when they are UTF-8, which checks them once, not
+/// string by string (`from_slice` checks each string it reads: about 7% of reading a
+/// 100k-alias table). Bytes that are not UTF-8 still get `from_slice`'s error, with the
+/// line and column of the bad byte.
+pub fn from_json<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> serde_json::Result<T> {
+    let _size = JsonSize::of(bytes);
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    }
+}
+
+thread_local! {
+    /// The size in bytes of the JSON document that `from_json` is reading on this thread
+    /// (0 outside one), from which `deserialize_specs` bounds how many aliases it can hold.
+    static JSON_SIZE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Sets `JSON_SIZE` while it lives.
+struct JsonSize(usize);
+
+impl JsonSize {
+    fn of(bytes: &[u8]) -> JsonSize {
+        JsonSize(JSON_SIZE.replace(bytes.len()))
+    }
+}
+
+impl Drop for JsonSize {
+    fn drop(&mut self) {
+        JSON_SIZE.set(self.0);
+    }
+}
+
+/// The fewest bytes of JSON that an alias with a usable address takes:
+/// `"a":{"address":"1.1.1.1:1"},`.
+const MIN_JSON_ALIAS: usize = 28;
+
 /// An alias table as written (alias -> spec), shared: the config, the static table and
 /// the published table are often the same map, and a reload whose `[instances]` did not
 /// change keeps the map it had (docs/performance.md, P7).
@@ -343,6 +380,10 @@ pub struct TableValue {
 /// Reads `Specs` from a map: into a list first, then sorted and built in one go, which is
 /// about twice as fast as inserting 100k aliases one by one. A repeated alias keeps its
 /// last spec, as a map would.
+///
+/// Much of what a 100k-alias table costs to read is the kernel handing out fresh pages
+/// (docs/performance.md, P6), so the list is reserved once, from the size of the JSON
+/// being read, not grown by doubling (twice the memory written, and copied).
 pub fn deserialize_specs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Specs, D::Error> {
     struct Pairs;
     impl<'de> serde::de::Visitor<'de> for Pairs {
@@ -354,7 +395,9 @@ pub fn deserialize_specs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Specs
             self,
             mut map: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 16));
+            // reserved, not written: pages never touched cost nothing
+            let most = JSON_SIZE.get() / MIN_JSON_ALIAS;
+            let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(most).min(1 << 20));
             while let Some(pair) = map.next_entry()? {
                 pairs.push(pair);
             }
@@ -644,6 +687,46 @@ mod tests {
             serde_json::from_str::<TableValue>(r#"{"instances": {"a": {"adress": "x"}}}"#).is_err()
         );
         assert!(INTERNED.with_borrow(|i| i.is_none()));
+    }
+
+    #[test]
+    fn json_is_read_as_text_or_as_bytes_alike() {
+        let table =
+            br#"{"instances": {"cs_1": {"address": "10.0.0.1:1", "labels": {"z": "\u00e9"}}}}"#;
+        let text: TableValue = from_json(table).unwrap();
+        let bytes: TableValue = serde_json::from_slice(table).unwrap();
+        assert_eq!(text, bytes);
+        assert_eq!(text.instances["cs_1"].labels.get("z"), Some("\u{e9}"));
+        // not UTF-8: the error says where, as from_slice says it
+        let bad = b"{\"instances\": {\"cs_\xff\": {\"address\": \"10.0.0.1:1\"}}}";
+        let e = from_json::<TableValue>(bad).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            serde_json::from_slice::<TableValue>(bad)
+                .unwrap_err()
+                .to_string()
+        );
+        assert!(e.contains("line 1 column"), "{e}");
+        // a repeated alias keeps its last spec, as a map would, in a table read with the
+        // size of its JSON known (`from_json`) or not
+        let twice =
+            br#"{"instances": {"a": {"address": "10.0.0.1:1"}, "b": {"address": "10.0.0.2:1"}, "a": {"address": "10.0.0.9:1"}}}"#;
+        for read in [
+            from_json::<TableValue>(twice),
+            serde_json::from_slice(twice),
+        ] {
+            let read = read.unwrap().instances;
+            assert_eq!(read.len(), 2);
+            assert_eq!(read["a"].address, "10.0.0.9:1");
+        }
+        // and a syntax error in text, the same message as from bytes
+        let cut = br#"{"instances": {"cs_1": {"address": "10.0.0.1:1"}"#;
+        assert_eq!(
+            from_json::<TableValue>(cut).unwrap_err().to_string(),
+            serde_json::from_slice::<TableValue>(cut)
+                .unwrap_err()
+                .to_string()
+        );
     }
 
     #[test]

@@ -211,7 +211,7 @@ fn holder_entry(alias: &str, kv: &Kv) -> Result<Entry, String> {
 }
 
 fn table_state(kv: &Kv) -> Result<TableState, String> {
-    let v: TableValue = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+    let v: TableValue = crate::model::from_json(&kv.value).map_err(|e| e.to_string())?;
     Ok(TableState {
         instances: v.instances,
         revision: kv.mod_revision,
