@@ -2,6 +2,9 @@
 //! `PUT /v1/aliases` and of a `table.file`, validate it, and build and swap it in.
 //! The end-to-end figures (a reload's `took_ms`, under load) come from
 //! `benches/memory.sh`; this splits them, and measures them on a quiet thread.
+//! The memory is warm from one iteration to the next. A reload of an idle gateway gets
+//! fresh pages from the kernel (docs/performance.md, "P6: fresh pages"); to measure that,
+//! run the bench binary with `MIMALLOC_PURGE_DELAY=0`.
 
 use std::hint::black_box;
 
