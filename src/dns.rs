@@ -28,6 +28,15 @@ pub fn is_host_name(address: &str) -> bool {
     let Some((host, port)) = address.rsplit_once(':') else {
         return false;
     };
+    // A name whose last label is all digits would read as an IPv4 address. Checked first:
+    // a table of 100k IP addresses is told from host names by its last labels alone.
+    let numeric = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+    if numeric {
+        return false;
+    }
     let labels_ok = !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|l| {
@@ -37,12 +46,7 @@ pub fn is_host_name(address: &str) -> bool {
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
-    // a name whose last label is all digits would read as an IPv4 address
-    let not_numeric = !host
-        .rsplit('.')
-        .next()
-        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
-    labels_ok && not_numeric && port.parse::<u16>().is_ok_and(|p| p != 0)
+    labels_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
 }
 
 /// The address `host_port` last resolved to, if it ever did.
