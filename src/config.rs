@@ -573,6 +573,12 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection is kept: `idle_timeout = "60s"`.
     #[serde(default = "secs::<60>", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// The most idle upstream connections kept, across all instances: `max_idle = 1024`
+    /// (0-1000000; 0 keeps none). A connection released to a full pool closes the least
+    /// recently released one. Default: 1024, or half of the proxy's `max_connections` if
+    /// that is less, so that idle connections leave descriptors for live ones.
+    #[serde(default)]
+    pub max_idle: Option<usize>,
     /// How often instance host names (`address = "cs-1.internal:9108"`) are resolved
     /// again, in the background: `dns_refresh = "30s"` (100ms-1h).
     #[serde(default = "secs::<30>", with = "humantime_serde")]
@@ -1016,6 +1022,12 @@ impl Config {
                 "must be between 1 and 1000000 (omit it to derive it from the fd limit)",
             ));
         }
+        if self.upstream.max_idle.is_some_and(|m| m > 1_000_000) {
+            return Err(invalid(
+                "upstream.max_idle",
+                "must be between 0 and 1000000 (omit it to derive it from max_connections)",
+            ));
+        }
         let hb = self.server.max_header_bytes;
         if hb < bytesize::ByteSize::kib(1) || hb >= bytesize::ByteSize::mib(1) {
             return Err(invalid(
@@ -1378,6 +1390,7 @@ mod tests {
                 "[upstream]\nread_timeout = \"30days\"",
                 "upstream.read_timeout",
             ),
+            ("[upstream]\nmax_idle = 1000001", "upstream.max_idle"),
             (
                 "[health.active]\ninterval = \"1s\"\ntimeout = \"2s\"",
                 "health.active.timeout",

@@ -59,6 +59,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// The largest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
+    /// The most idle upstream connections kept (`upstream.max_idle`).
+    pub max_idle: usize,
 }
 
 /// The most header lines a request may have; pingora refuses more than 256 headers with
@@ -721,6 +723,7 @@ mod tests {
             keepalive_timeout: Duration::from_secs(60),
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 65536,
+            max_idle: 0,
         }
     }
 

@@ -26,16 +26,13 @@
 //! headers, a head httparse refuses or with more than 64 headers (pingora answers it),
 //! a table with a `tls = true` instance, and a gateway that is shutting down.
 
-use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use pingora::prelude::timeout;
 use pingora::server::ShutdownWatch;
-use rustc_hash::FxHashMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -43,6 +40,7 @@ use crate::config::Forwarding;
 use crate::conn::Connections;
 use crate::gateway::Gateway;
 use crate::http1::{digits, response_framing, Framed, Framing};
+use crate::pool::Pool;
 use crate::proxy::{Answer, Ctx, Proxy, RequestView, LOAD, PREFIX};
 
 /// The largest request body the loop keeps for a replay; a larger one goes to pingora,
@@ -51,8 +49,6 @@ const MAX_BODY: usize = 64 * 1024;
 /// The most headers a request or response may have here (a request with more goes to
 /// pingora; a response with more is refused as an upstream failure).
 const MAX_HEADERS: usize = 64;
-/// The most idle connections kept per thread and upstream address.
-const POOL_PER_ADDRESS: usize = 128;
 /// How much is read from a socket at once.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -69,7 +65,7 @@ pub struct Forwarder {
     gateway: Arc<Gateway>,
     conns: Arc<Connections>,
     proxy: Proxy,
-    pool: Pool,
+    pool: Pool<TcpStream>,
 }
 
 impl Forwarder {
@@ -77,9 +73,9 @@ impl Forwarder {
     pub fn new(gateway: Arc<Gateway>, conns: Arc<Connections>) -> Arc<Self> {
         Arc::new(Forwarder {
             proxy: Proxy::new(Arc::clone(&gateway), Arc::clone(&conns)),
+            pool: Pool::new(conns.limits().max_idle),
             gateway,
             conns,
-            pool: Pool::default(),
         })
     }
 
@@ -87,9 +83,11 @@ impl Forwarder {
         self.gateway.settings().config.server.forwarding == Forwarding::Hagate
     }
 
-    /// Closes the pooled connections idle longer than `upstream.idle_timeout`.
+    /// Closes the pooled connections idle longer than `upstream.idle_timeout`, and the
+    /// least recent beyond `upstream.max_idle` (which a reload may have lowered).
     pub fn sweep(&self) {
         let idle = self.gateway.settings().config.upstream.idle_timeout;
+        self.pool.set_max(self.conns.limits().max_idle);
         self.pool.sweep(idle);
     }
 
@@ -173,7 +171,7 @@ impl Forwarder {
             let addr = inst.address;
             let (mut conn, reused) = match self.pool.take(addr, up.idle_timeout) {
                 Some(conn) => (conn, true),
-                None => match connect(addr, up.connect_timeout).await {
+                None => match self.connect(addr, up.connect_timeout).await {
                     Ok(conn) => (conn, false),
                     Err((what, error)) => {
                         let local = crate::health::is_local_resource_error(&error);
@@ -246,6 +244,30 @@ impl Forwarder {
         }
         ctx.finish(req, head.status, &self.conns, client);
         outcome == Relayed::Done && !close
+    }
+
+    /// A new connection to `addr`. Out of descriptors, it closes the older half of the
+    /// idle pooled connections and tries once more: idle connections give way to a live
+    /// request, and the client sees no error.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        limit: Duration,
+    ) -> Result<TcpStream, (&'static str, std::io::Error)> {
+        match connect(addr, limit).await {
+            Err((what, error)) if crate::health::is_local_resource_error(&error) => {
+                let shed = self.pool.shed();
+                if shed == 0 {
+                    return Err((what, error));
+                }
+                tracing::warn!(
+                    upstream = %addr, %error, closed = shed,
+                    "out of descriptors: closed idle upstream connections to connect"
+                );
+                connect(addr, limit).await
+            }
+            result => result,
+        }
     }
 
     /// Writes an answer of hagate's own and ends the request; the connection closes.
@@ -771,69 +793,6 @@ impl Chunks {
             i += 1;
         }
         Ok(None)
-    }
-}
-
-thread_local! {
-    /// This thread's number in the pool's keys: a connection is used on the thread (and so
-    /// the runtime) that registered it.
-    static THREAD: Cell<usize> = const { Cell::new(usize::MAX) };
-}
-
-fn thread_key() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    THREAD.with(|t| {
-        if t.get() == usize::MAX {
-            t.set(NEXT.fetch_add(1, Ordering::Relaxed));
-        }
-        t.get()
-    })
-}
-
-/// Idle upstream connections by (thread, address), each with when it became idle, newest
-/// last.
-type Idle = FxHashMap<(usize, SocketAddr), Vec<(TcpStream, Instant)>>;
-
-/// Idle upstream connections, per thread and address.
-#[derive(Default)]
-struct Pool {
-    idle: Mutex<Idle>,
-}
-
-impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The newest idle connection to `addr` idle for less than `limit`; older ones close.
-    fn take(&self, addr: SocketAddr, limit: Duration) -> Option<TcpStream> {
-        let mut idle = self.lock();
-        let conns = idle.get_mut(&(thread_key(), addr))?;
-        match conns.pop() {
-            Some((conn, since)) if since.elapsed() < limit => Some(conn),
-            Some(_) => {
-                conns.clear();
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn put(&self, addr: SocketAddr, conn: TcpStream) {
-        let mut idle = self.lock();
-        let conns = idle.entry((thread_key(), addr)).or_default();
-        if conns.len() >= POOL_PER_ADDRESS {
-            conns.remove(0);
-        }
-        conns.push((conn, Instant::now()));
-    }
-
-    fn sweep(&self, limit: Duration) {
-        let mut idle = self.lock();
-        idle.retain(|_, conns| {
-            conns.retain(|(_, since)| since.elapsed() < limit);
-            !conns.is_empty()
-        });
     }
 }
 

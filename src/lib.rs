@@ -45,6 +45,7 @@ pub mod model;
 pub mod notify;
 pub mod placement;
 pub mod plugin;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod retire;

@@ -435,6 +435,12 @@ pub struct Metrics {
     /// `hagate_local_resource_errors_total{during}`: EMFILE, ENFILE, ENOBUFS or ENOMEM met
     /// while connecting upstream or health checking; never counted against the upstream.
     pub local_resource_errors: IntCounterVec,
+    /// `hagate_upstream_idle_connections`: idle upstream connections kept by the
+    /// forwarding loop for reuse.
+    pub upstream_idle: IntGauge,
+    /// `hagate_upstream_idle_closed_total{reason}`: idle upstream connections the gateway
+    /// closed: max_idle (the pool was full), idle_timeout, out_of_descriptors.
+    pub upstream_idle_closed: IntCounterVec,
 }
 
 /// Registers `metric` in `r` and hands it back.
@@ -670,6 +676,20 @@ impl Metrics {
             "Local resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM), by what hit them: upstream or health_check.",
             &["during"],
         );
+        let upstream_idle = gauge(
+            &r,
+            "hagate_upstream_idle_connections",
+            "Idle upstream connections kept for reuse by hagate's forwarding loop.",
+        );
+        let upstream_idle_closed = counter_vec(
+            &r,
+            "hagate_upstream_idle_closed_total",
+            "Idle upstream connections closed by the gateway: max_idle (the pool was full), idle_timeout, out_of_descriptors.",
+            &["reason"],
+        );
+        for reason in ["max_idle", "idle_timeout", "out_of_descriptors"] {
+            upstream_idle_closed.with_label_values(&[reason]);
+        }
         // Series that alerts take a rate of exist from the start, at 0.
         for reason in [
             "keepalive_timeout",
@@ -701,6 +721,8 @@ impl Metrics {
             connections_closed,
             connections_open,
             local_resource_errors,
+            upstream_idle,
+            upstream_idle_closed,
             store_up,
             store_revision,
             store_last_sync_age,

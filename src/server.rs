@@ -190,14 +190,22 @@ async fn sweep_idle_upstreams(forward: Arc<Forwarder>) {
 /// etcd, logs, runtimes, plugin files. The rest is for client and upstream connections.
 const FD_RESERVE: u64 = 128;
 
+/// `upstream.max_idle` when the config leaves it out (and descriptors are plenty).
+const DEFAULT_MAX_IDLE: usize = 1024;
+
 /// The proxy listener's limits under `config`, with `nofile` descriptors available.
 pub fn limits(config: &Config, nofile: u64) -> Limits {
     let derived = nofile.saturating_sub(FD_RESERVE + config.admin.max_connections as u64) / 2;
+    let max_connections = config
+        .server
+        .max_connections
+        .unwrap_or(derived.max(16) as usize);
     Limits {
-        max_connections: config
-            .server
-            .max_connections
-            .unwrap_or(derived.max(16) as usize),
+        max_connections,
+        max_idle: config
+            .upstream
+            .max_idle
+            .unwrap_or((max_connections / 2).min(DEFAULT_MAX_IDLE)),
         keepalive_timeout: config.server.keepalive_timeout,
         header_timeout: config.server.header_timeout,
         max_header_bytes: config.server.max_header_bytes.as_u64() as usize,
@@ -331,6 +339,10 @@ pub fn run(
     // At most: the first choice, once more on a fresh connection if a pooled one was
     // stale, then the fallback. `proxy` decides which attempts happen.
     conf.max_retries = 3;
+    // pingora's own pool (for what the forwarding loop hands over) keeps as many at most
+    // (pingora multiplies its size by the threads). It is sized once, so a reload's
+    // `upstream.max_idle` reaches only the loop's pool.
+    conf.upstream_keepalive_pool_size = conns.limits().max_idle.div_ceil(threads.max(1));
     let opt = Opt {
         upgrade,
         ..Opt::default()
@@ -454,5 +466,28 @@ fn remove_pid_file(pid_file: &std::path::Path) {
         std::fs::read_to_string(pid_file).is_ok_and(|t| t.trim() == std::process::id().to_string());
     if ours {
         let _ = std::fs::remove_file(pid_file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        let text = format!("{extra}\n[instances.cs_1]\naddress = \"127.0.0.1:1\"\n");
+        Config::parse(&text).unwrap()
+    }
+
+    #[test]
+    fn idle_upstream_connections_leave_descriptors_for_live_ones() {
+        assert_eq!(limits(&config(""), 1 << 20).max_idle, 1024);
+        // under ulimit -n 256: (256 - 128 - 64) / 2 = 32 connections, half of that idle
+        let low = limits(&config(""), 256);
+        assert_eq!((low.max_connections, low.max_idle), (32, 16));
+        let set = config("[server]\nmax_connections = 100\n");
+        assert_eq!(limits(&set, 1 << 20).max_idle, 50);
+        // as the config says, if it says
+        let set = config("[upstream]\nmax_idle = 5000\n");
+        assert_eq!(limits(&set, 256).max_idle, 5000);
     }
 }

@@ -42,6 +42,8 @@ impl Seen {
 struct Server {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// The connections the gateway closed, by number.
+    closed: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Server {
@@ -49,18 +51,28 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&seen);
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let (log, ends) = (Arc::clone(&seen), Arc::clone(&closed));
         tokio::spawn(async move {
             for conn in 0.. {
                 let (s, _) = listener.accept().await.unwrap();
-                tokio::spawn(serve(s, conn, Arc::clone(&log)));
+                let (log, ends) = (Arc::clone(&log), Arc::clone(&ends));
+                tokio::spawn(async move {
+                    if serve(s, conn, log).await {
+                        ends.lock().unwrap().push(conn);
+                    }
+                });
             }
         });
-        Server { addr, seen }
+        Server { addr, seen, closed }
     }
 
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    fn closed(&self) -> Vec<usize> {
+        self.closed.lock().unwrap().clone()
     }
 
     fn toml(&self, alias: &str) -> String {
@@ -68,11 +80,12 @@ impl Server {
     }
 }
 
-async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) {
+/// Serves one connection; whether the gateway closed it (rather than this server).
+async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) -> bool {
     let mut buf = Vec::new();
     loop {
         let Some(end) = read_until(&mut s, &mut buf, b"\r\n\r\n").await else {
-            return;
+            return true;
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
         buf.drain(..end);
@@ -87,7 +100,7 @@ async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) {
         {
             // Enough for the tests' bodies: chunks of text, no extensions, no trailers.
             let Some(end) = read_until(&mut s, &mut buf, b"0\r\n\r\n").await else {
-                return;
+                return true;
             };
             let raw = String::from_utf8_lossy(&buf[..end]).to_string();
             buf.drain(..end);
@@ -104,7 +117,7 @@ async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) {
             while buf.len() < n {
                 let mut chunk = [0u8; 65536];
                 match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => return true,
                     Ok(k) => buf.extend_from_slice(&chunk[..k]),
                 }
             }
@@ -121,8 +134,11 @@ async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) {
                 format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-hagate-load: 0.25\r\nx-served-by: raw\r\n\r\n{body}").into_bytes()
             }
         };
-        if s.write_all(&answer).await.is_err() || path == "/close" || path == "/drop" {
-            return;
+        if s.write_all(&answer).await.is_err() {
+            return true;
+        }
+        if path == "/close" || path == "/drop" {
+            return false;
         }
     }
 }
@@ -441,6 +457,128 @@ async fn the_engine_follows_a_config_reload() {
             send().await;
             (by_engine(&gw).await.0 > own).then_some(())
         },
+    )
+    .await;
+}
+
+/// A gateway over `n` raw servers, `cs_0` to `cs_{n-1}`, with `extra` config; each
+/// request names one as main and the next as backup.
+async fn over_servers(
+    engine: &str,
+    n: usize,
+    extra: &str,
+    nofile: Option<u64>,
+) -> (Vec<Server>, Gateway) {
+    let mut ups = Vec::new();
+    for _ in 0..n {
+        ups.push(Server::start().await);
+    }
+    let table: String = ups
+        .iter()
+        .enumerate()
+        .map(|(i, up)| up.toml(&format!("cs_{i}")))
+        .collect();
+    let gw = Gateway::start_full(
+        &format!("{NO_CHECKS}{extra}\n{table}"),
+        &format!("forwarding = \"{engine}\"\n"),
+        "",
+        nofile,
+    )
+    .await;
+    (ups, gw)
+}
+
+/// GET /plain through `gw` with cs_`main` as main; the status.
+async fn get_on(c: &reqwest::Client, gw: &Gateway, main: usize, n: usize) -> u16 {
+    let haid = hagate::haid::encode(
+        &format!("cs_{main}"),
+        &[format!("cs_{}", (main + 1) % n).as_str()],
+        "3",
+    )
+    .unwrap();
+    let r = c.get(gw.url("/plain")).header("contextID", &haid).send();
+    r.await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_upstream_pool_closes_the_least_recently_used_connection() {
+    for engine in ["hagate", "pingora"] {
+        let (ups, gw) = over_servers(engine, 3, "[upstream]\nmax_idle = 2\n", None).await;
+        let c = client();
+        // one connection to each instance, released to a pool that keeps two
+        for i in 0..3 {
+            assert_eq!(get_on(&c, &gw, i, 3).await, 200, "{engine}");
+        }
+        eventually(
+            &format!("{engine}: the least recent closed"),
+            Duration::from_secs(10),
+            || async { (ups[0].closed() == [0]).then_some(()) },
+        )
+        .await;
+        assert!(
+            ups[1].closed().is_empty() && ups[2].closed().is_empty(),
+            "{engine}"
+        );
+        if engine == "hagate" {
+            assert_eq!(
+                gw.metric("hagate_upstream_idle_connections", &[]).await,
+                2.0
+            );
+            let by_max = [("reason", "max_idle")];
+            assert_eq!(
+                gw.metric("hagate_upstream_idle_closed_total", &by_max)
+                    .await,
+                1.0
+            );
+        }
+        // cs_2 again, on its pooled connection, which becomes the most recent; then cs_0,
+        // on a new one, which closes cs_1's
+        assert_eq!(get_on(&c, &gw, 2, 3).await, 200, "{engine}");
+        assert_eq!(
+            ups[2].seen().iter().map(|s| s.conn).collect::<Vec<_>>(),
+            [0, 0]
+        );
+        assert_eq!(get_on(&c, &gw, 0, 3).await, 200, "{engine}");
+        assert_eq!(
+            ups[0].seen().iter().map(|s| s.conn).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        eventually(
+            &format!("{engine}: cs_1's connection closed"),
+            Duration::from_secs(10),
+            || async { (ups[1].closed() == [0]).then_some(()) },
+        )
+        .await;
+        assert!(ups[2].closed().is_empty(), "{engine}");
+        assert_eq!(ups[0].closed(), [0], "{engine}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_idle_upstream_connections_give_way_to_a_new_one() {
+    // more servers than the gateway has descriptors, each kept idle after its request
+    rlimit::increase_nofile_limit(4096).unwrap();
+    let n = 300;
+    let (ups, gw) = over_servers("hagate", n, "[upstream]\nmax_idle = 100000\n", Some(256)).await;
+    let c = client();
+    for i in 0..n {
+        assert_eq!(get_on(&c, &gw, i, n).await, 200, "cs_{i}\n{}", gw.log());
+    }
+    // each on its main, none failed over or refused: the gateway closed idle connections
+    // to make room, and connected again
+    for (i, up) in ups.iter().enumerate() {
+        assert_eq!(up.seen().len(), 1, "cs_{i}");
+    }
+    let log = gw.log();
+    assert!(
+        log.contains("out of descriptors: closed idle upstream connections to connect"),
+        "{log}"
+    );
+    assert!(!log.contains("upstream connect failed"), "{log}");
+    eventually(
+        "the servers see the closed connections",
+        Duration::from_secs(10),
+        || async { ups.iter().any(|up| up.closed() == [0]).then_some(()) },
     )
     .await;
 }
