@@ -260,6 +260,11 @@ impl Forwarder {
                 if shed == 0 {
                     return Err((what, error));
                 }
+                // met and got past: still a sign that descriptors are short
+                crate::metrics::metrics()
+                    .local_resource_errors
+                    .with_label_values(&["upstream"])
+                    .inc();
                 tracing::warn!(
                     upstream = %addr, %error, closed = shed,
                     "out of descriptors: closed idle upstream connections to connect"
