@@ -439,7 +439,8 @@ pub struct Metrics {
     /// forwarding loop for reuse.
     pub upstream_idle: IntGauge,
     /// `hagate_upstream_idle_closed_total{reason}`: idle upstream connections the gateway
-    /// closed: max_idle (the pool was full), idle_timeout, out_of_descriptors.
+    /// closed: max_idle (the pool, or one address's share of 128, was full),
+    /// idle_timeout, out_of_descriptors.
     pub upstream_idle_closed: IntCounterVec,
 }
 
@@ -684,7 +685,7 @@ impl Metrics {
         let upstream_idle_closed = counter_vec(
             &r,
             "hagate_upstream_idle_closed_total",
-            "Idle upstream connections closed by the gateway: max_idle (the pool was full), idle_timeout, out_of_descriptors.",
+            "Idle upstream connections closed by the gateway: max_idle (the pool, or one address's share of 128, was full), idle_timeout, out_of_descriptors.",
             &["reason"],
         );
         for reason in ["max_idle", "idle_timeout", "out_of_descriptors"] {

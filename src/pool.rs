@@ -9,7 +9,9 @@
 //!   connection released to a full pool closes the least recently released one, as
 //!   nginx's `keepalive` and pingora's pool do. Without it, a gateway in front of many
 //!   instances keeps one for every instance it ever reached, which costs descriptors and
-//!   memory (placement spreads new contexts over all of them);
+//!   memory (placement spreads new contexts over all of them). A thread and address
+//!   keep at most `PER_ADDRESS`, and a connection beyond that closes their oldest; both
+//!   count as `max_idle`;
 //! - **out of descriptors**: `shed` closes the older half, so that a connect that met
 //!   EMFILE can be tried again at once.
 //!
