@@ -9,8 +9,9 @@
 //!   hagate's own headers added;
 //! - a request body with `Content-Length` of at most 64 KiB goes up as it arrives, and is
 //!   kept until the answer comes, so that a retry on the fallback can send it again;
-//! - the response head is parsed in place and forwarded with `x-hagate-load` taken out;
-//!   its body passes through as it arrives, framed by `Content-Length`, chunked coding, or
+//! - the response head is parsed in place and forwarded with `x-hagate-load` taken out,
+//!   after any interim (1xx) heads, which go on to the client as they come; its body
+//!   passes through as it arrives, framed by `Content-Length`, chunked coding, or
 //!   the end of the upstream connection (then the client connection closes after it);
 //! - idle upstream connections wait in a pool per thread and address, with no task each,
 //!   closed after `upstream.idle_timeout` (`sweep`, from the control plane).
@@ -163,6 +164,7 @@ impl Forwarder {
         let up = &settings.config.upstream;
         // Attempts, as pingora's hooks make them: `ctx` decides whether there is another.
         let head_request = req.head.method_is_head(req.bytes);
+        x.interim = false;
         let (mut conn, addr, head) = loop {
             let Some(inst) = ctx.begin_attempt() else {
                 let answer = Answer::upstream_failed("InternalError");
@@ -211,7 +213,7 @@ impl Forwarder {
             let result = match result {
                 Ok(()) => {
                     let client_close = req.head.close;
-                    read_head(&mut conn, x, up, head_request, client_close).await
+                    read_head(&mut conn, io, x, up, head_request, client_close).await
                 }
                 Err(what) => Err(what),
             };
@@ -219,8 +221,10 @@ impl Forwarder {
                 Ok(head) => break (conn, addr, head),
                 Err(what) => {
                     // A pooled connection that was closed before it answered anything.
-                    let stale = reused && x.response.is_empty();
-                    if ctx.exchange_failed(true, true, stale) {
+                    let stale = reused && x.response.is_empty() && !x.interim;
+                    // Once an interim answer went to the client, the request is not
+                    // replayed elsewhere (as pingora's path: a response was written).
+                    if ctx.exchange_failed(true, !x.interim, stale) {
                         continue;
                     }
                     tracing::warn!(upstream = %addr, error = what, "upstream exchange failed");
@@ -317,6 +321,8 @@ struct Scratch {
     response: BytesMut,
     /// What goes to the client next.
     out: Vec<u8>,
+    /// An interim (1xx) answer to this request went to the client.
+    interim: bool,
 }
 
 /// A byte range of the request.
@@ -415,7 +421,6 @@ fn parse_request(buf: &[u8], head: &mut Head) -> Parsed {
     Parsed::Complete
 }
 
-/// A decimal number made of digits only, as `Content-Length` must be.
 /// Whether a header belongs to one connection only, and is not forwarded.
 fn hop_by_hop(name: &[u8]) -> bool {
     name.eq_ignore_ascii_case(b"connection")
@@ -526,11 +531,16 @@ async fn send(
     }
 }
 
-/// Reads until `x.response` holds a whole response head (interim 1xx heads are read
-/// past), and writes the head that goes to the client into `x.out`. On failure, pingora's
-/// name for what failed.
-async fn read_head(
+/// Reads until `x.response` holds a whole response head, and writes the head that goes to
+/// the client into `x.out`. On failure, pingora's name for what failed.
+///
+/// Interim answers (1xx but 101: `100 Continue`, `103 Early Hints`) go on to the client as
+/// they come, as a proxy must (RFC 9110, section 15.2) and as pingora's path does; the
+/// final answer follows. A client that is gone by then is found when the final answer is
+/// sent, so its trouble is never taken for the upstream's.
+async fn read_head<S: AsyncWrite + Unpin>(
     conn: &mut TcpStream,
+    io: &mut S,
     x: &mut Scratch,
     up: &crate::config::UpstreamConfig,
     head_request: bool,
@@ -545,13 +555,12 @@ async fn read_head(
                 Ok(httparse::Status::Partial) => {}
                 Err(_) => return Err("InvalidHTTPHeader"),
                 Ok(httparse::Status::Complete(n)) => {
-                    // An interim answer (100 Continue, 103 Early Hints) is not passed on:
-                    // the final one follows.
-                    if resp
-                        .code
-                        .is_some_and(|c| (100..200).contains(&c) && c != 101)
-                    {
+                    if let Some(code) = resp.code.filter(|c| (100..200).contains(c) && *c != 101) {
+                        x.out.clear();
+                        interim_head(&resp, code, &mut x.out);
                         let _ = response.split_to(n);
+                        x.interim = true;
+                        let _ = write_out(io, &x.out).await;
                         continue;
                     }
                     x.out.clear();
@@ -610,22 +619,11 @@ fn response_head(
         reusable,
     } = response_framing(resp, head_request)?;
     let close = client_close || framing == Framing::Close;
-    use std::io::Write as _;
-    let _ = write!(out, "HTTP/1.1 {status} {}\r\n", resp.reason.unwrap_or(""));
     let coded = matches!(framing, Framing::Chunked | Framing::Close);
-    let mut load = None;
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(LOAD.as_bytes()) {
-            let s = Span::of(bytes, h.value);
-            load = Some((s.0 as usize, s.1 as usize));
-            continue;
-        }
-        if hop_by_hop(name) || (coded && name.eq_ignore_ascii_case(b"content-length")) {
-            continue;
-        }
-        header(out, name, h.value);
-    }
+    let load = response_headers(resp, status, coded, out).map(|value| {
+        let s = Span::of(bytes, value);
+        (s.0 as usize, s.1 as usize)
+    });
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -638,6 +636,38 @@ fn response_head(
         close,
         load,
     })
+}
+
+/// Writes into `out` the status line of `resp` and the headers that go to the client: not
+/// `x-hagate-load`, hop-by-hop headers, nor `Content-Length` when `coded` (a transfer
+/// coding or the connection's end frames the body). Returns `x-hagate-load`'s value.
+fn response_headers<'b>(
+    resp: &httparse::Response<'_, 'b>,
+    status: u16,
+    coded: bool,
+    out: &mut Vec<u8>,
+) -> Option<&'b [u8]> {
+    use std::io::Write as _;
+    let _ = write!(out, "HTTP/1.1 {status} {}\r\n", resp.reason.unwrap_or(""));
+    let mut load = None;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(LOAD.as_bytes()) {
+            load = Some(h.value);
+            continue;
+        }
+        if hop_by_hop(name) || (coded && name.eq_ignore_ascii_case(b"content-length")) {
+            continue;
+        }
+        header(out, name, h.value);
+    }
+    load
+}
+
+/// Writes into `out` the interim answer `resp` (status `code`) as it goes to the client.
+fn interim_head(resp: &httparse::Response<'_, '_>, code: u16, out: &mut Vec<u8>) {
+    response_headers(resp, code, false, out);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// How relaying a response body ended.

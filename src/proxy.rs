@@ -737,6 +737,15 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let load = response.remove_header(LOAD);
+        // hop-by-hop: the upstream's connection is not the client's (pingora writes its
+        // own `Connection` on a final answer; a 101's names the upgrade, and stays)
+        response.remove_header("keep-alive");
+        response.remove_header("proxy-connection");
+        if response.status.is_informational() && response.status != 101 {
+            // an interim answer: the final one is what counts
+            response.remove_header("connection");
+            return Ok(());
+        }
         ctx.answered(
             response.status.as_u16(),
             load.as_ref().map(|v| v.as_bytes()),

@@ -38,6 +38,8 @@ impl Seen {
 /// - `/close`: a body ended by closing the connection;
 /// - `/drop`: a `Content-Length` answer, then it closes the keep-alive connection without
 ///   saying so (the next request on it finds it closed);
+/// - `/hints`: `103 Early Hints` (with `Link`, `x-hagate-load` and a hop-by-hop header),
+///   then the answer; `/hints-then-close`: `103 Early Hints`, then it closes;
 /// - anything else: `Content-Length` with `x-hagate-load: 0.25`.
 struct Server {
     addr: SocketAddr,
@@ -129,6 +131,8 @@ async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) -> boo
         let answer: Vec<u8> = match path.as_str() {
             "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n".to_vec(),
             "/close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(),
+            "/hints" => format!("{HINTS}HTTP/1.1 200 OK\r\ncontent-length: 2\r\nkeep-alive: timeout=5\r\n\r\nok").into_bytes(),
+            "/hints-then-close" => HINTS.as_bytes().to_vec(),
             _ => {
                 let body = if head_request { "" } else { "ok" };
                 format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-hagate-load: 0.25\r\nx-served-by: raw\r\n\r\n{body}").into_bytes()
@@ -137,11 +141,14 @@ async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) -> boo
         if s.write_all(&answer).await.is_err() {
             return true;
         }
-        if path == "/close" || path == "/drop" {
+        if path == "/close" || path == "/drop" || path == "/hints-then-close" {
             return false;
         }
     }
 }
+
+/// An interim answer, as `/hints` sends it.
+const HINTS: &str = "HTTP/1.1 103 Early Hints\r\nlink: </s.css>; rel=preload\r\nx-hagate-load: 0.5\r\nkeep-alive: timeout=5\r\n\r\n";
 
 /// Reads into `buf` until it holds `end`; the offset just past it.
 async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, end: &[u8]) -> Option<usize> {
@@ -344,6 +351,69 @@ async fn a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_engines_pass_interim_answers_on_before_the_final_one() {
+    for engine in ["hagate", "pingora"] {
+        let up = Server::start().await;
+        let gw = gateway(engine, &format!("{}{}", up.toml("cs_1"), up.toml("cs_2"))).await;
+        let haid = hagate::haid::encode("cs_1", &["cs_2"], "6").unwrap();
+        let mut raw = TcpStream::connect(gw.proxy).await.unwrap();
+        let mut buf = Vec::new();
+        let request =
+            |path: &str| format!("GET {path} HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\n\r\n");
+        // 103, with its Link, and without hagate's or hop-by-hop headers; then the answer,
+        // on a connection that serves the next request too
+        for _ in 0..2 {
+            raw.write_all(request("/hints").as_bytes()).await.unwrap();
+            let hints = interim(&mut raw, &mut buf).await;
+            assert!(hints.starts_with("HTTP/1.1 103"), "{engine}: {hints}");
+            assert!(
+                hints.contains("link: </s.css>; rel=preload"),
+                "{engine}: {hints}"
+            );
+            assert!(!hints.contains("x-hagate-load"), "{engine}: {hints}");
+            assert!(!hints.contains("keep-alive"), "{engine}: {hints}");
+            let (head, body) = read_answer_head(&mut raw, &mut buf).await;
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{engine}: {head}");
+            assert!(!head.contains("keep-alive:"), "{engine}: {head}");
+            assert_eq!(body, "ok", "{engine}");
+        }
+        // the main fails after its 103: the client had an answer begun, so it gets a JSON
+        // 502 that names the failure, and the request is not replayed on the backup
+        raw.write_all(request("/hints-then-close").as_bytes())
+            .await
+            .unwrap();
+        let hints = interim(&mut raw, &mut buf).await;
+        assert!(hints.starts_with("HTTP/1.1 103"), "{engine}: {hints}");
+        let (status, body) = read_answer(&mut raw, &mut buf).await;
+        assert_eq!(status, "HTTP/1.1 502 Bad Gateway", "{engine}: {body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], "upstream_failed", "{engine}: {body}");
+        let seen = up.seen();
+        assert_eq!(seen.len(), 3, "{engine}: {seen:?}");
+        assert!(
+            seen.iter()
+                .all(|s| s.header("x-hagate-role").as_deref() == Some("main")),
+            "{engine}: {seen:?}"
+        );
+        assert_eq!(
+            gw.metric("hagate_failovers_total", &[("reason", "in_flight")])
+                .await,
+            0.0,
+            "{engine}"
+        );
+    }
+}
+
+/// Reads one interim answer's head from `s`.
+async fn interim(s: &mut TcpStream, buf: &mut Vec<u8>) -> String {
+    let end = tokio::time::timeout(Duration::from_secs(10), read_until(s, buf, b"\r\n\r\n"))
+        .await
+        .expect("an answer within 10 s")
+        .expect("an answer before the connection closed");
+    String::from_utf8_lossy(&buf.drain(..end).collect::<Vec<u8>>()).to_string()
+}
+
 /// Writes `request` on `s` and reads one answer with a `Content-Length` body; its status
 /// line and body.
 async fn exchange(s: &mut TcpStream, buf: &mut Vec<u8>, request: &str) -> (String, String) {
@@ -352,6 +422,12 @@ async fn exchange(s: &mut TcpStream, buf: &mut Vec<u8>, request: &str) -> (Strin
 }
 
 async fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, String) {
+    let (head, body) = read_answer_head(s, buf).await;
+    (head.lines().next().unwrap().to_string(), body)
+}
+
+/// Reads one answer with a `Content-Length` body; its whole head and its body.
+async fn read_answer_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, String) {
     let end = tokio::time::timeout(Duration::from_secs(10), read_until(s, buf, b"\r\n\r\n"))
         .await
         .expect("an answer within 10 s")
@@ -374,7 +450,7 @@ async fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, String) {
     }
     let body = String::from_utf8_lossy(&buf[..n]).to_string();
     buf.drain(..n);
-    (head.lines().next().unwrap().to_string(), body)
+    (head, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
