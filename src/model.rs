@@ -204,7 +204,14 @@ impl<'de> Deserialize<'de> for Labels {
                 self,
                 mut map: A,
             ) -> Result<Labels, A::Error> {
-                let mut pairs: Vec<(Text<'de>, Text<'de>)> = Vec::new();
+                // none or one (nearly every instance): no list to build
+                let Some(first) = map.next_entry::<Text<'de>, Text<'de>>()? else {
+                    return Ok(Labels::default());
+                };
+                let Some(second) = map.next_entry()? else {
+                    return Ok(Labels::interned(&[first]));
+                };
+                let mut pairs = vec![first, second];
                 while let Some(pair) = map.next_entry()? {
                     pairs.push(pair);
                 }
