@@ -160,6 +160,15 @@ fn alias_hash(alias: &str) -> u64 {
     rustc_hash::FxBuildHasher.hash_one(alias)
 }
 
+/// A table just built, and what its publisher needs to tidy the health registry.
+struct Built {
+    table: AliasTable,
+    /// Its build's number (`StateRegistry::new_build`).
+    build: u64,
+    /// The addresses of the previous table that it did not take over alias by alias.
+    gone: Vec<SocketAddr>,
+}
+
 /// An immutable, validated alias table.
 #[derive(Debug)]
 pub struct AliasTable {
@@ -183,44 +192,83 @@ impl AliasTable {
         version: u64,
         states: &StateRegistry,
     ) -> Result<Self, TableError> {
-        // Every alias and address checked before the health registry is touched: each
-        // instance takes a placeholder state until all are checked. Built straight into
-        // a list of its final size: a 100k table is mostly fresh pages, and the kernel's
+        Ok(Self::build_after(specs, version, states, None)?.table)
+    }
+
+    /// `build`, after `previous` (the table in use, built from the same `states`): each
+    /// alias whose address did not change keeps its state from `previous`, without a
+    /// lookup in `states`.
+    fn build_after(
+        specs: &BTreeMap<String, InstanceSpec>,
+        version: u64,
+        states: &StateRegistry,
+        previous: Option<&AliasTable>,
+    ) -> Result<Built, TableError> {
+        // Every alias and address checked before the registry is asked for a state: each
+        // new instance takes a placeholder until all are checked. Built straight into a
+        // list of its final size: a 100k table is mostly fresh pages, and the kernel's
         // page faults are much of what it costs (docs/performance.md, P6).
+        let build = states.new_build();
         let unchecked = Arc::new(InstanceState::default());
         let mut instances: Vec<Instance> = Vec::with_capacity(specs.len());
+        // `previous`, walked beside `specs`: both are in alias order
+        let mut old = previous
+            .map_or([].iter(), |t| t.instances.iter())
+            .peekable();
+        let mut gone = Vec::new();
         for (name, spec) in specs {
             let alias =
                 Alias::try_from(name.clone()).map_err(|source| alias_error(name, source))?;
             let c = check_address(name, spec)?;
+            while let Some(o) = old.next_if(|o| o.alias.as_str() < name.as_str()) {
+                gone.push(o.address);
+            }
+            let state = match old.next_if(|o| o.alias.as_str() == name.as_str()) {
+                Some(o) if o.address == c.address => {
+                    o.state.take(build);
+                    Arc::clone(&o.state)
+                }
+                Some(o) => {
+                    gone.push(o.address);
+                    Arc::clone(&unchecked)
+                }
+                None => Arc::clone(&unchecked),
+            };
             instances.push(Instance {
                 alias,
                 address: c.address,
                 labels: spec.labels.clone(),
                 weight: spec.weight,
-                state: Arc::clone(&unchecked),
+                state,
                 epoch: spec.epoch,
                 tls: spec.tls,
                 sni: spec.sni.clone().unwrap_or_else(|| c.host.to_string()),
                 metrics: OnceLock::new(),
             });
         }
-        // one lock for the whole table, not one per alias
-        let mut states = states.lock();
+        gone.extend(old.map(|o| o.address));
+        // one lock for the new and moved aliases, not one each
+        let mut registry = states.lock();
         let mut index = hashbrown::HashTable::with_capacity(instances.len());
         for at in 0..instances.len() {
-            instances[at].state = states.state_for(instances[at].address, version);
+            if Arc::ptr_eq(&instances[at].state, &unchecked) {
+                instances[at].state = registry.state_for(instances[at].address, build);
+            }
             // a BTreeMap's keys are unique: every alias is a new entry
             index.insert_unique(alias_hash(instances[at].alias.as_str()), at, |&i| {
                 alias_hash(instances[i].alias.as_str())
             });
         }
         let tls = instances.iter().any(|i| i.tls);
-        Ok(AliasTable {
-            version,
-            instances,
-            index,
-            tls,
+        Ok(Built {
+            table: AliasTable {
+                version,
+                instances,
+                index,
+                tls,
+            },
+            build,
+            gone,
         })
     }
 
@@ -327,10 +375,13 @@ impl TableHolder {
         specs: &BTreeMap<String, InstanceSpec>,
     ) -> Result<Arc<AliasTable>, TableError> {
         let version = self.versions.load(Ordering::SeqCst) + 1;
-        let table = Arc::new(AliasTable::build(specs, version, &self.states)?);
+        let previous = self.current.load_full();
+        let built = AliasTable::build_after(specs, version, &self.states, Some(&previous))?;
+        drop(previous);
+        let table = Arc::new(built.table);
         self.versions.store(version, Ordering::SeqCst);
         crate::retire::later(self.current.swap(Arc::clone(&table)));
-        self.states.lock().keep_only(version);
+        self.states.lock().forget_untaken(&built.gone, built.build);
         Ok(table)
     }
 }
@@ -391,5 +442,62 @@ mod tests {
             assert_eq!(big.get(i).address.to_string(), *address);
         }
         assert_eq!(big.resolve("cs_1000"), None);
+    }
+
+    /// A new table takes each unchanged alias's state from the old one, and asks the
+    /// registry only for the rest; either way an address has one state, and the registry
+    /// ends up holding exactly the new table's addresses.
+    #[test]
+    fn a_new_table_keeps_one_state_per_address_however_it_finds_it() {
+        let state =
+            |t: &AliasTable, alias: &str| Arc::clone(&t.get(t.resolve(alias).unwrap()).state);
+        let registered = |h: &TableHolder| h.states.lock().len();
+        let holder = TableHolder::new(&specs(&[
+            ("a", "127.0.0.1:1"),
+            ("b", "127.0.0.1:1"),
+            ("c", "127.0.0.1:2"),
+            ("d", "127.0.0.1:3"),
+        ]))
+        .unwrap();
+        let one = holder.load();
+        assert!(Arc::ptr_eq(&state(&one, "a"), &state(&one, "b")));
+        assert_eq!(registered(&holder), 3);
+        // b leaves (a keeps :1), c moves to :4, d leaves, e comes on :2 (c's old
+        // address), and f on :1
+        let two = holder
+            .publish(&specs(&[
+                ("a", "127.0.0.1:1"),
+                ("c", "127.0.0.1:4"),
+                ("e", "127.0.0.1:2"),
+                ("f", "127.0.0.1:1"),
+            ]))
+            .unwrap();
+        assert!(Arc::ptr_eq(&state(&two, "a"), &state(&one, "a")));
+        assert!(Arc::ptr_eq(&state(&two, "f"), &state(&one, "a")));
+        assert!(Arc::ptr_eq(&state(&two, "e"), &state(&one, "c")));
+        assert!(!Arc::ptr_eq(&state(&two, "c"), &state(&one, "c")));
+        assert_eq!(registered(&holder), 3, ":1, :2 and :4; :3 left with d");
+        // a refused table changes nothing: the next one still finds every state
+        let err = holder
+            .publish(&specs(&[("a", "127.0.0.1:1"), ("z", "nope")]))
+            .unwrap_err();
+        assert_eq!(err.field(), "instances.z.address");
+        let three = holder
+            .publish(&specs(&[("d", "127.0.0.1:3"), ("f", "127.0.0.1:1")]))
+            .unwrap();
+        assert!(Arc::ptr_eq(&state(&three, "f"), &state(&one, "a")));
+        assert!(
+            !Arc::ptr_eq(&state(&three, "d"), &state(&one, "d")),
+            "d starts afresh"
+        );
+        assert_eq!(registered(&holder), 2, ":1 and :3");
+        // the same table again: every state kept, none asked for
+        let four = holder
+            .publish(&specs(&[("d", "127.0.0.1:3"), ("f", "127.0.0.1:1")]))
+            .unwrap();
+        for alias in ["d", "f"] {
+            assert!(Arc::ptr_eq(&state(&four, alias), &state(&three, alias)));
+        }
+        assert_eq!(registered(&holder), 2);
     }
 }

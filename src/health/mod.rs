@@ -91,6 +91,9 @@ pub struct InstanceState {
     latency_ewma_us: AtomicU32,
     /// The `f32` bits of the load the instance reported (`x-hagate-load`); `NO_LOAD` if none.
     reported_load: AtomicU32,
+    /// The last table build that took this state (`StateRegistry::new_build`):
+    /// bookkeeping for the registry, not health.
+    taken_by: AtomicU64,
 }
 
 /// `reported_load` before any report (a NaN bit pattern).
@@ -110,6 +113,7 @@ impl Default for InstanceState {
             inflight: AtomicI64::new(0),
             latency_ewma_us: AtomicU32::new(0),
             reported_load: AtomicU32::new(NO_LOAD),
+            taken_by: AtomicU64::new(0),
         }
     }
 }
@@ -283,37 +287,75 @@ impl Drop for InflightGuard {
 
 /// Hands out one `InstanceState` per address, so a new table reuses the health of
 /// addresses the old one had. Used only when building tables, never per request.
+///
+/// It holds exactly the addresses of the current table. A new table takes the state of
+/// each alias whose address did not change straight from the old table (`AliasTable::
+/// build`, walking both in alias order), and asks here only for new or moved aliases:
+/// 100k lookups in a map of 100k addresses missed the cache on nearly every one, about a
+/// quarter of building a 100k-alias table (docs/performance.md, P6).
 #[derive(Debug, Default)]
 pub struct StateRegistry {
-    /// FxHash: the keys are the table's own addresses, from trusted config. With each
-    /// state, the version of the last table that took it.
-    states: Mutex<FxHashMap<SocketAddr, (Arc<InstanceState>, u64)>>,
+    /// FxHash: the keys are the table's own addresses, from trusted config.
+    states: Mutex<FxHashMap<SocketAddr, Arc<InstanceState>>>,
+    /// Table builds begun (`new_build`).
+    builds: AtomicU64,
 }
 
 impl StateRegistry {
-    /// The registry, locked: a table's build takes every address's state under one lock.
+    /// The registry, locked: a table's build takes every new address's state under one
+    /// lock.
     pub fn lock(&self) -> StatesGuard<'_> {
         StatesGuard(self.states.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A number for one table build, never handed out before: the states the build takes
+    /// are marked with it (`InstanceState::take`), whether or not the build succeeds.
+    pub fn new_build(&self) -> u64 {
+        self.builds.fetch_add(1, Relaxed) + 1
+    }
+}
+
+impl InstanceState {
+    /// Marks this state as taken by table build `build` (`StateRegistry::new_build`).
+    pub fn take(&self, build: u64) {
+        self.taken_by.store(build, Relaxed);
     }
 }
 
 /// The locked registry (`StateRegistry::lock`).
-pub struct StatesGuard<'a>(
-    std::sync::MutexGuard<'a, FxHashMap<SocketAddr, (Arc<InstanceState>, u64)>>,
-);
+pub struct StatesGuard<'a>(std::sync::MutexGuard<'a, FxHashMap<SocketAddr, Arc<InstanceState>>>);
 
 impl StatesGuard<'_> {
-    /// The state for `addr`, created if new, taken by the table of `version`.
-    pub fn state_for(&mut self, addr: SocketAddr, version: u64) -> Arc<InstanceState> {
-        let (state, taken_by) = self.0.entry(addr).or_default();
-        *taken_by = version;
+    /// The state for `addr`, created if new, taken by table build `build`.
+    pub fn state_for(&mut self, addr: SocketAddr, build: u64) -> Arc<InstanceState> {
+        let state = self.0.entry(addr).or_default();
+        state.take(build);
         Arc::clone(state)
     }
 
-    /// Forgets the addresses that the table of `version` did not take: once it is
-    /// published, no new table uses them.
-    pub fn keep_only(&mut self, version: u64) {
-        self.0.retain(|_, (_, taken_by)| *taken_by == version);
+    /// Forgets those of `gone` (the addresses the old table had and the new one did not
+    /// take over alias by alias) that no instance of build `build` took either: once its
+    /// table is published, no new table uses them.
+    pub fn forget_untaken(&mut self, gone: &[SocketAddr], build: u64) {
+        for addr in gone {
+            if self
+                .0
+                .get(addr)
+                .is_some_and(|s| s.taken_by.load(Relaxed) != build)
+            {
+                self.0.remove(addr);
+            }
+        }
+    }
+
+    /// How many addresses it holds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
