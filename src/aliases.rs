@@ -369,7 +369,9 @@ impl TableHolder {
     }
 
     /// Validates and builds a new table and swaps it in; the old one is freed off the request
-    /// path (`retire`). On error the old table stays.
+    /// path (`retire`). On error the old table stays. Publishes must not overlap (the gateway
+    /// makes them under its `published` lock): a build takes its states from the table in use,
+    /// and forgets the addresses that one had and it did not take.
     pub fn publish(
         &self,
         specs: &BTreeMap<String, InstanceSpec>,
