@@ -264,16 +264,20 @@ impl Forwarder {
                 if shed == 0 {
                     return Err((what, error));
                 }
-                // met and got past: still a sign that descriptors are short
-                crate::metrics::metrics()
-                    .local_resource_errors
-                    .with_label_values(&["upstream"])
-                    .inc();
                 tracing::warn!(
                     upstream = %addr, %error, closed = shed,
                     "out of descriptors: closed idle upstream connections to connect"
                 );
-                connect(addr, limit).await
+                let again = connect(addr, limit).await;
+                // Met and got past: still a sign that descriptors are short. If the second
+                // try is out of descriptors too, the caller counts it (once per request).
+                if !matches!(&again, Err((_, e)) if crate::health::is_local_resource_error(e)) {
+                    crate::metrics::metrics()
+                        .local_resource_errors
+                        .with_label_values(&["upstream"])
+                        .inc();
+                }
+                again
             }
             result => result,
         }
