@@ -265,8 +265,9 @@ address = "127.0.0.1:{up}"
 
 
 def rate_phase(targets):
-    """p99 at a constant rate (half of hagate's best throughput), with oha if present."""
-    if shutil.which("oha") is None:
+    """p99 at a constant rate (half of hagate's best throughput), with oha if present;
+    None without oha, or with RATE_ROUNDS=0."""
+    if shutil.which("oha") is None or RATE_ROUNDS == 0:
         return None
     hagates = targets[3:]
     rate = int(min(max(t.rps) for t in hagates) / 2)
@@ -323,6 +324,8 @@ def report(targets, rated):
                 line += (f"  added {med(added):>+6.0f} us  ("
                          + " ".join(f"{a:+.0f}" for a in added) + ")")
             print(line)
+    elif RATE_ROUNDS == 0:
+        print("\n(RATE_ROUNDS=0: no constant-rate p99)")
     else:
         print("\n(oha not on the PATH: no constant-rate p99; cargo install oha --locked)")
 

@@ -13,7 +13,8 @@ build the table and swap), RSS before and after, and wrk's p99 for requests serv
 reloads run back to back, against a run without reloads, in the same process (SIGHUP=0
 skips this). Then the same table as JSON through `PUT /v1/aliases`, back to back under wrk
 (the gateway logs `took_ms` and `read_ms` for each), and once inside a wrk run. Last, the
-same table from a JSON file (`table.file`), reloaded back to back under wrk.
+same table from a JSON file (`table.file`), reloaded back to back under wrk, and then
+IDLE_RELOADS times (8) on the idle gateway.
 
 Each alias has an address of its own (127.a.b.c, all loopback, all served by the one
 upstream), as in a real deployment; SHARED=1 gives every alias the same address instead.
@@ -41,6 +42,7 @@ DURATION = os.environ.get("DURATION", "10s")
 SHARED = os.environ.get("SHARED", "0") == "1"
 SETTLE = float(os.environ.get("SETTLE", "2"))
 SIGHUP = os.environ.get("SIGHUP", "1") == "1"
+IDLE_RELOADS = int(os.environ.get("IDLE_RELOADS", "8"))
 
 
 def free_port():
@@ -339,6 +341,13 @@ def main():
         for key in ("read_ms", "swap_ms"):
             print(f"    {key}: {spread(took, key)}")
         print(f"    wrk p99 during back-to-back reloads {p99_us(busy_out):.0f} us")
+        # and on the idle gateway: each reload starts once the one before has been logged
+        took = [reload(proc, conf, port, admin, up, BIG, g + i, log, json_table=True)
+                for i in range(1, IDLE_RELOADS + 1)]
+        print(f"P6 by reload of table.file (JSON), the gateway idle, over {len(took)} "
+              f"reloads: took_ms {spread(took, 'took_ms')}")
+        for key in ("read_ms", "swap_ms"):
+            print(f"    {key}: {spread(took, key)}")
     finally:
         for p in procs:
             if p.poll() is None:
