@@ -9,7 +9,8 @@
 //!   hagate's own headers added;
 //! - a request body with `Content-Length` of at most 64 KiB goes up as it arrives, and is
 //!   kept until the answer comes, so that a retry on the fallback can send it again;
-//! - the response head is parsed in place and forwarded with `x-hagate-load` taken out,
+//! - the response head is parsed in place and forwarded with `x-hagate-load` and
+//!   hop-by-hop headers taken out (those its `Connection` header names too),
 //!   after any interim (1xx) heads, which go on to the client as they come; its body
 //!   passes through as it arrives, framed by `Content-Length`, chunked coding, or
 //!   the end of the upstream connection (then the client connection closes after it);
@@ -23,9 +24,11 @@
 //! What this loop does not serve goes to pingora's proxy with the bytes already read
 //! (`Served::HandOver`); `conn::Guard` gives pingora that one request, and the connection
 //! comes back to the loop if pingora keeps it open. Pingora's are: HTTP/1.0, an
-//! `Upgrade`, `Expect`, a chunked or larger request body, duplicate `Content-Length`
-//! headers, a head httparse refuses or with more than 64 headers (pingora answers it),
-//! a table with a `tls = true` instance, and a gateway that is shutting down.
+//! `Upgrade`, `Expect`, a `Connection` header with an option other than `close` and
+//! `keep-alive` (it names headers to drop), a chunked or larger request body, duplicate
+//! `Content-Length` headers, a head httparse refuses or with more than 64 headers
+//! (pingora answers it), a table with a `tls = true` instance, and a gateway that is
+//! shutting down.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,7 +43,7 @@ use tokio::net::TcpStream;
 use crate::config::Forwarding;
 use crate::conn::Connections;
 use crate::gateway::Gateway;
-use crate::http1::{digits, response_framing, Framed, Framing};
+use crate::http1::{self, digits, response_framing, Framed, Framing};
 use crate::pool::Pool;
 use crate::proxy::{Answer, Ctx, Proxy, RequestView, LOAD, PREFIX};
 
@@ -412,10 +415,13 @@ fn parse_request(buf: &[u8], head: &mut Head) -> Parsed {
         if is("connection") {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"upgrade") {
+                if token.eq_ignore_ascii_case(b"close") {
+                    head.close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    // an upgrade, or headers named hop-by-hop (RFC 9110, 7.6.1): pingora
+                    // drops those, or refuses a request that names a protected one
                     return Parsed::NotOurs;
                 }
-                head.close |= token.eq_ignore_ascii_case(b"close");
             }
         }
         head.fields
@@ -643,8 +649,9 @@ fn response_head(
 }
 
 /// Writes into `out` the status line of `resp` and the headers that go to the client: not
-/// `x-hagate-load`, hop-by-hop headers, nor `Content-Length` when `coded` (a transfer
-/// coding or the connection's end frames the body). Returns `x-hagate-load`'s value.
+/// `x-hagate-load`, hop-by-hop headers (those a `Connection` header names too), nor
+/// `Content-Length` when `coded` (a transfer coding or the connection's end frames the
+/// body). Returns `x-hagate-load`'s value.
 fn response_headers<'b>(
     resp: &httparse::Response<'_, 'b>,
     status: u16,
@@ -654,13 +661,23 @@ fn response_headers<'b>(
     use std::io::Write as _;
     let _ = write!(out, "HTTP/1.1 {status} {}\r\n", resp.reason.unwrap_or(""));
     let mut load = None;
+    let connections = || {
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .map(|h| h.value)
+    };
+    let nominates = connections().any(|v| http1::nominated(v).next().is_some());
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(LOAD.as_bytes()) {
             load = Some(h.value);
             continue;
         }
-        if hop_by_hop(name) || (coded && name.eq_ignore_ascii_case(b"content-length")) {
+        if hop_by_hop(name)
+            || (coded && name.eq_ignore_ascii_case(b"content-length"))
+            || (nominates && http1::is_nominated(name, connections()))
+        {
             continue;
         }
         header(out, name, h.value);
@@ -864,6 +881,7 @@ mod tests {
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             "GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
@@ -973,6 +991,14 @@ mod tests {
         let (head, out) = respond(both, false, false).unwrap();
         assert!(!head.close);
         assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        // the headers its Connection header names stay behind, but not those that frame it
+        let named = b"HTTP/1.1 200 OK\r\nX-Secret: 1\r\nConnection: x-secret, Content-Length\r\nContent-Length: 2\r\nX-Public: 1\r\n\r\n";
+        let (head, out) = respond(named, false, false).unwrap();
+        assert_eq!(head.framing, Framing::Length(2));
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Public: 1\r\n\r\n"
+        );
     }
 
     #[test]

@@ -32,6 +32,40 @@ pub(crate) fn digits(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
+/// Connection options that name no header to drop: `close` and `keep-alive` say what
+/// becomes of the connection (a `Keep-Alive` header is dropped as hop-by-hop anyway), and
+/// the names that frame or route the message are never dropped, so that what goes on is
+/// still framed as the proxy read it (`Content-Length`, `Transfer-Encoding`), still names
+/// its host, and still carries the upgrade it asks for (`Upgrade`).
+const NOT_NOMINATED: [&[u8]; 6] = [
+    b"close",
+    b"keep-alive",
+    b"content-length",
+    b"transfer-encoding",
+    b"host",
+    b"upgrade",
+];
+
+/// The header names that one `Connection` value nominates as hop-by-hop (RFC 9110, section
+/// 7.6.1): a proxy removes them before it forwards the message. Its options, less those in
+/// `NOT_NOMINATED`.
+pub(crate) fn nominated(connection: &[u8]) -> impl Iterator<Item = &[u8]> {
+    connection
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty() && !NOT_NOMINATED.iter().any(|n| t.eq_ignore_ascii_case(n)))
+}
+
+/// Whether header `name` is nominated by one of the `Connection` values `connections`.
+pub(crate) fn is_nominated<'a>(
+    name: &[u8],
+    connections: impl IntoIterator<Item = &'a [u8]>,
+) -> bool {
+    connections
+        .into_iter()
+        .any(|v| nominated(v).any(|t| t.eq_ignore_ascii_case(name)))
+}
+
 /// The framing of the final response whose head `resp` is, to a request by HEAD or not.
 /// An interim (1xx) or invalid status, and conflicting or malformed lengths, are errors
 /// (named as pingora names them).
@@ -85,4 +119,25 @@ pub(crate) fn response_framing(
         framing,
         reusable: reusable && framing != Framing::Close,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_header_nominates_the_names_it_lists_but_not_those_that_frame_the_message() {
+        let names = |v: &str| {
+            nominated(v.as_bytes())
+                .map(|t| String::from_utf8_lossy(t).into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("keep-alive, X-Drop ,,te"), ["X-Drop", "te"]);
+        assert!(names("close").is_empty());
+        assert!(names("Upgrade, Content-Length, transfer-encoding, HOST, Keep-Alive").is_empty());
+        let connections = [&b"close"[..], b"x-a, x-b"];
+        assert!(is_nominated(b"X-B", connections));
+        assert!(!is_nominated(b"x-c", connections));
+        assert!(!is_nominated(b"close", connections));
+    }
 }

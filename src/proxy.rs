@@ -654,6 +654,26 @@ impl Proxy {
     }
 }
 
+/// The headers that the `Connection` values of `headers` nominate as hop-by-hop, to be
+/// removed before the message goes on (RFC 9110, section 7.6.1); none, and nothing
+/// allocated, in the common case.
+fn nominated(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
+    let connections = || {
+        headers
+            .get_all(http::header::CONNECTION)
+            .into_iter()
+            .map(HeaderValue::as_bytes)
+    };
+    if !connections().any(|v| crate::http1::nominated(v).next().is_some()) {
+        return Vec::new();
+    }
+    headers
+        .keys()
+        .filter(|k| crate::http1::is_nominated(k.as_str().as_bytes(), connections()))
+        .cloned()
+        .collect()
+}
+
 #[async_trait]
 impl ProxyHttp for Proxy {
     type CTX = Ctx;
@@ -741,6 +761,10 @@ impl ProxyHttp for Proxy {
         // own `Connection` on a final answer; a 101's names the upgrade, and stays)
         response.remove_header("keep-alive");
         response.remove_header("proxy-connection");
+        // and those its `Connection` names (pingora drops a request's, not an answer's)
+        for name in nominated(&response.headers) {
+            response.remove_header(&name);
+        }
         if response.status.is_informational() && response.status != 101 {
             // an interim answer: the final one is what counts
             response.remove_header("connection");

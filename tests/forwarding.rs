@@ -40,6 +40,8 @@ impl Seen {
 ///   saying so (the next request on it finds it closed);
 /// - `/hints`: `103 Early Hints` (with `Link`, `x-hagate-load` and a hop-by-hop header),
 ///   then the answer; `/hints-then-close`: `103 Early Hints`, then it closes;
+/// - `/nominates`: an answer whose `Connection` header names `x-secret` (and
+///   `content-length`, which frames it);
 /// - anything else: `Content-Length` with `x-hagate-load: 0.25`.
 struct Server {
     addr: SocketAddr,
@@ -133,6 +135,7 @@ async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) -> boo
             "/close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(),
             "/hints" => format!("{HINTS}HTTP/1.1 200 OK\r\ncontent-length: 2\r\nkeep-alive: timeout=5\r\n\r\nok").into_bytes(),
             "/hints-then-close" => HINTS.as_bytes().to_vec(),
+            "/nominates" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive, X-Secret, content-length\r\nx-secret: 1\r\nx-public: 1\r\n\r\nok".to_vec(),
             _ => {
                 let body = if head_request { "" } else { "ok" };
                 format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-hagate-load: 0.25\r\nx-served-by: raw\r\n\r\n{body}").into_bytes()
@@ -351,13 +354,20 @@ async fn a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one() {
     }
 }
 
+/// A server, a gateway on `engine` with cs_1 and cs_2 both on it, the HAID of context `id`
+/// with cs_1 as main, and a raw client connection to the gateway.
+async fn both_on_one_server(engine: &str, id: &str) -> (Server, Gateway, String, TcpStream) {
+    let up = Server::start().await;
+    let gw = gateway(engine, &format!("{}{}", up.toml("cs_1"), up.toml("cs_2"))).await;
+    let haid = hagate::haid::encode("cs_1", &["cs_2"], id).unwrap();
+    let raw = TcpStream::connect(gw.proxy).await.unwrap();
+    (up, gw, haid, raw)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_engines_pass_interim_answers_on_before_the_final_one() {
     for engine in ["hagate", "pingora"] {
-        let up = Server::start().await;
-        let gw = gateway(engine, &format!("{}{}", up.toml("cs_1"), up.toml("cs_2"))).await;
-        let haid = hagate::haid::encode("cs_1", &["cs_2"], "6").unwrap();
-        let mut raw = TcpStream::connect(gw.proxy).await.unwrap();
+        let (up, gw, haid, mut raw) = both_on_one_server(engine, "6").await;
         let mut buf = Vec::new();
         let request =
             |path: &str| format!("GET {path} HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\n\r\n");
@@ -402,6 +412,68 @@ async fn both_engines_pass_interim_answers_on_before_the_final_one() {
             0.0,
             "{engine}"
         );
+    }
+}
+
+/// A `Connection` header's options name headers that go no further (RFC 9110, 7.6.1), in
+/// both directions. A request that names any goes to pingora's proxy, which drops them and
+/// frames the body again if they included `Content-Length`; an answer's are dropped by
+/// either engine (the first request here, which names none, is the loop's under
+/// `"hagate"`), except the names that frame it. The connection goes on after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_engines_drop_the_headers_that_a_connection_header_names() {
+    for engine in ["hagate", "pingora"] {
+        let (up, gw, haid, mut raw) = both_on_one_server(engine, "8").await;
+        let mut buf = Vec::new();
+        for (round, named) in ["keep-alive", "X-Drop-Me", "X-Drop-Me, Content-Length"]
+            .iter()
+            .enumerate()
+        {
+            let request = format!(
+                "POST /nominates HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\n\
+                 Connection: keep-alive, {named}\r\nx-drop-me: 1\r\nx-keep: 1\r\n\
+                 Content-Length: 4\r\n\r\nbody"
+            );
+            raw.write_all(request.as_bytes()).await.unwrap();
+            let (head, body) = read_answer_head(&mut raw, &mut buf).await;
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{engine}: {head}");
+            let lower = head.to_ascii_lowercase();
+            assert!(!lower.contains("x-secret"), "{engine}: {head}");
+            assert!(lower.contains("x-public: 1"), "{engine}: {head}");
+            assert_eq!(body, "ok", "{engine}");
+            let seen = up.seen();
+            assert_eq!(seen.len(), round + 1, "{engine}: {seen:?}");
+            let last = &seen[round];
+            if round > 0 {
+                assert_eq!(last.header("x-drop-me"), None, "{engine}: {last:?}");
+            }
+            assert_eq!(last.header("x-keep").as_deref(), Some("1"), "{engine}");
+            assert_eq!(last.body, b"body", "{engine}: {last:?}");
+        }
+        // counted after each answer: wait for the last, then see which engine served them
+        let ok = [("alias", "cs_1"), ("class", "2xx")];
+        gw.wait_metric("hagate_instance_requests_total", &ok, 3.0)
+            .await;
+        match engine {
+            "hagate" => assert_eq!(by_engine(&gw).await, (1.0, 2.0)),
+            _ => assert_eq!(by_engine(&gw).await, (0.0, 3.0)),
+        }
+        // naming a header that routes the request is refused, in JSON that says so
+        let request = format!(
+            "GET /plain HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\nConnection: Host\r\n\r\n"
+        );
+        let mut other = TcpStream::connect(gw.proxy).await.unwrap();
+        let (status, body) = exchange(&mut other, &mut Vec::new(), &request).await;
+        assert_eq!(status, "HTTP/1.1 400 Bad Request", "{engine}: {body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], "bad_request", "{engine}: {body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("protected header cannot be nominated")),
+            "{engine}: {body}"
+        );
+        assert_eq!(up.seen().len(), 3, "{engine}");
     }
 }
 
