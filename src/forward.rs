@@ -438,12 +438,22 @@ fn hop_by_hop(name: &[u8]) -> bool {
         || name.eq_ignore_ascii_case(b"proxy-connection")
 }
 
-/// Whether a request header is not forwarded: hop-by-hop, or a client's `x-hagate-*`.
+/// Whether a request header is not forwarded: hop-by-hop (the standard names pingora's
+/// proxy drops from a request too: `TE`, `Trailer`, the proxy's own credentials and
+/// `HTTP2-Settings` besides `hop_by_hop`'s), or a client's `x-hagate-*`.
 fn hop_or_ours(name: &[u8]) -> bool {
-    hop_by_hop(name)
-        || name
-            .get(..PREFIX.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX.as_bytes()))
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    let hop = match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer"),
+        14 => is(b"http2-settings"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => hop_by_hop(name),
+    };
+    hop || name
+        .get(..PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX.as_bytes()))
 }
 
 /// A request parsed by the loop, as planning and logging see it.
@@ -893,7 +903,7 @@ mod tests {
 
     #[test]
     fn the_upstream_request_drops_hop_by_hop_and_client_hagate_headers() {
-        let text = "GET /p?q HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Hagate-Role: main\r\nkeep-alive: 5\r\nA: b\r\n\r\n";
+        let text = "GET /p?q HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Hagate-Role: main\r\nkeep-alive: 5\r\nTE: trailers\r\nTrailer: x\r\nProxy-Authorization: Basic eA==\r\nProxy-Authenticate: x\r\nHTTP2-Settings: x\r\nA: b\r\nTEE: c\r\n\r\n";
         let (_, head) = parsed(text);
         let view = View {
             bytes: text.as_bytes(),
@@ -904,7 +914,7 @@ mod tests {
         view.write_upstream(&Ctx::default(), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "GET /p?q HTTP/1.1\r\nHost: x\r\nA: b\r\n\r\n"
+            "GET /p?q HTTP/1.1\r\nHost: x\r\nA: b\r\nTEE: c\r\n\r\n"
         );
     }
 

@@ -416,7 +416,7 @@ async fn both_engines_pass_interim_answers_on_before_the_final_one() {
 }
 
 /// A `Connection` header's options name headers that go no further (RFC 9110, 7.6.1), in
-/// both directions. A request that names any goes to pingora's proxy, which drops them and
+/// both directions, as the standard hop-by-hop names do. A request that names any goes to pingora's proxy, which drops them and
 /// frames the body again if they included `Content-Length`; an answer's are dropped by
 /// either engine (the first request here, which names none, is the loop's under
 /// `"hagate"`), except the names that frame it. The connection goes on after each.
@@ -432,6 +432,7 @@ async fn both_engines_drop_the_headers_that_a_connection_header_names() {
             let request = format!(
                 "POST /nominates HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\n\
                  Connection: keep-alive, {named}\r\nx-drop-me: 1\r\nx-keep: 1\r\n\
+                 TE: trailers\r\nProxy-Authorization: Basic eA==\r\n\
                  Content-Length: 4\r\n\r\nbody"
             );
             raw.write_all(request.as_bytes()).await.unwrap();
@@ -448,6 +449,10 @@ async fn both_engines_drop_the_headers_that_a_connection_header_names() {
                 assert_eq!(last.header("x-drop-me"), None, "{engine}: {last:?}");
             }
             assert_eq!(last.header("x-keep").as_deref(), Some("1"), "{engine}");
+            // and the standard hop-by-hop names, by either engine
+            for name in ["te", "proxy-authorization"] {
+                assert_eq!(last.header(name), None, "{engine}: {last:?}");
+            }
             assert_eq!(last.body, b"body", "{engine}: {last:?}");
         }
         // counted after each answer: wait for the last, then see which engine served them
