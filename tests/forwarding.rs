@@ -42,6 +42,8 @@ impl Seen {
 ///   then the answer; `/hints-then-close`: `103 Early Hints`, then it closes;
 /// - `/nominates`: an answer whose `Connection` header names `x-secret` (and
 ///   `content-length`, which frames it);
+/// - `/ws` with an `Upgrade` header: `101 Switching Protocols`, then it echoes what it
+///   reads until the other side closes;
 /// - anything else: `Content-Length` with `x-hagate-load: 0.25`.
 struct Server {
     addr: SocketAddr,
@@ -129,7 +131,20 @@ async fn serve(mut s: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) -> boo
         }
         let path = seen.head.split(' ').nth(1).unwrap_or("").to_string();
         let head_request = seen.head.starts_with("HEAD ");
+        let upgrade = seen.header("upgrade");
         log.lock().unwrap().push(seen);
+        if let ("/ws", Some(protocol)) = (path.as_str(), upgrade) {
+            let switch = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+            );
+            if s.write_all(switch.as_bytes()).await.is_err() {
+                return true;
+            }
+            let (mut rd, mut wr) = s.split();
+            let _ = wr.write_all(&buf).await;
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            return true;
+        }
         let answer: Vec<u8> = match path.as_str() {
             "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n".to_vec(),
             "/close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(),
@@ -479,6 +494,67 @@ async fn both_engines_drop_the_headers_that_a_connection_header_names() {
             "{engine}: {body}"
         );
         assert_eq!(up.seen().len(), 3, "{engine}");
+    }
+}
+
+/// A WebSocket upgrade goes through, under either engine (the loop hands it to pingora's
+/// proxy): the 101, then bytes both ways on the same connection. Another protocol's
+/// upgrade goes up as a plain request, as pingora's proxy forwards only WebSocket ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_engines_carry_a_websocket_upgrade_and_no_other() {
+    for engine in ["hagate", "pingora"] {
+        let (up, gw, haid, mut raw) = both_on_one_server(engine, "9").await;
+        let mut buf = Vec::new();
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
+        raw.write_all(request.as_bytes()).await.unwrap();
+        let head = interim(&mut raw, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{engine}: {head}");
+        assert!(
+            head.to_ascii_lowercase().contains("upgrade: websocket"),
+            "{engine}: {head}"
+        );
+        let seen = up.seen();
+        let first = seen.last().unwrap();
+        assert_eq!(
+            first.header("upgrade").as_deref(),
+            Some("websocket"),
+            "{engine}"
+        );
+        assert_eq!(
+            first.header("x-hagate-role").as_deref(),
+            Some("main"),
+            "{engine}"
+        );
+        // the upstream echoes: what goes up comes back
+        for message in ["ping", "and again"] {
+            raw.write_all(message.as_bytes()).await.unwrap();
+            while buf.len() < message.len() {
+                let mut chunk = [0u8; 64];
+                let read = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut chunk));
+                let k = read.await.expect("the echo within 10 s").unwrap();
+                assert!(k > 0, "{engine}: closed before the echo");
+                buf.extend_from_slice(&chunk[..k]);
+            }
+            let echoed: Vec<u8> = buf.drain(..message.len()).collect();
+            assert_eq!(echoed, message.as_bytes(), "{engine}");
+        }
+        // h2c: not forwarded as an upgrade; the upstream answers it as a plain request
+        let h2c = format!(
+            "GET /ws HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\n\
+             Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+             HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        );
+        let mut other = TcpStream::connect(gw.proxy).await.unwrap();
+        let (status, body) = exchange(&mut other, &mut Vec::new(), &h2c).await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{engine}");
+        assert_eq!(body, "ok", "{engine}");
+        let last = up.seen().last().cloned().unwrap();
+        assert_eq!(last.header("upgrade"), None, "{engine}: {last:?}");
+        assert_eq!(last.header("http2-settings"), None, "{engine}: {last:?}");
     }
 }
 
