@@ -35,8 +35,9 @@ pub(crate) fn digits(v: &[u8]) -> Option<u64> {
 /// Connection options that name no header to drop: `close` and `keep-alive` say what
 /// becomes of the connection (a `Keep-Alive` header is dropped as hop-by-hop anyway), and
 /// the names that frame or route the message are never dropped, so that what goes on is
-/// still framed as the proxy read it (`Content-Length`, `Transfer-Encoding`), still names
-/// its host, and still carries the upgrade it asks for (`Upgrade`).
+/// still framed as the proxy read it (`Content-Length`, `Transfer-Encoding`) and still
+/// carries its upgrade (`Upgrade`). Only answers are stripped with it: a request that names
+/// any header goes to pingora's proxy, which has its own rules (and refuses `Host`).
 const NOT_NOMINATED: [&[u8]; 6] = [
     b"close",
     b"keep-alive",
