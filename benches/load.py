@@ -15,7 +15,8 @@ run.
 With oha on the PATH (cargo install oha --locked), a second phase measures latency at a constant rate:
 half of the best hagate throughput seen, direct and through each proxy, in RATE_ROUNDS
 interleaved rounds (1), and reports the median p99 and what each proxy adds to direct's
-(goal P2).
+(goal P2). RATE=N sets the rate instead: a rate low enough that nothing waits for a core
+shows each proxy's own latency, where the goal's rate on 2 cores shows the queueing.
 
 PIN=1 gives the proxies cores of their own (taskset): the upstream and the load generators
 (wrk, oha) run on LOAD_CPUS (0), and each proxy (nginx, HAProxy, every hagate) on
@@ -47,6 +48,8 @@ RATE_DURATION = os.environ.get("RATE_DURATION", "10s")
 # only to syslog, so it stays without.
 ACCESS_LOG = os.environ.get("ACCESS_LOG", "0") == "1"
 RATE_ROUNDS = int(os.environ.get("RATE_ROUNDS", "1"))
+# RATE=N: the constant rate, in place of half of hagate's best req/s (the goal's rate)
+RATE = int(os.environ.get("RATE", "0"))
 PIN = os.environ.get("PIN", "0") == "1"
 # With PIN=1: the CPUs of the load generators and the upstream, and of the proxies (taskset
 # lists, such as "0-1").
@@ -270,7 +273,7 @@ def rate_phase(targets):
     if shutil.which("oha") is None or RATE_ROUNDS == 0:
         return None
     hagates = targets[3:]
-    rate = int(min(max(t.rps) for t in hagates) / 2)
+    rate = RATE or int(min(max(t.rps) for t in hagates) / 2)
     p99 = {t.name: [] for t in targets}
     for r in range(RATE_ROUNDS):
         for t in targets[r % len(targets):] + targets[:r % len(targets)]:
@@ -314,7 +317,8 @@ def report(targets, rated):
                   f"{med(h.rps) / med(p.rps):>8.2f}")
     if rated is not None:
         rate, p99 = rated
-        print(f"\noha -q {rate} -c {CONNS} -z {RATE_DURATION} (half of hagate's best req/s), "
+        why = "RATE" if RATE else "half of hagate's best req/s"
+        print(f"\noha -q {rate} -c {CONNS} -z {RATE_DURATION} ({why}), "
               f"{RATE_ROUNDS} interleaved rounds: p99, and p99 added over direct's in the same "
               "round (median; all rounds)")
         for name, vs in p99.items():

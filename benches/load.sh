@@ -9,6 +9,7 @@
 #   ROUNDS=5 DURATION=20s benches/load.sh
 #   HAGATE_BINS="before=/tmp/hagate.old after=target/release/hagate" benches/load.sh
 #   PIN=1 RATE_ROUNDS=3 benches/load.sh      # proxies on a core of their own (P2)
+#   PIN=1 RATE=5000 RATE_ROUNDS=3 benches/load.sh   # ... at 5k req/s, not half the peak
 #   ACCESS_LOG=1 benches/load.sh             # every proxy writes an access log (nginx,
 #                                            # hagate; HAProxy logs only to syslog)
 #
