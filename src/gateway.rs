@@ -321,20 +321,6 @@ fn initial_state(store: &StoreConfig) -> StoreState {
     }
 }
 
-/// Lowers the calling thread's CPU priority to nice +10 (on Linux): a big reload's parsing
-/// then yields the CPU to the proxy threads on a busy machine. An unprivileged process
-/// cannot raise it again, so it is only called on a thread made for one reload. Failure
-/// leaves the priority as it was.
-fn background_priority() {
-    use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
-    // thread-priority maps 0..=99 onto nice 19..=-20 for the normal policies: 22 is nice 10
-    if let Ok(p) = ThreadPriorityValue::try_from(22u8) {
-        if let Err(error) = set_current_thread_priority(ThreadPriority::Crossplatform(p)) {
-            tracing::debug!(?error, "could not lower the reload thread's priority");
-        }
-    }
-}
-
 /// How long the phases of a reload took, for its log event.
 #[derive(Debug, Default)]
 struct ReloadPhases {
@@ -682,27 +668,20 @@ impl Gateway {
         let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
         // reading, validating and resolving host names happen off the runtime
         let started = Instant::now();
-        // on a thread of its own at a lower priority (nice cannot be raised back)
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        // on a thread of its own at a lower priority
         let current = Arc::clone(&self.settings().config.instances);
-        std::thread::Builder::new()
-            .name("hagate-reload".into())
-            .spawn(move || {
-                background_priority();
-                let loaded = Config::load(&path).map(|mut config| {
-                    // An unchanged [instances] keeps the map in use; the new copy is freed
-                    // here, not kept beside it.
-                    if config.instances == current {
-                        config.instances = current;
-                    }
-                    config
-                });
-                let _ = tx.send(loaded);
+        let config = crate::background::run("hagate-reload", move || {
+            Config::load(&path).map(|mut config| {
+                // An unchanged [instances] keeps the map in use; the new copy is freed
+                // here, not kept beside it.
+                if config.instances == current {
+                    config.instances = current;
+                }
+                config
             })
-            .map_err(|e| ReloadError::Join(e.to_string()))?;
-        let config = rx
-            .await
-            .map_err(|_| ReloadError::Join("the reload thread stopped".into()))??;
+        })
+        .await
+        .map_err(|e| ReloadError::Join(e.to_string()))??;
         phases.read_ms = started.elapsed().as_millis() as u64;
         let old = self.settings();
         for (field, changed) in [
@@ -876,25 +855,6 @@ impl crate::health::active::CheckTargets for Gateway {
 mod tests {
     use super::*;
     use crate::aliases::Alias;
-
-    #[test]
-    fn the_reload_thread_runs_at_nice_10_or_lower_priority() {
-        let nice = std::thread::spawn(|| {
-            background_priority();
-            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-            // the fields after the command name: state is field 3, nice field 19
-            let after = &stat[stat.rfind(')').unwrap() + 1..];
-            after
-                .split_whitespace()
-                .nth(16)
-                .unwrap()
-                .parse::<i32>()
-                .unwrap()
-        })
-        .join()
-        .unwrap();
-        assert!(nice >= 10, "nice {nice}");
-    }
 
     fn spec(address: &str, prefer: Option<Prefer>) -> InstanceSpec {
         InstanceSpec {

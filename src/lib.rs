@@ -19,7 +19,8 @@
 //! Around it: `config` (one validated TOML file), `health::active` (parallel HTTP checks),
 //! `store` (the membership heartbeat table) and `membership` (the protocol's client side and
 //! `hagate agent`), `gateway` (merges static aliases with live holders and swaps tables),
-//! `reload` (file watch and SIGHUP), `admin` (`/metrics`, `/v1/aliases`, `/v1/placements`,
+//! `reload` (file watch and SIGHUP), `background` (the nice +10 threads that read configs
+//! and big tables), `admin` (`/metrics`, `/v1/aliases`, `/v1/placements`,
 //! `/v1/membership`), `server` (wires pingora), and `demo` (a demo context server).
 
 #![forbid(unsafe_code)]
@@ -27,6 +28,7 @@
 
 pub mod admin;
 pub mod aliases;
+pub mod background;
 pub mod config;
 pub mod conn;
 pub mod context_id;

@@ -558,6 +558,57 @@ async fn a_table_over_admin_max_body_is_refused_with_413_and_the_old_one_serves(
     assert_eq!(aliases["instances"]["cs_9"]["address"], a.addr.to_string());
 }
 
+/// A table body bigger than 256 KiB is parsed on a thread of its own (at nice +10, so that
+/// it yields to the proxy): a good one is applied whole, and a bad one is refused with a
+/// JSON 400 that names what was wrong, while the table in use keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_table_is_parsed_off_the_admin_thread_and_a_bad_one_named() {
+    let a = Upstream::start("cs_1");
+    let gw = Gateway::start(&format!("{FAST_HEALTH}\n{}", instances(&[("cs_1", &a)]))).await;
+    let table = |bad: bool| {
+        let mut m: BTreeMap<String, Value> = (0..8000)
+            .map(|i| (format!("cs_{i}"), json!({"address": a.addr.to_string()})))
+            .collect();
+        if bad {
+            m.insert("cs_7999".into(), json!({"adress": a.addr.to_string()}));
+        }
+        serde_json::to_string(&json!({ "instances": m })).unwrap()
+    };
+    let (good, bad) = (table(false), table(true));
+    assert!(
+        good.len() > 256 << 10 && bad.len() > 256 << 10,
+        "{}",
+        good.len()
+    );
+    let c = client();
+    let put = |body: String| {
+        c.put(gw.admin_url("/v1/aliases"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let answer = put(good).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["size"], 8000, "{answer}");
+    let answer = put(bad).await.unwrap();
+    assert_eq!(answer.status(), 400);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["error"], "invalid_alias_table", "{answer}");
+    let detail = answer["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("unknown field `adress`"), "{answer}");
+    let aliases: Value = json_of(c.get(gw.admin_url("/v1/aliases"))).await;
+    assert_eq!(aliases["version"], 2);
+    assert_eq!(
+        aliases["instances"].as_object().map(|m| m.len()),
+        Some(8000)
+    );
+    // and it routes by aliases only the new table has (all on `a`)
+    let (status, body) = get_haid(&c, &gw, &haid_for("cs_7998", "cs_7999", "1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["server"], "cs_1", "{body}");
+}
+
 /// Makes `main` (named as its alias) answer 500 and sends it `haid` until it is ejected:
 /// consecutive_failures = 3, so three 500s reach the client (the answer is the server's own).
 async fn eject_the_main(main: &Upstream, gw: &Gateway, haid: &str) {
