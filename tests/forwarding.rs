@@ -717,14 +717,19 @@ async fn over_servers(
     (ups, gw)
 }
 
-/// GET /plain through `gw` with cs_`main` as main; the status.
-async fn get_on(c: &reqwest::Client, gw: &Gateway, main: usize, n: usize) -> u16 {
-    let haid = hagate::haid::encode(
+/// The HAID with cs_`main` as main and the next of `n` as backup.
+fn haid_on(main: usize, n: usize) -> String {
+    hagate::haid::encode(
         &format!("cs_{main}"),
         &[format!("cs_{}", (main + 1) % n).as_str()],
         "3",
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// GET /plain through `gw` with cs_`main` as main; the status.
+async fn get_on(c: &reqwest::Client, gw: &Gateway, main: usize, n: usize) -> u16 {
+    let haid = haid_on(main, n);
     let r = c.get(gw.url("/plain")).header("contextID", &haid).send();
     r.await.unwrap().status().as_u16()
 }
@@ -735,12 +740,7 @@ async fn get_on(c: &reqwest::Client, gw: &Gateway, main: usize, n: usize) -> u16
 /// reqwest may open a second connection (its pool races a new connect against the
 /// release of the old one), which the other thread may accept.
 async fn get_on_raw(s: &mut TcpStream, buf: &mut Vec<u8>, main: usize, n: usize) -> String {
-    let haid = hagate::haid::encode(
-        &format!("cs_{main}"),
-        &[format!("cs_{}", (main + 1) % n).as_str()],
-        "3",
-    )
-    .unwrap();
+    let haid = haid_on(main, n);
     let request = format!("GET /plain HTTP/1.1\r\nHost: gw\r\ncontextID: {haid}\r\n\r\n");
     exchange(s, buf, &request).await.0
 }
