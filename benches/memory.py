@@ -17,6 +17,12 @@ nice 0 and +10 (what any other work costs the p99 on these cores), in the same p
 same table from a JSON file (`table.file`), reloaded back to back under wrk, and then
 IDLE_RELOADS times (8) on the idle gateway.
 
+P6 at a constant rate (with oha on the PATH; RATE_P6=0 skips it): wrk saturates the cores,
+so its p99 mostly measures how much CPU is left. `oha -q RATE_P6` (5000 req/s) leaves
+headroom. Its p99 is read through the gateway and straight from the upstream, each without
+table changes and during back-to-back `table.file` reloads, interleaved, RATE_ROUNDS (2)
+times: the direct figure says what the reloads cost requests that never pass through hagate.
+
 Each alias has an address of its own (127.a.b.c, all loopback, all served by the one
 upstream), as in a real deployment; SHARED=1 gives every alias the same address instead.
 """
@@ -44,6 +50,8 @@ SHARED = os.environ.get("SHARED", "0") == "1"
 SETTLE = float(os.environ.get("SETTLE", "2"))
 SIGHUP = os.environ.get("SIGHUP", "1") == "1"
 IDLE_RELOADS = int(os.environ.get("IDLE_RELOADS", "8"))
+RATE_P6 = int(os.environ.get("RATE_P6", "5000"))
+RATE_ROUNDS = int(os.environ.get("RATE_ROUNDS", "2"))
 
 
 def free_port():
@@ -185,6 +193,24 @@ def wrk(port, headers, duration):
         args += ["-H", h]
     args.append(f"http://127.0.0.1:{port}/api/rest_j/v1/contextservice/get")
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+
+def oha(port, headers, duration):
+    """oha at RATE_P6 req/s for `duration`, started; `oha_p99_us` reads its answer."""
+    args = ["oha", "--no-tui", "--output-format", "json", "--latency-correction", "-z",
+            duration, "-q", str(RATE_P6), "-c", "16"]
+    for h in headers:
+        args += ["-H", h]
+    args.append(f"http://127.0.0.1:{port}/api/rest_j/v1/contextservice/get")
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+
+def oha_p99_us(out):
+    out = json.loads(out)
+    codes = set(out.get("statusCodeDistribution", {})) - {"200"}
+    if codes:
+        sys.exit(f"memory: oha saw answers {sorted(codes)} at a constant rate")
+    return out["latencyPercentiles"]["p99"] * 1e6
 
 
 def us(value, unit):
@@ -377,6 +403,29 @@ def main():
         for key in ("read_ms", "swap_ms"):
             print(f"    {key}: {spread(took, key)}")
         print(f"    wrk p99 during back-to-back reloads {p99_us(busy_out):.0f} us")
+        # at a constant rate, through the gateway and straight from the upstream, without
+        # table changes and during back-to-back reloads, interleaved
+        if RATE_P6 and RATE_ROUNDS and shutil.which("oha"):
+            p99 = {}
+            for r in range(RATE_ROUNDS):
+                for target, reloading in ((port, False), (port, True), (up, True), (up, False)):
+                    busy = oha(target, [f"contextID: {haid}"], DURATION)
+                    while busy.poll() is None:
+                        if reloading:
+                            g += 1
+                            reload(proc, conf, port, admin, up, BIG, g, log, json_table=True)
+                        else:
+                            time.sleep(0.1)  # pacing the check, not synchronising
+                    key = ("hagate" if target == port else "direct", reloading)
+                    p99.setdefault(key, []).append(oha_p99_us(busy.communicate()[0]))
+            print(f"P6 at a constant rate (oha -q {RATE_P6} -c 16 -z {DURATION}, {RATE_ROUNDS} "
+                  f"interleaved rounds), p99 in us:")
+            for name in ("hagate", "direct"):
+                quiet, during = p99[(name, False)], p99[(name, True)]
+                print(f"    {name:<7} without table changes {', '.join(f'{v:.0f}' for v in quiet)}; "
+                      f"during back-to-back reloads {', '.join(f'{v:.0f}' for v in during)}")
+        elif RATE_P6 and RATE_ROUNDS:
+            print("P6 at a constant rate: oha is not on the PATH (cargo install oha --locked)")
         # and on the idle gateway: each reload starts once the one before has been logged
         took = [reload(proc, conf, port, admin, up, BIG, g + i, log, json_table=True)
                 for i in range(1, IDLE_RELOADS + 1)]
