@@ -25,7 +25,7 @@ use http::HeaderName;
 use tokio::sync::watch;
 
 use crate::aliases::{AliasTable, InstanceSpec, TableError, TableHolder};
-use crate::config::{Config, ConfigError, StoreConfig, StoreKind};
+use crate::config::{Config, ConfigError, StoreConfig, StoreKind, TableFile};
 use crate::metrics::metrics;
 use crate::model::{Labels, Prefer, Specs};
 use crate::plugin::PluginSet;
@@ -197,8 +197,9 @@ pub struct Gateway {
     /// The live holders as last read from the store; the table is merged from these.
     holders: Mutex<Vec<Entry>>,
     ring: ReplacementRing,
-    /// Serialises reloads (file watch and SIGHUP may fire together).
-    reloading: tokio::sync::Mutex<()>,
+    /// Serialises reloads (file watch and SIGHUP may fire together), and holds the
+    /// `table.file` as the last reload read it: unchanged, it is not parsed again.
+    reloading: tokio::sync::Mutex<Option<TableFile>>,
 }
 
 /// What a published table was merged from: the static table (by identity: it is kept, so
@@ -326,6 +327,8 @@ fn initial_state(store: &StoreConfig) -> StoreState {
 struct ReloadPhases {
     read_ms: u64,
     plugins_ms: u64,
+    /// "rebuilt", or "kept" when the reload left the alias table as it was.
+    table: &'static str,
 }
 
 impl Gateway {
@@ -399,7 +402,7 @@ impl Gateway {
             etcd,
             holders: Mutex::new(holders),
             ring: ReplacementRing::default(),
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(None),
         }))
     }
 
@@ -640,44 +643,59 @@ impl Gateway {
     /// Re-reads the config file, validates it (plugins compile off this runtime, in
     /// parallel) and swaps config and table in.
     pub async fn reload(&self, source: SwapSource) -> Result<Arc<AliasTable>, ReloadError> {
-        let _one_at_a_time = self.reloading.lock().await;
+        let mut table_file = self.reloading.lock().await;
         let started = Instant::now();
         let mut phases = ReloadPhases::default();
-        let result = self.try_reload(&mut phases).await;
+        let result = self.try_reload(&mut phases, &mut table_file).await;
         match &result {
-            Ok(t) => {
-                self.swapped(source, t);
-                // read_ms: read, parse, validate, resolve; plugins_ms: load plugins;
-                // swap_ms: build the table and swap everything in.
-                let took_ms = started.elapsed().as_millis() as u64;
-                tracing::info!(
-                    source = source.label(),
-                    took_ms,
-                    read_ms = phases.read_ms,
-                    plugins_ms = phases.plugins_ms,
-                    swap_ms = took_ms.saturating_sub(phases.read_ms + phases.plugins_ms),
-                    "config reloaded"
-                );
+            Ok(_) if phases.table == "kept" => {
+                // counted as a swap of the config, though the table is the one in use
+                metrics()
+                    .table_swaps
+                    .with_label_values(&[source.label(), "ok"])
+                    .inc();
+                self.changes.send_modify(|v| *v += 1);
             }
+            Ok(t) => self.swapped(source, t),
             Err(e) => self.refused(source, e),
+        }
+        if result.is_ok() {
+            // read_ms: read, parse, validate, resolve; plugins_ms: load plugins;
+            // swap_ms: build the table and swap everything in.
+            let took_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(
+                source = source.label(),
+                took_ms,
+                read_ms = phases.read_ms,
+                plugins_ms = phases.plugins_ms,
+                swap_ms = took_ms.saturating_sub(phases.read_ms + phases.plugins_ms),
+                table = phases.table,
+                "config reloaded"
+            );
         }
         result
     }
 
-    async fn try_reload(&self, phases: &mut ReloadPhases) -> Result<Arc<AliasTable>, ReloadError> {
+    async fn try_reload(
+        &self,
+        phases: &mut ReloadPhases,
+        table_file: &mut Option<TableFile>,
+    ) -> Result<Arc<AliasTable>, ReloadError> {
         let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
         // reading, validating and resolving host names happen off the runtime
         let started = Instant::now();
         // on a thread of its own at a lower priority
         let current = Arc::clone(&self.settings().config.instances);
-        let config = crate::background::run("hagate-reload", move || {
-            Config::load(&path).map(|mut config| {
-                // An unchanged [instances] keeps the map in use; the new copy is freed
-                // here, not kept beside it.
-                if config.instances == current {
+        let previous = table_file.clone();
+        let (config, read) = crate::background::run("hagate-reload", move || {
+            Config::load_reusing(&path, previous.as_ref()).map(|(mut config, read)| {
+                // An unchanged table keeps the map in use; a new copy is freed here, not
+                // kept beside it. Taken back from an unchanged `table.file`, it is the
+                // map in use already.
+                if !Arc::ptr_eq(&config.instances, &current) && config.instances == current {
                     config.instances = current;
                 }
-                config
+                (config, read)
             })
         })
         .await
@@ -729,9 +747,18 @@ impl Gateway {
             config.instances.clone()
         };
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-        let table = self
-            .publish_locked(&mut published, &config, &statics, true)?
-            .expect("a forced publish always publishes");
+        // A table that merges as before (the same static table, the same holders) is
+        // not built again: a build depends on nothing else.
+        let table = match self.publish_locked(&mut published, &config, &statics, false)? {
+            Some(table) => {
+                phases.table = "rebuilt";
+                table
+            }
+            None => {
+                phases.table = "kept";
+                self.table()
+            }
+        };
         if self.etcd.is_none() {
             *self.lock_statics() = statics;
             *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = TableOrigin::Config;
@@ -739,6 +766,7 @@ impl Gateway {
         self.store.set_timeout(config.membership.timeout);
         crate::retire::later(self.placement.swap(Arc::new(placement)));
         crate::retire::later(self.settings.swap(Arc::new(Settings::new(config))));
+        *table_file = read;
         Ok(table)
     }
 
@@ -901,7 +929,10 @@ mod tests {
         );
         write("only a comment changed", 9001);
         let version = gw.reload(SwapSource::Sighup).await.unwrap().version();
-        assert!(version > 1, "a reload still publishes a table");
+        assert_eq!(
+            version, 1,
+            "a table that merges as before is kept, not rebuilt"
+        );
         let after = Arc::clone(&gw.settings().config.instances);
         assert!(
             Arc::ptr_eq(&before, &after),
@@ -914,6 +945,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&before, &changed));
         assert_eq!(changed["cs_1"].address, "127.0.0.1:9002");
         assert_eq!(gw.table().get(0).address.port(), 9002);
+        assert_eq!(gw.table().version(), 2);
     }
 
     #[test]

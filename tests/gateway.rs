@@ -471,6 +471,42 @@ async fn a_table_file_is_watched_and_a_bad_one_is_refused() {
     // fixed: served by cs_1 again
     write(&a);
     gw.wait_served_by(&haid, "cs_1").await;
+
+    // A reload that finds the table file as it was keeps the table in use: the edit of
+    // the config applies, and the table's version stays, by the config's watch and by
+    // SIGHUP alike.
+    let version = gw.metric("hagate_alias_table_version", &[]).await;
+    for (n, source) in [(1, "config"), (1, "sighup"), (2, "config")] {
+        let done = [("source", source), ("result", "ok")];
+        let before = gw.metric("hagate_alias_table_swaps_total", &done).await;
+        if source == "sighup" {
+            let status = std::process::Command::new("kill")
+                .args(["-HUP", &gw.pid().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        } else {
+            gw.rewrite(|old| format!("{old}\n# edit {n}, beside the table\n"));
+        }
+        gw.wait_metric("hagate_alias_table_swaps_total", &done, before + 1.0)
+            .await;
+        assert_eq!(
+            gw.metric("hagate_alias_table_version", &[]).await,
+            version,
+            "{source} {n}"
+        );
+    }
+    let kept = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("config reloaded") && l.contains("table=\"kept\""))
+        .count();
+    assert_eq!(kept, 3, "{}", gw.log());
+    assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_1");
+    // and a change of the file is still read and swapped in
+    write(&c3);
+    gw.wait_served_by(&haid, "cs_3").await;
+    assert!(gw.metric("hagate_alias_table_version", &[]).await > version);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
