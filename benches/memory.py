@@ -129,7 +129,7 @@ enabled = false
         os.replace(path + ".json.tmp", path + ".json")
         lines.append(f'[table]\nfile = "{path}.json"\n')
     else:
-        lines.append(table_toml(up, n))
+        lines.append(table_toml(up, n, generation))
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(path + ".tmp", path)
@@ -149,14 +149,16 @@ def table_json(up, n, generation):
     return WRITTEN[key]
 
 
-def table_toml(up, n):
-    """`instances` of generation 0 as the config's `[instances.*]` tables."""
-    key = ("toml", up, n)
+def table_toml(up, n, generation):
+    """`instances` as the config's `[instances.*]` tables. Generations alternate the zones,
+    so that every reload changes the table and builds it (a reload that finds the table
+    as it was keeps it)."""
+    key = ("toml", up, n, generation % 2)
     if key not in WRITTEN:
         WRITTEN[key] = "\n".join(
             f'[instances.{alias}]\naddress = "{spec["address"]}"\n'
             f'labels = {{ zone = "{spec["labels"]["zone"]}" }}\n'
-            for alias, spec in instances(up, n, 0).items())
+            for alias, spec in instances(up, n, generation % 2).items())
     return WRITTEN[key]
 
 
