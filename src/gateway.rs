@@ -619,10 +619,7 @@ impl Gateway {
     }
 
     fn swapped(&self, source: SwapSource, table: &AliasTable) {
-        metrics()
-            .table_swaps
-            .with_label_values(&[source.label(), "ok"])
-            .inc();
+        count_swap(source, "ok");
         metrics().observe_table(table.version(), table.len());
         // an alias that left takes its series with it
         metrics().forget_aliases(|alias| table.resolve(alias).is_some());
@@ -650,10 +647,7 @@ impl Gateway {
         match &result {
             Ok(_) if phases.table == "kept" => {
                 // counted as a swap of the config, though the table is the one in use
-                metrics()
-                    .table_swaps
-                    .with_label_values(&[source.label(), "ok"])
-                    .inc();
+                count_swap(source, "ok");
                 self.changes.send_modify(|v| *v += 1);
             }
             Ok(t) => self.swapped(source, t),
@@ -846,9 +840,14 @@ impl StoreSink for Gateway {
 
 /// Counts a swap from `source` that did not happen (refused, or not confirmed).
 fn count_failed_swap(source: SwapSource) {
+    count_swap(source, "error");
+}
+
+/// One more `hagate_alias_table_swaps_total{source, result}`.
+fn count_swap(source: SwapSource, result: &str) {
     metrics()
         .table_swaps
-        .with_label_values(&[source.label(), "error"])
+        .with_label_values(&[source.label(), result])
         .inc();
 }
 
