@@ -329,6 +329,9 @@ struct ReloadPhases {
     plugins_ms: u64,
     /// "rebuilt", or "kept" when the reload left the alias table as it was.
     table: &'static str,
+    /// "read", "unchanged" when `table.file` held the bytes last read (not parsed
+    /// again), or "none".
+    table_file: &'static str,
 }
 
 impl Gateway {
@@ -637,6 +640,14 @@ impl Gateway {
         tracing::error!(source = source.label(), %error, "refused; the old config keeps serving");
     }
 
+    /// Keeps the `table.file` as the start read it (`Config::load_reusing`), so that the
+    /// first reload need not parse it again if it did not change. Before any reload.
+    pub fn started_with(&self, table_file: Option<TableFile>) {
+        if let Ok(mut kept) = self.reloading.try_lock() {
+            *kept = table_file;
+        }
+    }
+
     /// Re-reads the config file, validates it (plugins compile off this runtime, in
     /// parallel) and swaps config and table in.
     pub async fn reload(&self, source: SwapSource) -> Result<Arc<AliasTable>, ReloadError> {
@@ -664,6 +675,7 @@ impl Gateway {
                 plugins_ms = phases.plugins_ms,
                 swap_ms = took_ms.saturating_sub(phases.read_ms + phases.plugins_ms),
                 table = phases.table,
+                table_file = phases.table_file,
                 "config reloaded"
             );
         }
@@ -681,20 +693,29 @@ impl Gateway {
         // on a thread of its own at a lower priority
         let current = Arc::clone(&self.settings().config.instances);
         let previous = table_file.clone();
-        let (config, read) = crate::background::run("hagate-reload", move || {
+        let (config, read, taken_back) = crate::background::run("hagate-reload", move || {
             Config::load_reusing(&path, previous.as_ref()).map(|(mut config, read)| {
+                let taken_back = match (&read, &previous) {
+                    (Some(r), Some(p)) => Arc::ptr_eq(&r.specs, &p.specs),
+                    _ => false,
+                };
                 // An unchanged table keeps the map in use; a new copy is freed here, not
                 // kept beside it. Taken back from an unchanged `table.file`, it is the
                 // map in use already.
                 if !Arc::ptr_eq(&config.instances, &current) && config.instances == current {
                     config.instances = current;
                 }
-                (config, read)
+                (config, read, taken_back)
             })
         })
         .await
         .map_err(|e| ReloadError::Join(e.to_string()))??;
         phases.read_ms = started.elapsed().as_millis() as u64;
+        phases.table_file = match (&read, taken_back) {
+            (None, _) => "none",
+            (Some(_), true) => "unchanged",
+            (Some(_), false) => "read",
+        };
         let old = self.settings();
         for (field, changed) in [
             (

@@ -221,9 +221,9 @@ fn allocator_options() {
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
         Cmd::Run { config, upgrade } => {
-            let cfg = Config::load(&config)?;
+            let (cfg, table_file) = Config::load_reusing(&config, None)?;
             hagate::logging::init(cfg.log.format);
-            match hagate::server::run(cfg, Some(config), upgrade)? {}
+            match hagate::server::run(cfg, Some(config), table_file, upgrade)? {}
         }
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
@@ -551,5 +551,5 @@ curl -s http://{admin}/v1/aliases
         main_pid = main.1.id(),
         backup_alias = backup.0,
     );
-    match hagate::server::run(config, None, false)? {}
+    match hagate::server::run(config, None, None, false)? {}
 }

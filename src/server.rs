@@ -289,9 +289,13 @@ async fn expire_holders(gateway: Arc<Gateway>) {
 /// connection (pingora's graceful upgrade): it tells the old process (found through
 /// `server.pid_file`) to hand over its listening sockets through `server.upgrade_sock`,
 /// serves on them, and the old process finishes its requests and exits.
+///
+/// `table_file` is the `table.file` as the config's load read it (`Config::load_reusing`),
+/// so that the first reload need not parse it again if it did not change.
 pub fn run(
     config: Config,
     path: Option<PathBuf>,
+    table_file: Option<crate::config::TableFile>,
     upgrade: bool,
 ) -> Result<std::convert::Infallible, StartError> {
     let admin_addr = config.admin_addr()?;
@@ -326,6 +330,7 @@ pub fn run(
     let conns = Connections::new(limits(&config, nofile));
     tracing::info!(limits = ?conns.limits(), "proxy connection limits");
     let gateway = Gateway::new(config, path)?;
+    gateway.started_with(table_file);
 
     let mut conf = ServerConf {
         threads,
