@@ -327,11 +327,30 @@ fn initial_state(store: &StoreConfig) -> StoreState {
 struct ReloadPhases {
     read_ms: u64,
     plugins_ms: u64,
-    /// "rebuilt", or "kept" when the reload left the alias table as it was.
-    table: &'static str,
-    /// "read", "unchanged" when `table.file` held the bytes last read (not parsed
-    /// again), or "none".
-    table_file: &'static str,
+    /// The reload left the alias table as it was (not built again).
+    table_kept: bool,
+    /// `table.file` held the bytes last read, so it was not parsed again; `None` without one.
+    table_file_unchanged: Option<bool>,
+}
+
+impl ReloadPhases {
+    /// The `table` field of `config reloaded`.
+    fn table(&self) -> &'static str {
+        if self.table_kept {
+            "kept"
+        } else {
+            "rebuilt"
+        }
+    }
+
+    /// The `table_file` field of `config reloaded`.
+    fn table_file(&self) -> &'static str {
+        match self.table_file_unchanged {
+            None => "none",
+            Some(true) => "unchanged",
+            Some(false) => "read",
+        }
+    }
 }
 
 impl Gateway {
@@ -656,7 +675,7 @@ impl Gateway {
         let mut phases = ReloadPhases::default();
         let result = self.try_reload(&mut phases, &mut table_file).await;
         match &result {
-            Ok(_) if phases.table == "kept" => {
+            Ok(_) if phases.table_kept => {
                 // counted as a swap of the config, though the table is the one in use
                 count_swap(source, "ok");
                 self.changes.send_modify(|v| *v += 1);
@@ -674,8 +693,8 @@ impl Gateway {
                 read_ms = phases.read_ms,
                 plugins_ms = phases.plugins_ms,
                 swap_ms = took_ms.saturating_sub(phases.read_ms + phases.plugins_ms),
-                table = phases.table,
-                table_file = phases.table_file,
+                table = phases.table(),
+                table_file = phases.table_file(),
                 "config reloaded"
             );
         }
@@ -693,29 +712,25 @@ impl Gateway {
         // on a thread of its own at a lower priority
         let current = Arc::clone(&self.settings().config.instances);
         let previous = table_file.clone();
-        let (config, read, taken_back) = crate::background::run("hagate-reload", move || {
+        let (config, read) = crate::background::run("hagate-reload", move || {
             Config::load_reusing(&path, previous.as_ref()).map(|(mut config, read)| {
-                let taken_back = match (&read, &previous) {
-                    (Some(r), Some(p)) => Arc::ptr_eq(&r.specs, &p.specs),
-                    _ => false,
-                };
                 // An unchanged table keeps the map in use; a new copy is freed here, not
-                // kept beside it. Taken back from an unchanged `table.file`, it is the
-                // map in use already.
-                if !Arc::ptr_eq(&config.instances, &current) && config.instances == current {
+                // kept beside it. (Taken back from an unchanged `table.file`, it is the map
+                // in use already, and `==` sees the same `Arc` at once.)
+                if config.instances == current {
                     config.instances = current;
                 }
-                (config, read, taken_back)
+                (config, read)
             })
         })
         .await
         .map_err(|e| ReloadError::Join(e.to_string()))??;
         phases.read_ms = started.elapsed().as_millis() as u64;
-        phases.table_file = match (&read, taken_back) {
-            (None, _) => "none",
-            (Some(_), true) => "unchanged",
-            (Some(_), false) => "read",
-        };
+        phases.table_file_unchanged = read.as_ref().map(|r| {
+            table_file
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(&r.specs, &p.specs))
+        });
         let old = self.settings();
         for (field, changed) in [
             (
@@ -764,16 +779,9 @@ impl Gateway {
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
         // A table that merges as before (the same static table, the same holders) is
         // not built again: a build depends on nothing else.
-        let table = match self.publish_locked(&mut published, &config, &statics, false)? {
-            Some(table) => {
-                phases.table = "rebuilt";
-                table
-            }
-            None => {
-                phases.table = "kept";
-                self.table()
-            }
-        };
+        let built = self.publish_locked(&mut published, &config, &statics, false)?;
+        phases.table_kept = built.is_none();
+        let table = built.unwrap_or_else(|| self.table());
         if self.etcd.is_none() {
             *self.lock_statics() = statics;
             *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = TableOrigin::Config;
