@@ -12,8 +12,10 @@ for each reload, split into `read_ms`: read, parse, validate; `plugins_ms`; and 
 build the table and swap), RSS before and after, and wrk's p99 for requests served while
 reloads run back to back, against a run without reloads and runs beside a busy loop at
 nice 0 and +10 (what any other work costs the p99 on these cores), in the same process
-(SIGHUP=0 skips the reloads). Then the same table as JSON through `PUT /v1/aliases`, back to back under wrk
-(the gateway logs `took_ms` and `read_ms` for each), and once inside a wrk run. Last, the
+(SIGHUP=0 skips the reloads), and IDLE_RELOADS times (8) by SIGHUP with the config
+unchanged (digested, not parsed). Then the same table as JSON through `PUT /v1/aliases`,
+back to back under wrk (the gateway logs `took_ms` and `read_ms` for each), and once
+inside a wrk run. Last, the
 same table from a JSON file (`table.file`), reloaded back to back under wrk, and then
 IDLE_RELOADS times (8) on the idle gateway, and IDLE_RELOADS times by SIGHUP with the files
 unchanged (the table file is digested, not parsed, and the table kept).
@@ -270,6 +272,20 @@ def reload(proc, conf, port, admin, up, n, generation, log, json_table=False):
                 reload_times(log)[-1])
 
 
+def unchanged_sighups(proc, log, what):
+    """SIGHUP IDLE_RELOADS times with the files as they were, each once the one before has
+    been logged: the files are digested, not parsed, and the table kept, not rebuilt."""
+    same = []
+    for _ in range(IDLE_RELOADS):
+        before = len(reload_times(log))
+        proc.send_signal(signal.SIGHUP)
+        same.append(poll("a reload of unchanged files",
+                         lambda: len(reload_times(log)) > before and reload_times(log)[-1]))
+    print(f"P6 by SIGHUP with {what} unchanged, the gateway idle, over {len(same)} reloads: "
+          f"took_ms {spread(same, 'took_ms')}; table {sorted(set(e.get('table') for e in same))}, "
+          f"config_file {sorted(set(str(e.get('config_file')) for e in same))}")
+
+
 def spread(events, key):
     v = sorted(e[key] for e in events if key in e)
     if not v:
@@ -367,6 +383,7 @@ def main():
             one_out = one.communicate()[0]
             print(f"    one reload ({single['took_ms']} ms) within a {DURATION} run: p99 "
                   f"{p99_us(one_out):.0f} us, max {max_us(one_out):.0f} us")
+            unchanged_sighups(proc, log, "the config (TOML)")
         # the same table as JSON through the admin API: PUT back to back under load
         bodies = [json.dumps({"instances": instances(up, BIG, g)}).encode() for g in (1, 2)]
         busy = wrk(port, [f"contextID: {haid}"], DURATION)
@@ -436,17 +453,7 @@ def main():
               f"reloads: took_ms {spread(took, 'took_ms')}")
         for key in ("read_ms", "swap_ms"):
             print(f"    {key}: {spread(took, key)}")
-        # SIGHUP with the files as they were: the table file is digested, not parsed, and
-        # the table kept, not rebuilt
-        same = []
-        for _ in range(IDLE_RELOADS):
-            before = len(reload_times(log))
-            proc.send_signal(signal.SIGHUP)
-            same.append(poll("a reload of unchanged files",
-                             lambda: len(reload_times(log)) > before and reload_times(log)[-1]))
-        print(f"P6 by SIGHUP with the table file unchanged, the gateway idle, over {len(same)} "
-              f"reloads: took_ms {spread(same, 'took_ms')}; table "
-              f"{sorted(set(e.get('table') for e in same))}")
+        unchanged_sighups(proc, log, "the table file")
     finally:
         for p in procs:
             if p.poll() is None:

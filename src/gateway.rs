@@ -25,7 +25,7 @@ use http::HeaderName;
 use tokio::sync::watch;
 
 use crate::aliases::{AliasTable, InstanceSpec, TableError, TableHolder};
-use crate::config::{Config, ConfigError, StoreConfig, StoreKind, TableFile};
+use crate::config::{Config, ConfigError, FilesRead, StoreConfig, StoreKind};
 use crate::metrics::metrics;
 use crate::model::{Labels, Prefer, Specs};
 use crate::plugin::PluginSet;
@@ -197,9 +197,10 @@ pub struct Gateway {
     /// The live holders as last read from the store; the table is merged from these.
     holders: Mutex<Vec<Entry>>,
     ring: ReplacementRing,
-    /// Serialises reloads (file watch and SIGHUP may fire together), and holds the
-    /// `table.file` as the last reload read it: unchanged, it is not parsed again.
-    reloading: tokio::sync::Mutex<Option<TableFile>>,
+    /// Serialises reloads (file watch and SIGHUP may fire together), and holds the files
+    /// as the last reload read them: the config and its `table.file`, each not parsed
+    /// again while it holds the same bytes.
+    reloading: tokio::sync::Mutex<Option<FilesRead>>,
 }
 
 /// What a published table was merged from: the static table (by identity: it is kept, so
@@ -329,6 +330,8 @@ struct ReloadPhases {
     plugins_ms: u64,
     /// The reload left the alias table as it was (not built again).
     table_kept: bool,
+    /// The config file held the bytes last read, so it was not parsed again.
+    config_unchanged: bool,
     /// `table.file` held the bytes last read, so it was not parsed again; `None` without one.
     table_file_unchanged: Option<bool>,
 }
@@ -340,6 +343,15 @@ impl ReloadPhases {
             "kept"
         } else {
             "rebuilt"
+        }
+    }
+
+    /// The `config_file` field of `config reloaded`.
+    fn config_file(&self) -> &'static str {
+        if self.config_unchanged {
+            "unchanged"
+        } else {
+            "read"
         }
     }
 
@@ -659,21 +671,21 @@ impl Gateway {
         tracing::error!(source = source.label(), %error, "refused; the old config keeps serving");
     }
 
-    /// Keeps the `table.file` as the start read it (`Config::load_reusing`), so that the
-    /// first reload need not parse it again if it did not change. Before any reload.
-    pub fn started_with(&self, table_file: Option<TableFile>) {
+    /// Keeps the files as the start read them (`Config::load_reusing`), so that the first
+    /// reload need not parse them again if they did not change. Before any reload.
+    pub fn started_with(&self, read: FilesRead) {
         if let Ok(mut kept) = self.reloading.try_lock() {
-            *kept = table_file;
+            *kept = Some(read);
         }
     }
 
     /// Re-reads the config file, validates it (plugins compile off this runtime, in
     /// parallel) and swaps config and table in.
     pub async fn reload(&self, source: SwapSource) -> Result<Arc<AliasTable>, ReloadError> {
-        let mut table_file = self.reloading.lock().await;
+        let mut last_read = self.reloading.lock().await;
         let started = Instant::now();
         let mut phases = ReloadPhases::default();
-        let result = self.try_reload(&mut phases, &mut table_file).await;
+        let result = self.try_reload(&mut phases, &mut last_read).await;
         match &result {
             Ok(_) if phases.table_kept => {
                 // counted as a swap of the config, though the table is the one in use
@@ -694,6 +706,7 @@ impl Gateway {
                 plugins_ms = phases.plugins_ms,
                 swap_ms = took_ms.saturating_sub(phases.read_ms + phases.plugins_ms),
                 table = phases.table(),
+                config_file = phases.config_file(),
                 table_file = phases.table_file(),
                 "config reloaded"
             );
@@ -704,20 +717,22 @@ impl Gateway {
     async fn try_reload(
         &self,
         phases: &mut ReloadPhases,
-        table_file: &mut Option<TableFile>,
+        last_read: &mut Option<FilesRead>,
     ) -> Result<Arc<AliasTable>, ReloadError> {
         let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
         // reading, validating and resolving host names happen off the runtime
         let started = Instant::now();
         // on a thread of its own at a lower priority
         let current = Arc::clone(&self.settings().config.instances);
-        let previous = table_file.clone();
+        let previous = last_read.clone();
         let (config, read) = crate::background::run("hagate-reload", move || {
-            Config::load_reusing(&path, previous.as_ref()).map(|(mut config, read)| {
+            Config::load_reusing(&path, previous.as_ref()).map(|(mut config, mut read)| {
                 // An unchanged table keeps the map in use; a new copy is freed here, not
-                // kept beside it. (Taken back from an unchanged `table.file`, it is the map
-                // in use already, and `==` sees the same `Arc` at once.)
+                // kept beside it, in the config or in what the next reload takes back.
+                // (Taken back from an unchanged file, it is the map in use already, and
+                // `==` sees the same `Arc` at once.)
                 if config.instances == current {
+                    read.share_instances(&current);
                     config.instances = current;
                 }
                 (config, read)
@@ -726,10 +741,11 @@ impl Gateway {
         .await
         .map_err(|e| ReloadError::Join(e.to_string()))??;
         phases.read_ms = started.elapsed().as_millis() as u64;
-        phases.table_file_unchanged = read.as_ref().map(|r| {
-            table_file
-                .as_ref()
-                .is_some_and(|p| Arc::ptr_eq(&r.specs, &p.specs))
+        let last = last_read.as_ref();
+        phases.config_unchanged = last.is_some_and(|p| p.config.same_bytes(&read.config));
+        phases.table_file_unchanged = read.table.as_ref().map(|r| {
+            last.and_then(|p| p.table.as_ref())
+                .is_some_and(|p| p.same_bytes(r))
         });
         let old = self.settings();
         for (field, changed) in [
@@ -789,7 +805,7 @@ impl Gateway {
         self.store.set_timeout(config.membership.timeout);
         crate::retire::later(self.placement.swap(Arc::new(placement)));
         crate::retire::later(self.settings.swap(Arc::new(Settings::new(config))));
-        *table_file = read;
+        *last_read = Some(read);
         Ok(table)
     }
 
@@ -967,6 +983,27 @@ mod tests {
             "unchanged [instances]: the same map"
         );
         assert!(Arc::ptr_eq(&after, &gw.published.lock().unwrap()));
+        // what the next reload takes back holds that map too, not the copy just parsed
+        let kept = gw
+            .reloading
+            .lock()
+            .await
+            .clone()
+            .expect("the reload kept what it read");
+        assert!(Arc::ptr_eq(&kept.config.parsed.instances, &after));
+        // the same with a table.file written anew with the same table (other bytes)
+        let table = dir.path().join("aliases.json");
+        let aliases =
+            r#"{"instances": {"cs_1": {"address": "127.0.0.1:9001", "labels": {"zone": "a"}}}}"#;
+        std::fs::write(&table, aliases).unwrap();
+        std::fs::write(&path, "[table]\nfile = \"aliases.json\"\n").unwrap();
+        gw.reload(SwapSource::Sighup).await.unwrap();
+        std::fs::write(&table, format!("{aliases}\n")).unwrap();
+        gw.reload(SwapSource::Sighup).await.unwrap();
+        let kept = gw.reloading.lock().await.clone().unwrap();
+        assert!(Arc::ptr_eq(&kept.table.unwrap().parsed, &after));
+        assert!(Arc::ptr_eq(&gw.settings().config.instances, &after));
+        assert_eq!(gw.table().version(), 1);
         write("a new address", 9002);
         gw.reload(SwapSource::Sighup).await.unwrap();
         let changed = Arc::clone(&gw.settings().config.instances);

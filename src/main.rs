@@ -221,9 +221,9 @@ fn allocator_options() {
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
         Cmd::Run { config, upgrade } => {
-            let (cfg, table_file) = Config::load_reusing(&config, None)?;
+            let (cfg, read) = Config::load_reusing(&config, None)?;
             hagate::logging::init(cfg.log.format);
-            match hagate::server::run(cfg, Some(config), table_file, upgrade)? {}
+            match hagate::server::run(cfg, Some(config), Some(read), upgrade)? {}
         }
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;

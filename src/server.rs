@@ -290,12 +290,12 @@ async fn expire_holders(gateway: Arc<Gateway>) {
 /// `server.pid_file`) to hand over its listening sockets through `server.upgrade_sock`,
 /// serves on them, and the old process finishes its requests and exits.
 ///
-/// `table_file` is the `table.file` as the config's load read it (`Config::load_reusing`),
-/// so that the first reload need not parse it again if it did not change.
+/// `read` is what the config's load read (`Config::load_reusing`), so that the first
+/// reload need not parse the config or its `table.file` again if they did not change.
 pub fn run(
     config: Config,
     path: Option<PathBuf>,
-    table_file: Option<crate::config::TableFile>,
+    read: Option<crate::config::FilesRead>,
     upgrade: bool,
 ) -> Result<std::convert::Infallible, StartError> {
     let admin_addr = config.admin_addr()?;
@@ -330,7 +330,9 @@ pub fn run(
     let conns = Connections::new(limits(&config, nofile));
     tracing::info!(limits = ?conns.limits(), "proxy connection limits");
     let gateway = Gateway::new(config, path)?;
-    gateway.started_with(table_file);
+    if let Some(read) = read {
+        gateway.started_with(read);
+    }
 
     let mut conf = ServerConf {
         threads,

@@ -408,6 +408,34 @@ async fn config_file_edits_and_sighup_swap_the_table_and_bad_ones_are_refused() 
         1.0,
     )
     .await;
+
+    // SIGHUP with nothing changed: the config is not parsed again, the table is kept
+    let version = gw.metric("hagate_alias_table_version", &[]).await;
+    let last = sighup_reloaded(&gw, 2.0).await;
+    assert!(
+        last.as_deref()
+            .is_some_and(|l| l.contains("config_file=\"unchanged\"")
+                && l.contains("table=\"kept\"")
+                && l.contains("table_file=\"none\"")),
+        "{last:?}"
+    );
+    assert_eq!(gw.metric("hagate_alias_table_version", &[]).await, version);
+    assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_1");
+}
+
+/// Sends SIGHUP and waits for the `n`th reload by SIGHUP; the log line of the last one.
+async fn sighup_reloaded(gw: &Gateway, n: f64) -> Option<String> {
+    sighup(gw);
+    gw.wait_metric(
+        "hagate_alias_table_swaps_total",
+        &[("source", "sighup"), ("result", "ok")],
+        n,
+    )
+    .await;
+    gw.log()
+        .lines()
+        .rfind(|l| l.contains("config reloaded") && l.contains("source=\"sighup\""))
+        .map(str::to_string)
 }
 
 /// Sends SIGHUP to the gateway.
@@ -453,22 +481,13 @@ async fn a_table_file_is_watched_and_a_bad_one_is_refused() {
     assert_eq!(aliases["instances"]["cs_2"]["weight"], 2, "{aliases}");
 
     // the first reload finds the file as the start read it: not parsed again
-    sighup(&gw);
-    gw.wait_metric(
-        "hagate_alias_table_swaps_total",
-        &[("source", "sighup"), ("result", "ok")],
-        1.0,
-    )
-    .await;
-    let first = gw
-        .log()
-        .lines()
-        .find(|l| l.contains("config reloaded"))
-        .map(str::to_string);
+    let first = sighup_reloaded(&gw, 1.0).await;
     assert!(
         first
             .as_deref()
-            .is_some_and(|l| l.contains("table=\"kept\"") && l.contains("table_file=\"unchanged\"")),
+            .is_some_and(|l| l.contains("table=\"kept\"")
+                && l.contains("table_file=\"unchanged\"")
+                && l.contains("config_file=\"unchanged\"")),
         "{first:?}"
     );
 
@@ -526,6 +545,8 @@ async fn a_table_file_is_watched_and_a_bad_one_is_refused() {
     // the three here and the first one
     assert_eq!(count("table=\"kept\""), 4, "{}", gw.log());
     assert_eq!(count("table_file=\"unchanged\""), 4, "{}", gw.log());
+    // the config itself was read again only where it was edited
+    assert_eq!(count("config_file=\"read\""), 2, "{}", gw.log());
     assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_1");
     // and a change of the file is still read and swapped in
     write(&c3);
