@@ -90,6 +90,16 @@ pub enum SwapSource {
 }
 
 impl SwapSource {
+    /// Every source, for the swap counter's series to exist from the start.
+    const ALL: [SwapSource; 6] = [
+        SwapSource::ConfigFile,
+        SwapSource::Sighup,
+        SwapSource::Api,
+        SwapSource::Membership,
+        SwapSource::Etcd,
+        SwapSource::Dns,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             SwapSource::ConfigFile => "config",
@@ -421,6 +431,15 @@ impl Gateway {
         };
         let first = tables.load();
         metrics().observe_table(first.version(), first.len());
+        metrics().config_applied(true);
+        // every series of the swap counter exists from the start, at 0, for rate()
+        for source in SwapSource::ALL {
+            for result in ["ok", "error"] {
+                metrics()
+                    .table_swaps
+                    .with_label_values(&[source.label(), result]);
+            }
+        }
         let (changes, _) = watch::channel(1);
         Ok(Arc::new(Gateway {
             static_specs: Mutex::new(statics),
@@ -686,6 +705,12 @@ impl Gateway {
         let started = Instant::now();
         let mut phases = ReloadPhases::default();
         let result = self.try_reload(&mut phases, &mut last_read).await;
+        if !matches!(result, Err(ReloadError::NoFile)) {
+            metrics().config_applied(result.is_ok());
+            metrics()
+                .config_reload_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         match &result {
             Ok(_) if phases.table_kept => {
                 // counted as a swap of the config, though the table is the one in use

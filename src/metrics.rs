@@ -404,6 +404,15 @@ pub struct Metrics {
     /// `hagate_plugin_reloads_total{plugin,result}`: loads of a plugin at start and on
     /// reload; result is ok or error.
     pub plugin_reloads: IntCounterVec,
+    /// `hagate_config_last_reload_successful`: 1 from the start and after a reload of the
+    /// config file that applied; 0 after one that was refused, until one applies.
+    pub config_reload_ok: IntGauge,
+    /// `hagate_config_last_reload_success_timestamp_seconds`: when the config last
+    /// applied (the start, or a reload), in Unix seconds.
+    pub config_reload_success_time: prometheus::Gauge,
+    /// `hagate_config_reload_duration_seconds`: how long a reload of the config file took,
+    /// applied or refused.
+    pub config_reload_seconds: Histogram,
     /// `hagate_membership_heartbeats_total{result}`: accepted, rejected (another holder is
     /// fresh) or stale (the entry changed since the sender read it).
     pub heartbeats: IntCounterVec,
@@ -490,7 +499,22 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     register(r, IntGauge::new(name, help).expect("valid metric"))
 }
 
+fn float_gauge(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    register(r, prometheus::Gauge::new(name, help).expect("valid metric"))
+}
+
 impl Metrics {
+    /// A load or reload of the config file applied (now) or was refused.
+    pub fn config_applied(&self, ok: bool) {
+        self.config_reload_ok.set(i64::from(ok));
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.config_reload_success_time.set(now);
+        }
+    }
+
     fn new() -> Self {
         let r = Registry::new();
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
@@ -609,6 +633,27 @@ impl Metrics {
             "Attempts to load a placement plugin (at start and on reload), by result.",
             &["plugin", "result"],
         );
+        let config_reload_ok = gauge(
+            &r,
+            "hagate_config_last_reload_successful",
+            "1 if the config file applied at the start and at its last reload; 0 after a refused reload, until one applies.",
+        );
+        let config_reload_success_time = float_gauge(
+            &r,
+            "hagate_config_last_reload_success_timestamp_seconds",
+            "When the config file last applied (the start or a reload), in Unix seconds.",
+        );
+        let config_reload_seconds = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "hagate_config_reload_duration_seconds",
+                    "How long a reload of the config file took (read, plugins, table), applied or refused.",
+                )
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            )
+            .expect("valid metric"),
+        );
         let heartbeats = counter_vec(
             &r,
             "hagate_membership_heartbeats_total",
@@ -639,13 +684,10 @@ impl Metrics {
             "hagate_store_revision",
             "The etcd revision this gateway has applied (0 for the embedded store).",
         );
-        let store_last_sync_age = register(
+        let store_last_sync_age = float_gauge(
             &r,
-            prometheus::Gauge::new(
-                "hagate_store_last_sync_age_seconds",
-                "Seconds since etcd last answered this gateway's watch (0 for the embedded store).",
-            )
-            .expect("valid metric"),
+            "hagate_store_last_sync_age_seconds",
+            "Seconds since etcd last answered this gateway's watch (0 for the embedded store).",
         );
         let store_resyncs = counter_vec(
             &r,
@@ -735,6 +777,9 @@ impl Metrics {
             plugin_calls,
             plugin_call_seconds,
             plugin_reloads,
+            config_reload_ok,
+            config_reload_success_time,
+            config_reload_seconds,
             requests,
             engine_requests,
             request_duration,

@@ -394,6 +394,19 @@ async fn config_file_edits_and_sighup_swap_the_table_and_bad_ones_are_refused() 
     );
     assert_eq!(gw.metric("hagate_alias_table_version", &[]).await, before);
     assert_eq!(get_haid(&c, &gw, &haid).await.1["server"], "cs_3");
+    // the refusal shows in the gauge an alert watches, the last success stays
+    assert_eq!(
+        gw.metric("hagate_config_last_reload_successful", &[]).await,
+        0.0
+    );
+    let applied = gw
+        .metric("hagate_config_last_reload_success_timestamp_seconds", &[])
+        .await;
+    assert!(applied > 1.7e9, "{applied}");
+    let reloads = gw
+        .metric("hagate_config_reload_duration_seconds_count", &[])
+        .await;
+    assert!(reloads >= 2.0, "{reloads}");
 
     // fix it and signal: SIGHUP reloads too
     gw.rewrite(|old| {
@@ -408,6 +421,15 @@ async fn config_file_edits_and_sighup_swap_the_table_and_bad_ones_are_refused() 
         1.0,
     )
     .await;
+    assert_eq!(
+        gw.metric("hagate_config_last_reload_successful", &[]).await,
+        1.0
+    );
+    assert!(
+        gw.metric("hagate_config_last_reload_success_timestamp_seconds", &[])
+            .await
+            >= applied
+    );
 
     // SIGHUP with nothing changed: the config is not parsed again, the table is kept
     let version = gw.metric("hagate_alias_table_version", &[]).await;
