@@ -681,6 +681,15 @@ impl FilesRead {
     }
 }
 
+/// The bytes of the file at `path` and their SHA-256: what a reload compares to tell a
+/// change from a touch (the config watcher's fingerprint, and `FileRead`).
+pub fn read_digested(path: &Path) -> std::io::Result<(Vec<u8>, [u8; 32])> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path)?;
+    let digest = Sha256::digest(&bytes).into();
+    Ok((bytes, digest))
+}
+
 /// A file as last read: its path, the SHA-256 of its bytes and what they were parsed into.
 #[derive(Debug, Clone)]
 pub struct FileRead<T> {
@@ -700,12 +709,10 @@ impl<T: Clone> FileRead<T> {
         previous: Option<&Self>,
         parse: impl FnOnce(Vec<u8>) -> Result<T, ConfigError>,
     ) -> Result<Self, ConfigError> {
-        use sha2::{Digest, Sha256};
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        let (bytes, digest) = read_digested(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let digest: [u8; 32] = Sha256::digest(&bytes).into();
         if let Some(p) = previous.filter(|p| p.path == path && p.digest == digest) {
             return Ok(p.clone());
         }

@@ -47,14 +47,11 @@ fn watched_files(gateway: &Gateway, config: &Path) -> BTreeSet<PathBuf> {
 /// contents: a 10k-alias config and three plugins would otherwise stay in memory between
 /// changes.
 fn fingerprint(files: &BTreeSet<PathBuf>) -> Fingerprint {
-    use sha2::{Digest, Sha256};
     files
         .iter()
         .map(|f| {
-            (
-                f.clone(),
-                std::fs::read(f).ok().map(|b| Sha256::digest(b).into()),
-            )
+            let digest = crate::config::read_digested(f).ok().map(|(_, d)| d);
+            (f.clone(), digest)
         })
         .collect()
 }
