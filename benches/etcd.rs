@@ -7,6 +7,11 @@
 //! 2. **Full resync**: a gateway starting on a prefix with 100k holder keys: the time to
 //!    `/readyz` 200 with all of them in its table, and the CPU the gateway spent on it
 //!    (`utime + stime` from `/proc/PID/stat`).
+//! 3. **Holder changes at that size**: one holder key rewritten (a new address) 5 times a
+//!    second, each once the one before is applied: the gateway's CPU per change, and how
+//!    often the control plane's watchdog timer (`hagate_control_plane_lag_seconds`, set
+//!    every 100 ms) woke more than 10, 50 and 100 ms late. Each change rebuilds the merged
+//!    100k-alias table; off the control plane's thread, no tick should be late.
 //!
 //! `cargo bench --bench etcd` runs the full sizes. Under `cargo test --all-targets` it runs
 //! once at small sizes, as a check that the bench still works.
@@ -191,6 +196,46 @@ async fn resync(sizes: &Sizes) {
         "full resync of {} aliases: {took:?} from the gateway up to ready with all of them ({:?} from spawn), {cpu:.2} s of gateway CPU",
         sizes.resync_holders,
         started.elapsed()
+    );
+    holder_changes(&etcd, prefix, &gw, sizes.rounds.min(50)).await;
+}
+
+async fn holder_changes(etcd: &Etcd, prefix: &str, gw: &Gateway, changes: usize) {
+    const LAG: &str = "hagate_control_plane_lag_seconds";
+    let late = || async {
+        // one scrape, so that the count and the buckets agree
+        let text = gw.metrics_text().await;
+        let ticks = metric_in(&text, &format!("{LAG}_count"), &[]);
+        let mut late = [0.0; 3];
+        for (n, le) in late.iter_mut().zip(["0.01", "0.05", "0.1"]) {
+            *n = ticks - metric_in(&text, &format!("{LAG}_bucket"), &[("le", le)]);
+        }
+        (ticks, late)
+    };
+    let mut c = etcd.client().await;
+    let (ticks0, late0) = late().await;
+    let cpu0 = cpu_seconds(gw.pid());
+    for i in 0..changes {
+        let value =
+            json!({"uuid": format!("uuid-{i:06}"), "address": format!("127.0.0.1:{}", 21000 + i)});
+        let put = c
+            .put(format!("{prefix}/alias/h_{i:06}"), value.to_string(), None)
+            .await
+            .unwrap();
+        let revision = put.header().unwrap().revision() as f64;
+        gw.wait_metric("hagate_store_revision", &[], revision).await;
+        // pacing, not synchronising: about the rate of a rolling restart's claims
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cpu = cpu_seconds(gw.pid()) - cpu0;
+    let (ticks, late) = late().await;
+    println!(
+        "{changes} holder changes: {:.1} ms of gateway CPU each; control plane timer ticks: {}, later than 10 ms: {}, 50 ms: {}, 100 ms: {}",
+        cpu * 1000.0 / changes as f64,
+        ticks - ticks0,
+        late[0] - late0[0],
+        late[1] - late0[1],
+        late[2] - late0[2],
     );
 }
 

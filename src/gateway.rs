@@ -581,21 +581,15 @@ impl Gateway {
     fn apply_store_state(&self, state: &StoreState) {
         *self.holders.lock().unwrap_or_else(|p| p.into_inner()) =
             state.holders.values().cloned().collect();
-        let settings = self.settings();
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        // read under the lock: a reload swaps its settings in while it holds it
+        let settings = self.settings();
         if let Some(t) = &state.table {
             let names = crate::dns::unresolved(t.instances.values().map(|s| s.address.as_str()));
             if !names.is_empty() {
-                // a table written by another gateway names a host this one never resolved
-                let resolve = || crate::dns::resolve(names.iter().copied());
-                match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-                    Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                        tokio::task::block_in_place(resolve);
-                    }
-                    _ => {
-                        resolve();
-                    }
-                }
+                // A table written by another gateway names a host this one never resolved.
+                // The store calls its sink on a blocking thread, so this may block.
+                crate::dns::resolve(names.iter().copied());
             }
             // Validate the table on its own only when it changed (a holder change reuses
             // the table already validated); building 100k aliases is not free.
@@ -700,7 +694,10 @@ impl Gateway {
 
     /// Re-reads the config file, validates it (plugins compile off this runtime, in
     /// parallel) and swaps config and table in.
-    pub async fn reload(&self, source: SwapSource) -> Result<Arc<AliasTable>, ReloadError> {
+    pub async fn reload(
+        self: &Arc<Self>,
+        source: SwapSource,
+    ) -> Result<Arc<AliasTable>, ReloadError> {
         let mut last_read = self.reloading.lock().await;
         let started = Instant::now();
         let mut phases = ReloadPhases::default();
@@ -740,7 +737,7 @@ impl Gateway {
     }
 
     async fn try_reload(
-        &self,
+        self: &Arc<Self>,
         phases: &mut ReloadPhases,
         last_read: &mut Option<FilesRead>,
     ) -> Result<Arc<AliasTable>, ReloadError> {
@@ -806,6 +803,30 @@ impl Gateway {
                     message: format!("loading the plugins failed: {e}"),
                 })??;
         phases.plugins_ms = started.elapsed().as_millis() as u64;
+        // Building a table takes tens of milliseconds at 100k aliases: on a blocking
+        // thread, so that the control plane's other tasks (health checks, the etcd watch)
+        // are not held up (`hagate_control_plane_lag_seconds`).
+        let this = Arc::clone(self);
+        let built =
+            tokio::task::spawn_blocking(move || this.swap_reloaded(&old, config, placement))
+                .await
+                .map_err(|e| ReloadError::Join(e.to_string()))??;
+        phases.table_kept = built.is_none();
+        let table = built.unwrap_or_else(|| self.table());
+        *last_read = Some(read);
+        Ok(table)
+    }
+
+    /// Swaps a reloaded `config` and its plugins in, with its table, built and published
+    /// unless it merges as before (the same static table, the same holders: a build
+    /// depends on nothing else), in which case `None`. All under the `published` lock, so a
+    /// publish that takes it next sees the new settings. Blocking.
+    fn swap_reloaded(
+        &self,
+        old: &Settings,
+        config: Config,
+        placement: PluginSet,
+    ) -> Result<Option<Arc<AliasTable>>, ReloadError> {
         let statics = if self.etcd.is_some() {
             if old.config.instances != config.instances {
                 tracing::warn!(
@@ -818,11 +839,7 @@ impl Gateway {
             config.instances.clone()
         };
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-        // A table that merges as before (the same static table, the same holders) is
-        // not built again: a build depends on nothing else.
         let built = self.publish_locked(&mut published, &config, &statics, false)?;
-        phases.table_kept = built.is_none();
-        let table = built.unwrap_or_else(|| self.table());
         if self.etcd.is_none() {
             *self.lock_statics() = statics;
             *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = TableOrigin::Config;
@@ -830,8 +847,8 @@ impl Gateway {
         self.store.set_timeout(config.membership.timeout);
         crate::retire::later(self.placement.swap(Arc::new(placement)));
         crate::retire::later(self.settings.swap(Arc::new(Settings::new(config))));
-        *last_read = Some(read);
-        Ok(table)
+        drop(published);
+        Ok(built)
     }
 
     /// Replaces the static alias table (`PUT /v1/aliases`). On the embedded store it is

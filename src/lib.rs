@@ -40,6 +40,7 @@ pub mod haid;
 pub mod health;
 pub mod http1;
 pub mod http_server;
+pub mod lag;
 pub mod logging;
 pub mod membership;
 pub mod metrics;

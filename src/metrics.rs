@@ -413,6 +413,9 @@ pub struct Metrics {
     /// `hagate_config_reload_duration_seconds`: how long a reload of the config file took,
     /// applied or refused.
     pub config_reload_seconds: Histogram,
+    /// `hagate_control_plane_lag_seconds`: how late the control plane's runtime woke a
+    /// timer (`lag`): the time its one thread spent on something that did not yield.
+    pub control_plane_lag: Histogram,
     /// `hagate_membership_heartbeats_total{result}`: accepted, rejected (another holder is
     /// fresh) or stale (the entry changed since the sender read it).
     pub heartbeats: IntCounterVec,
@@ -654,6 +657,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let control_plane_lag = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "hagate_control_plane_lag_seconds",
+                    "How late the control plane (health checks, reloads, the etcd watch) woke a timer it set every 100 ms.",
+                )
+                .buckets(vec![0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )
+            .expect("valid metric"),
+        );
         let heartbeats = counter_vec(
             &r,
             "hagate_membership_heartbeats_total",
@@ -780,6 +794,7 @@ impl Metrics {
             config_reload_ok,
             config_reload_success_time,
             config_reload_seconds,
+            control_plane_lag,
             requests,
             engine_requests,
             request_duration,

@@ -61,6 +61,7 @@ struct ControlPlane {
 #[async_trait]
 impl BackgroundService for ControlPlane {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        tokio::spawn(crate::lag::watch_control_plane());
         tokio::spawn(health::active::supervise(Arc::clone(&self.gateway)));
         tokio::spawn(follow_limits(
             Arc::clone(&self.gateway),

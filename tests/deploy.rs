@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use common::*;
 
 const RULES: &str = "deploy/prometheus/hagate-alerts.yml";
+const RULE_TESTS: &str = "deploy/prometheus/hagate-alerts.test.yml";
 const DASHBOARD: &str = "deploy/grafana/hagate-dashboard.json";
 
 /// `promtool`, which `scripts/setup.sh` installs (Debian's prometheus package).
@@ -71,19 +72,25 @@ async fn busy_gateway() -> (Gateway, String, [Upstream; 2]) {
     (gw, text, ups)
 }
 
-#[test]
-fn the_alert_rules_pass_promtool() {
-    let out = promtool()
-        .args(["check", "rules"])
-        .arg(repo_path(RULES))
-        .output()
-        .unwrap();
+/// Runs `promtool ARGS FILE` on a file of the repository; it must succeed.
+fn promtool_passes(args: &[&str], file: &str) {
+    let out = promtool().args(args).arg(repo_path(file)).output().unwrap();
     assert!(
         out.status.success(),
-        "{}{}",
+        "promtool {args:?} {file}: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_alert_rules_pass_promtool() {
+    promtool_passes(&["check", "rules"], RULES);
+}
+
+#[test]
+fn the_alert_rules_pass_their_promtool_unit_tests() {
+    promtool_passes(&["test", "rules"], RULE_TESTS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

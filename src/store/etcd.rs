@@ -75,10 +75,21 @@ pub struct EtcdSettings {
 
 /// Where the applied state goes: the gateway, which merges and publishes it.
 pub trait StoreSink: Send + Sync {
-    /// A new applied state, to publish as one swap.
+    /// A new applied state, to publish as one swap. Called on a blocking thread, one state
+    /// at a time, in order: it may block (host name lookups) and take long (a big table).
     fn apply(&self, state: &StoreState);
     /// The table to seed an etcd that has none with (the config's `[instances]`).
     fn seed(&self) -> Specs;
+}
+
+/// Runs `job` on a blocking thread and waits for it: parsing a table, copying 100k holders
+/// and building the merged table take tens of milliseconds, which the control plane's one
+/// runtime thread (health checks, reloads, this watch's own timers) must not wait on
+/// (`hagate_control_plane_lag_seconds`). The watch waits, so states still apply in order.
+async fn off_runtime(job: impl FnOnce() + Send + 'static) {
+    if let Err(error) = tokio::task::spawn_blocking(job).await {
+        tracing::error!(%error, "etcd: applying a state failed; the last applied one serves");
+    }
 }
 
 /// The etcd store; see the module docs.
@@ -328,13 +339,30 @@ impl EtcdStore {
             key = last.key().to_vec();
             key.push(0); // the next key after `last`
         }
-        Ok(StoreState::from_full_read(
-            &self.settings.prefix,
-            revision,
-            &kvs,
-        ))
+        // parsed on a blocking thread, as the watch's events are (`off_runtime`)
+        let prefix = self.settings.prefix.clone();
+        tokio::task::spawn_blocking(move || StoreState::from_full_read(&prefix, revision, &kvs))
+            .await
+            .map_err(|e| unavailable("parse the full read", e))
     }
 
+    /// Applies a watch response's events to a copy of the applied state and, if they
+    /// changed it, publishes the copy. Blocking: the copy, the parse and the sink's merge
+    /// and build grow with the table (`off_runtime`).
+    fn apply_events(&self, events: &[Event], sink: &dyn StoreSink) {
+        let mut state = StoreState::clone(&self.applied());
+        let out = state.apply(&self.settings.prefix, events);
+        self.report(&out);
+        if out.changed() {
+            self.publish(state, sink);
+        } else {
+            // Duplicates or keys we ignore still move the applied revision.
+            self.revision.store(state.revision, Ordering::Relaxed);
+            self.applied.store(Arc::new(state));
+        }
+    }
+
+    /// Blocking: the sink merges and builds the table.
     fn publish(&self, state: StoreState, sink: &dyn StoreSink) {
         let state = Arc::new(state);
         self.applied.store(Arc::clone(&state));
@@ -386,7 +414,7 @@ impl EtcdStore {
                 }
             };
             if let Some(reason) = resync {
-                match self.resync(&mut c, sink.as_ref(), reason).await {
+                match self.resync(&mut c, &sink, reason).await {
                     Ok(()) => resync = None,
                     Err(error) => {
                         self.lost();
@@ -396,7 +424,7 @@ impl EtcdStore {
                     }
                 }
             }
-            match self.watch(&mut c, sink.as_ref(), &mut backoff).await {
+            match self.watch(&mut c, &sink, &mut backoff).await {
                 WatchEnd::Resync(reason) => resync = Some(reason),
                 WatchEnd::Lost(error) => {
                     self.lost();
@@ -410,9 +438,9 @@ impl EtcdStore {
 
     /// Reads everything and applies it as one swap; seeds an etcd that has no table.
     async fn resync(
-        &self,
+        self: &Arc<Self>,
         c: &mut Client,
-        sink: &dyn StoreSink,
+        sink: &Arc<dyn StoreSink>,
         reason: &'static str,
     ) -> Result<(), StoreError> {
         let (mut state, mut out) = self.full_read(c).await?;
@@ -440,11 +468,17 @@ impl EtcdStore {
             "etcd: full read applied"
         );
         self.heard();
-        self.publish(state, sink);
+        let (this, sink) = (Arc::clone(self), Arc::clone(sink));
+        off_runtime(move || this.publish(state, sink.as_ref())).await;
         Ok(())
     }
 
-    async fn watch(&self, c: &mut Client, sink: &dyn StoreSink, backoff: &mut Backoff) -> WatchEnd {
+    async fn watch(
+        self: &Arc<Self>,
+        c: &mut Client,
+        sink: &Arc<dyn StoreSink>,
+        backoff: &mut Backoff,
+    ) -> WatchEnd {
         let from = self.revision.load(Ordering::Relaxed) + 1;
         let opts = WatchOptions::new().with_prefix().with_start_revision(from);
         let mut watcher = c
@@ -514,7 +548,6 @@ impl EtcdStore {
             if resp.events().is_empty() {
                 continue; // created, or a progress reply: nothing to copy or apply
             }
-            let mut state = StoreState::clone(&self.applied());
             let events: Vec<Event> = resp
                 .events()
                 .iter()
@@ -529,15 +562,8 @@ impl EtcdStore {
                     })
                 })
                 .collect();
-            let out = state.apply(&self.settings.prefix, &events);
-            self.report(&out);
-            if out.changed() {
-                self.publish(state, sink);
-            } else {
-                // Duplicates or keys we ignore still move the applied revision.
-                self.revision.store(state.revision, Ordering::Relaxed);
-                self.applied.store(Arc::new(state));
-            }
+            let (this, sink) = (Arc::clone(self), Arc::clone(sink));
+            off_runtime(move || this.apply_events(&events, sink.as_ref())).await;
         }
     }
 

@@ -392,18 +392,7 @@ impl Gateway {
 
     /// The value of the series `name` whose labels include all of `labels`, or 0.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = self.metrics_text().await;
-        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
-                let have: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
-                (n == name && wanted.iter().all(|w| have.contains(&w.as_str())))
-                    .then(|| value.parse().unwrap())
-            })
-            .unwrap_or(0.0)
+        metric_in(&self.metrics_text().await, name, labels)
     }
 
     /// Waits until the series reaches at least `min`.
@@ -971,4 +960,20 @@ pub async fn put_bad_table(gw: &Gateway) -> Value {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["field"], "instances.cs_1.address", "{body}");
     body
+}
+
+/// The value of the first series `name` with `labels` in a `/metrics` text (0 if none):
+/// several series read from one scrape are consistent with each other.
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let have: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
+            (n == name && wanted.iter().all(|w| have.contains(&w.as_str())))
+                .then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
 }
