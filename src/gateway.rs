@@ -26,8 +26,9 @@ use tokio::sync::watch;
 
 use crate::aliases::{AliasTable, InstanceSpec, TableError, TableHolder};
 use crate::config::{Config, ConfigError, FilesRead, StoreConfig, StoreKind};
+use crate::merge::{changed_holdings, merge, patch, same_holding};
 use crate::metrics::metrics;
-use crate::model::{Labels, Prefer, Specs};
+use crate::model::{Prefer, Specs};
 use crate::plugin::PluginSet;
 use crate::ring::ReplacementRing;
 use crate::store::embedded::EmbeddedStore;
@@ -205,7 +206,7 @@ pub struct Gateway {
     /// The same store when it is etcd: its watch feeds the table, and it takes table writes.
     etcd: Option<Arc<EtcdStore>>,
     /// The live holders as last read from the store; the table is merged from these.
-    holders: Mutex<Vec<Entry>>,
+    holders: Mutex<Holders>,
     ring: ReplacementRing,
     /// Serialises reloads (file watch and SIGHUP may fire together), and holds the files
     /// as the last reload read them: the config and its `table.file`, each not parsed
@@ -220,64 +221,40 @@ pub struct Gateway {
 /// aliases that was about 50 ms of the admin thread per heartbeat.
 struct MergeInputs {
     statics: Specs,
-    holders: Vec<(String, String, crate::store::Revision)>,
+    holders: Holders,
     prefer: Prefer,
 }
 
 impl MergeInputs {
-    fn new(statics: &Specs, holders: &[Entry], prefer: Prefer) -> MergeInputs {
+    fn new(statics: &Specs, holders: &Holders, prefer: Prefer) -> MergeInputs {
         MergeInputs {
             statics: Arc::clone(statics),
-            holders: holders
-                .iter()
-                .map(|h| (h.alias.to_string(), h.address.clone(), h.epoch))
-                .collect(),
+            holders: Arc::clone(holders),
             prefer,
         }
     }
 
+    /// The same static table and default, the holders in the same holdings.
     fn same(&self, other: &MergeInputs) -> bool {
-        Arc::ptr_eq(&self.statics, &other.statics)
-            && self.holders == other.holders
-            && self.prefer == other.prefer
+        self.same_base(other)
+            && (Arc::ptr_eq(&self.holders, &other.holders)
+                || (self.holders.len() == other.holders.len()
+                    && self
+                        .holders
+                        .iter()
+                        .zip(other.holders.iter())
+                        .all(|(a, b)| same_holding(a, b))))
+    }
+
+    /// The same static table and default: a merge of `other` differs from one of `self`
+    /// only where their holders do.
+    fn same_base(&self, other: &MergeInputs) -> bool {
+        Arc::ptr_eq(&self.statics, &other.statics) && self.prefer == other.prefer
     }
 }
 
-/// The table to publish: `statics`, with each alias that has a live holder pointed at the
-/// holder (unless it prefers its static address), plus aliases only membership knows.
-/// A holder's address carries its epoch. Without a holder that changes anything, the result
-/// is `statics` itself, not a copy.
-pub fn merge(statics: &Specs, holders: &[Entry], default: Prefer) -> Specs {
-    let mut merged = Arc::clone(statics);
-    for h in holders {
-        match merged.get(h.alias.as_str()) {
-            Some(spec) if spec.prefer.unwrap_or(default) == Prefer::Static => {}
-            Some(spec) if spec.address == h.address && spec.epoch == Some(h.epoch) => {}
-            Some(_) => {
-                let spec = Arc::make_mut(&mut merged)
-                    .get_mut(h.alias.as_str())
-                    .expect("present just above");
-                spec.address.clone_from(&h.address);
-                spec.epoch = Some(h.epoch);
-            }
-            None => {
-                Arc::make_mut(&mut merged).insert(
-                    h.alias.to_string(),
-                    InstanceSpec {
-                        address: h.address.clone(),
-                        labels: Labels::default(),
-                        weight: 1,
-                        prefer: None,
-                        tls: false,
-                        sni: None,
-                        epoch: Some(h.epoch),
-                    },
-                );
-            }
-        }
-    }
-    merged
-}
+/// The live holders, as last read, shared by the gateway and what a table was merged from.
+type Holders = Arc<[Entry]>;
 
 /// Resolves the host names in `specs` that were never resolved, on a blocking thread.
 async fn resolve_names(specs: &BTreeMap<String, InstanceSpec>) {
@@ -393,12 +370,12 @@ impl Gateway {
                 Arc::new(EmbeddedStore::new(timeout)),
                 None,
                 config.instances.clone(),
-                Vec::new(),
+                Holders::from([]),
                 TableOrigin::Config,
             ),
             StoreKind::Etcd => {
                 let initial = initial_state(&config.store);
-                let holders: Vec<Entry> = initial.holders.values().cloned().collect();
+                let holders: Holders = initial.holders.values().cloned().collect();
                 let (statics, origin) = match &initial.table {
                     Some(t) => (t.instances.clone(), TableOrigin::Snapshot(initial.revision)),
                     None => (config.instances.clone(), TableOrigin::Config),
@@ -412,7 +389,7 @@ impl Gateway {
             }
         };
         let live = if config.membership.enabled {
-            holders.as_slice()
+            &holders[..]
         } else {
             &[]
         };
@@ -511,14 +488,11 @@ impl Gateway {
     }
 
     /// The live holders as last read, when membership is enabled.
-    fn holders(&self, config: &Config) -> Vec<Entry> {
+    fn holders(&self, config: &Config) -> Holders {
         if !config.membership.enabled {
-            return Vec::new();
+            return Holders::from([]);
         }
-        self.holders
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        Arc::clone(&self.holders.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Publishes `statics` merged with the live holders, unless that is what is already
@@ -531,12 +505,37 @@ impl Gateway {
         force: bool,
     ) -> Result<Option<Arc<AliasTable>>, TableError> {
         let holders = self.holders(config);
-        let inputs = MergeInputs::new(statics, &holders, config.membership.prefer);
+        let prefer = config.membership.prefer;
+        let inputs = MergeInputs::new(statics, &holders, prefer);
         let mut merged_from = self.merged_from.lock().unwrap_or_else(|p| p.into_inner());
         if !force && merged_from.as_ref().is_some_and(|m| m.same(&inputs)) {
             return Ok(None);
         }
-        let merged = merge(statics, &holders, config.membership.prefer);
+        // Over the same static table, a claim or a takeover changes a few holdings: the
+        // published table is patched where they changed, in place, not merged again whole.
+        let changed = merged_from
+            .as_ref()
+            .filter(|m| !force && m.same_base(&inputs))
+            .and_then(|m| changed_holdings(&m.holders, &holders));
+        if let Some(changed) = changed {
+            let undo = patch(published, statics, &holders, &changed, prefer);
+            if undo.is_empty() {
+                *merged_from = Some(inputs);
+                return Ok(None);
+            }
+            return match self.tables.publish(published) {
+                Ok(table) => {
+                    *merged_from = Some(inputs);
+                    Ok(Some(table))
+                }
+                Err(e) => {
+                    // the table in use stays, and what was published with it
+                    undo.revert(published);
+                    Err(e)
+                }
+            };
+        }
+        let merged = merge(statics, &holders, prefer);
         if !force && (Arc::ptr_eq(published, &merged) || *published == merged) {
             *merged_from = Some(inputs);
             return Ok(None);
@@ -556,7 +555,7 @@ impl Gateway {
             return;
         }
         match self.store.holders().await {
-            Ok(h) => *self.holders.lock().unwrap_or_else(|p| p.into_inner()) = h,
+            Ok(h) => *self.holders.lock().unwrap_or_else(|p| p.into_inner()) = h.into(),
             Err(error) => tracing::warn!(%error, "membership store: keeping the last holders"),
         }
         self.republish(SwapSource::Membership, false);
@@ -968,29 +967,11 @@ impl crate::health::active::CheckTargets for Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aliases::Alias;
 
-    fn spec(address: &str, prefer: Option<Prefer>) -> InstanceSpec {
-        InstanceSpec {
-            address: address.into(),
-            labels: Labels::from([("zone".to_string(), "a".to_string())]),
-            weight: 2,
-            prefer,
-            tls: false,
-            sni: None,
-            epoch: None,
-        }
-    }
+    use crate::merge::tests::spec;
 
     fn holder(alias: &str, address: &str) -> Entry {
-        Entry {
-            uuid: format!("u-{alias}"),
-            alias: Alias::try_from(alias.to_string()).unwrap(),
-            address: address.into(),
-            timestamp_ms: 0,
-            revision: 1,
-            epoch: 1,
-        }
+        crate::merge::tests::holder(alias, address, 1)
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -1055,84 +1036,67 @@ mod tests {
         assert_eq!(gw.table().version(), 2);
     }
 
+    #[tokio::test]
+    async fn a_holder_that_breaks_the_table_is_undone_and_a_later_change_patches_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hagate.toml");
+        std::fs::write(
+            &path,
+            "[membership]\nenabled = true\ntoken = \"t\"\n[instances.cs_1]\naddress = \"127.0.0.1:9001\"\n",
+        )
+        .unwrap();
+        let gw = Gateway::new(Config::load(&path).unwrap(), None).unwrap();
+        let hold = |holders: Vec<Entry>| {
+            *gw.holders.lock().unwrap() = holders.into();
+            gw.republish(SwapSource::Membership, false);
+        };
+        hold(vec![holder("cs_1", "127.0.0.1:9011")]);
+        assert_eq!(gw.table().version(), 2);
+        let good = gw.published.lock().unwrap().clone();
+        // a new holder at an address no table takes: refused, and undone
+        hold(vec![
+            holder("cs_1", "127.0.0.1:9011"),
+            holder("cs_2", "0.0.0.0:9"),
+        ]);
+        assert_eq!(gw.table().version(), 2, "the table in use stays");
+        assert_eq!(
+            *gw.published.lock().unwrap(),
+            good,
+            "and what was published"
+        );
+        let map = Arc::as_ptr(&gw.published.lock().unwrap());
+        // cs_1 moves, cs_2 is gone: patched into the same map, not merged into a new one
+        hold(vec![holder("cs_1", "127.0.0.1:9012")]);
+        let table = gw.table();
+        assert_eq!(table.version(), 3);
+        assert_eq!((table.len(), table.get(0).address.port()), (1, 9012));
+        assert_eq!(Arc::as_ptr(&gw.published.lock().unwrap()), map);
+    }
+
     #[test]
     fn a_renewal_is_no_new_merge_input_but_a_moved_holder_or_a_new_table_is() {
         let statics = Arc::new(BTreeMap::from([(
             "cs_1".to_string(),
             spec("127.0.0.1:1", None),
         )]));
+        let inputs = |statics: &Specs, holders: &[Entry], prefer| {
+            MergeInputs::new(statics, &Holders::from(holders), prefer)
+        };
         let held = [holder("cs_1", "127.0.0.1:11")];
-        let last = MergeInputs::new(&statics, &held, Prefer::Membership);
+        let last = inputs(&statics, &held, Prefer::Membership);
         let mut renewed = holder("cs_1", "127.0.0.1:11");
         renewed.timestamp_ms = 700;
         renewed.revision = 9;
-        assert!(last.same(&MergeInputs::new(&statics, &[renewed], Prefer::Membership)));
+        assert!(last.same(&inputs(&statics, &[renewed], Prefer::Membership)));
         let moved = holder("cs_1", "127.0.0.1:12");
-        assert!(!last.same(&MergeInputs::new(&statics, &[moved], Prefer::Membership)));
+        assert!(!last.same(&inputs(&statics, &[moved], Prefer::Membership)));
         let mut reclaimed = holder("cs_1", "127.0.0.1:11");
         reclaimed.epoch = 2;
-        assert!(!last.same(&MergeInputs::new(
-            &statics,
-            &[reclaimed],
-            Prefer::Membership
-        )));
-        assert!(!last.same(&MergeInputs::new(&statics, &[], Prefer::Membership)));
-        assert!(!last.same(&MergeInputs::new(&statics, &held, Prefer::Static)));
+        assert!(!last.same(&inputs(&statics, &[reclaimed], Prefer::Membership)));
+        assert!(!last.same(&inputs(&statics, &[], Prefer::Membership)));
+        assert!(!last.same(&inputs(&statics, &held, Prefer::Static)));
         // a new table is a new input even when equal: identity is what is compared
         let copy = Arc::new((*statics).clone());
-        assert!(!last.same(&MergeInputs::new(&copy, &held, Prefer::Membership)));
-    }
-
-    #[test]
-    fn holders_win_unless_the_alias_prefers_its_static_address() {
-        let statics = Arc::new(BTreeMap::from([
-            ("cs_1".to_string(), spec("127.0.0.1:1", None)),
-            (
-                "cs_2".to_string(),
-                spec("127.0.0.1:2", Some(Prefer::Static)),
-            ),
-            ("cs_3".to_string(), spec("127.0.0.1:3", None)),
-        ]));
-        let holders = [
-            holder("cs_1", "127.0.0.1:11"),
-            holder("cs_2", "127.0.0.1:12"),
-            holder("cs_9", "127.0.0.1:19"),
-        ];
-        let m = merge(&statics, &holders, Prefer::Membership);
-        assert_eq!(m["cs_1"].address, "127.0.0.1:11");
-        assert_eq!(m["cs_1"].labels, statics["cs_1"].labels, "labels stay");
-        assert_eq!(m["cs_2"].address, "127.0.0.1:2", "prefer = static");
-        assert_eq!(m["cs_3"].address, "127.0.0.1:3", "no holder: static");
-        assert_eq!(m["cs_9"].address, "127.0.0.1:19", "membership-only alias");
-        assert_eq!(
-            statics["cs_1"].address, "127.0.0.1:1",
-            "the statics are not touched"
-        );
-        // nothing to change: the static map itself, not a copy
-        assert!(Arc::ptr_eq(
-            &merge(&statics, &[], Prefer::Membership),
-            &statics
-        ));
-        let only_static = [holder("cs_2", "127.0.0.1:12")];
-        assert!(Arc::ptr_eq(
-            &merge(&statics, &only_static, Prefer::Membership),
-            &statics
-        ));
-        assert!(Arc::ptr_eq(&merge(&m, &holders, Prefer::Membership), &m));
-        // the global default can prefer static, and an alias can still prefer membership
-        let mut statics = statics;
-        Arc::make_mut(&mut statics).get_mut("cs_3").unwrap().prefer = Some(Prefer::Membership);
-        let m = merge(
-            &statics,
-            &[
-                holder("cs_1", "127.0.0.1:11"),
-                holder("cs_3", "127.0.0.1:13"),
-            ],
-            Prefer::Static,
-        );
-        assert_eq!(
-            (m["cs_1"].address.as_str(), m["cs_3"].address.as_str()),
-            ("127.0.0.1:1", "127.0.0.1:13")
-        );
+        assert!(!last.same(&inputs(&copy, &held, Prefer::Membership)));
     }
 }

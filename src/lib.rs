@@ -43,6 +43,7 @@ pub mod http_server;
 pub mod lag;
 pub mod logging;
 pub mod membership;
+pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod notify;
