@@ -17,8 +17,6 @@
 //! - a compacted watch means events were lost: resync;
 //! - nothing here ever moves the applied revision without an event or a full read.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use super::Entry;
@@ -132,7 +130,7 @@ pub struct StoreState {
     /// The alias table, once etcd has one.
     pub table: Option<TableState>,
     /// The live holders, by alias.
-    pub holders: BTreeMap<String, Entry>,
+    pub holders: imbl::OrdMap<String, Entry>,
 }
 
 /// A value that could not be used; it is skipped and logged, and the rest still applies.
