@@ -82,8 +82,8 @@ pub trait StoreSink: Send + Sync {
     fn seed(&self) -> Specs;
 }
 
-/// Runs `job` on a blocking thread and waits for it: parsing a table, copying 100k holders
-/// and building the merged table take tens of milliseconds, which the control plane's one
+/// Runs `job` on a blocking thread and waits for it: parsing a table, and merging and
+/// building a table of 100k aliases take tens of milliseconds, which the control plane's one
 /// runtime thread (health checks, reloads, this watch's own timers) must not wait on
 /// (`hagate_control_plane_lag_seconds`). The watch waits, so states still apply in order.
 async fn off_runtime(job: impl FnOnce() + Send + 'static) {
@@ -346,9 +346,9 @@ impl EtcdStore {
             .map_err(|e| unavailable("parse the full read", e))
     }
 
-    /// Applies a watch response's events to a copy of the applied state and, if they
-    /// changed it, publishes the copy. Blocking: the copy, the parse and the sink's merge
-    /// and build grow with the table (`off_runtime`).
+    /// Applies a watch response's events to a copy of the applied state (its holders are
+    /// shared with it, not copied) and, if they changed it, publishes the copy. Blocking:
+    /// the parse and the sink's merge and build grow with the table (`off_runtime`).
     fn apply_events(&self, events: &[Event], sink: &dyn StoreSink) {
         let mut state = StoreState::clone(&self.applied());
         let out = state.apply(&self.settings.prefix, events);
