@@ -74,27 +74,11 @@ pub async fn supervise(owner: Arc<impl CheckTargets>) {
             }
         }
         // Disabled, nothing runs (the drain above stopped it); enabled, the targets are
-        // read for this pass only, not kept while waiting (a copy of every alias). Reading
-        // them walks the whole table (100k aliases: about 9 ms), on a blocking thread, so
-        // that the control plane's other tasks are not held up.
-        let wanted = if cfg.enabled {
-            let from = Arc::clone(&owner);
-            let read = tokio::task::spawn_blocking(move || {
-                let wanted: HashMap<SocketAddr, CheckTarget> =
-                    from.targets().into_iter().map(|t| (t.addr, t)).collect();
-                wanted
-            });
-            match read.await {
-                Ok(wanted) => Some(wanted),
-                Err(error) => {
-                    tracing::error!(%error, "reading the health checks' targets failed; the checks running go on");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        if let Some(wanted) = wanted {
+        // read for this pass only, not kept while waiting (a copy of every alias).
+        if cfg.enabled {
+            let targets = owner.targets();
+            let wanted: HashMap<SocketAddr, &CheckTarget> =
+                targets.iter().map(|t| (t.addr, t)).collect();
             running.retain(|addr, (key, task)| {
                 let keep = wanted
                     .get(addr)
@@ -107,7 +91,7 @@ pub async fn supervise(owner: Arc<impl CheckTargets>) {
             let ca = owner.ca_file();
             for (addr, target) in &wanted {
                 running.entry(*addr).or_insert_with(|| {
-                    let task = tokio::spawn(check_loop(target.clone(), cfg.clone(), ca.clone()));
+                    let task = tokio::spawn(check_loop((*target).clone(), cfg.clone(), ca.clone()));
                     ((target.alias.clone(), target.tls.clone()), task)
                 });
             }
